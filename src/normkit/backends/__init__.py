@@ -1,0 +1,132 @@
+"""The backend layer: one small registry that :mod:`normkit.functional` dispatches through.
+
+A backend implements the five norms *after* argument checking, with the signatures of the ATen ops
+(``torch.layer_norm``, ``torch.batch_norm``, ...): see :class:`Backend`. Backends are registered
+lazily by name, so an optional dependency (numba, triton) is imported only when its backend is used.
+
+Which backend runs a call, first match wins:
+
+1. the innermost :func:`use_backend` context, or the process-wide :func:`set_backend`;
+2. the ``NORMKIT_BACKEND`` environment variable (read when the first norm runs);
+3. the default, ``"reference"``.
+
+A backend that cannot take a tensor (wrong device) hands it to the reference backend, which runs
+everywhere torch does. An unknown name is a :class:`ValueError` that lists the known ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from collections.abc import Callable, Iterator
+
+from torch import Tensor
+
+from .base import Backend
+
+__all__ = [
+    "Backend",
+    "DEFAULT_BACKEND",
+    "ENV_VAR",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+    "registered_backends",
+    "resolve",
+    "set_backend",
+    "use_backend",
+]
+
+ENV_VAR = "NORMKIT_BACKEND"
+DEFAULT_BACKEND = "reference"
+
+_factories: dict[str, Callable[[], Backend]] = {}
+_instances: dict[str, Backend] = {}
+_process_choice: str | None = None
+_context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "normkit_backend", default=None
+)
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Register ``factory`` (called once, on first use) under ``name``."""
+    _factories[name] = factory
+    _instances.pop(name, None)
+
+
+def _lazy(module: str, attr: str) -> Callable[[], Backend]:
+    def factory() -> Backend:
+        return getattr(importlib.import_module(module, __name__), attr)()
+
+    return factory
+
+
+register_backend("reference", _lazy(".reference", "ReferenceBackend"))
+register_backend("torch", _lazy(".torch_ops", "TorchBackend"))
+
+
+def registered_backends() -> list[str]:
+    """Names of every registered backend, importable or not."""
+    return sorted(_factories)
+
+
+def _check_name(name: str) -> str:
+    if name not in _factories:
+        raise ValueError(
+            f"unknown normkit backend {name!r}; registered backends: {', '.join(registered_backends())}"
+        )
+    return name
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """The backend instance called ``name`` (default: the one currently selected)."""
+    name = _check_name(name if name is not None else current_backend_name())
+    backend = _instances.get(name)
+    if backend is None:
+        backend = _instances[name] = _factories[name]()
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Registered backends whose dependencies import on this machine."""
+    names = []
+    for name in registered_backends():
+        try:
+            get_backend(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def current_backend_name() -> str:
+    """The name selected by context, process setting, environment or default (in that order)."""
+    name = _context_choice.get() or _process_choice or os.environ.get(ENV_VAR) or DEFAULT_BACKEND
+    return name.strip().lower()
+
+
+def set_backend(name: str | None) -> None:
+    """Select the backend for this process; ``None`` returns to ``NORMKIT_BACKEND``/the default."""
+    global _process_choice
+    _process_choice = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[Backend]:
+    """Run the enclosed code with backend ``name``: ``with normkit.use_backend("torch"): ...``."""
+    backend = get_backend(name)
+    token = _context_choice.set(name)
+    try:
+        yield backend
+    finally:
+        _context_choice.reset(token)
+
+
+def resolve(x: Tensor) -> Backend:
+    """The backend that runs a norm on ``x``: the selected one, or the reference if it can't."""
+    backend = get_backend()
+    if backend.supports(x):
+        return backend
+    return get_backend("reference")

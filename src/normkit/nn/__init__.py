@@ -1,0 +1,21 @@
+"""Drop-in normalization modules: subclasses of the torch.nn classes of the same names.
+
+Constructors, parameters, buffers, state_dict, ``extra_repr`` and errors are torch's; ``forward``
+runs through :mod:`normkit.functional` and so through the selected normkit backend.
+"""
+
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from .normalization import GroupNorm, LayerNorm, RMSNorm
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "RMSNorm",
+]

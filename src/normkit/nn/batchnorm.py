@@ -1,0 +1,108 @@
+"""BatchNorm1d/2d/3d: torch.nn's classes, computed by :func:`normkit.functional.batch_norm`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from ._compat import TORCH_HAS_BIAS_KWARG, init_with_bias
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _BatchNormMixin:
+    """Constructor with ``bias``, and a forward that follows torch's (momentum, buffers, eval)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        init_with_bias(
+            self, super().__init__, bias, affine,
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+        )
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            torch.nn.init.ones_(self.weight)
+            if self.bias is not None:
+                torch.nn.init.zeros_(self.bias)
+
+    if not TORCH_HAS_BIAS_KWARG:
+
+        def extra_repr(self) -> str:
+            return (
+                f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            # momentum=None: cumulative moving average over every batch seen so far
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        # batch statistics in training, and in eval when there are no running ones to use
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # buffers are passed when they are updated (training and tracked) or used (eval)
+        pass_buffers = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):
+    r"""Drop-in :class:`torch.nn.BatchNorm1d` over (N, C) or (N, C, L) input, computed by normkit.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    Statistics per channel over the batch (and length); see :func:`normkit.reference.batch_norm`.
+
+    Example::
+
+        >>> bn = normkit.nn.BatchNorm1d(16)
+        >>> bn(torch.randn(8, 16, 32)).shape
+        torch.Size([8, 16, 32])
+    """
+
+
+class BatchNorm2d(_BatchNormMixin, torch.nn.BatchNorm2d):
+    r"""Drop-in :class:`torch.nn.BatchNorm2d` over (N, C, H, W) input, computed by normkit.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    Statistics per channel over (N, H, W); see :func:`normkit.reference.batch_norm`.
+
+    Example::
+
+        >>> bn = normkit.nn.BatchNorm2d(3)
+        >>> bn(torch.randn(8, 3, 32, 32)).shape
+        torch.Size([8, 3, 32, 32])
+    """
+
+
+class BatchNorm3d(_BatchNormMixin, torch.nn.BatchNorm3d):
+    r"""Drop-in :class:`torch.nn.BatchNorm3d` over (N, C, D, H, W) input, computed by normkit.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    Statistics per channel over (N, D, H, W); see :func:`normkit.reference.batch_norm`.
+    """

@@ -1,0 +1,459 @@
+r"""Reference implementation of the five normalization layers: the readable oracle.
+
+Every norm computes the same thing,
+
+.. math::
+
+    \hat x = \frac{x - \mu_S}{\sqrt{\sigma^2_S + \epsilon}}, \qquad y = \gamma \odot \hat x + \beta
+
+(RMSNorm drops the centring: :math:`\hat x = x / \sqrt{\overline{x^2}_S + \epsilon}`), and the norms differ
+only in **the set S of elements that share one mean and variance** and **the axis the affine
+parameters** :math:`\gamma, \beta` **run along**. For an input of shape ``(N, C, *spatial)``:
+
+============  =============================  ================  ===============
+norm          S (statistics over)            one statistic per  affine per
+============  =============================  ================  ===============
+BatchNorm     N and spatial                  channel            channel
+LayerNorm     the trailing normalized_shape  row                element of it
+RMSNorm       the trailing normalized_shape  row                element of it
+InstanceNorm  spatial                        (n, c)             channel
+GroupNorm     C/G channels and spatial       (n, group)         channel
+============  =============================  ================  ===============
+
+Each public ``<norm>`` function returns ``(y, mean, rstd)`` (RMSNorm: ``(y, rstd)``) and each
+``<norm>_backward`` is the hand-derived gradient (``dx`` in the input's dtype, parameter gradients in
+the accumulation dtype); both are checked against autograd in float64 by the
+test suite. With :math:`g = \partial L / \partial \hat x = \gamma \odot \partial L / \partial y` and
+:math:`n = |S|`, the input gradient of every centred norm is
+
+.. math::
+
+    \frac{\partial L}{\partial x} = \mathrm{rstd} \cdot \Big(g - \overline{g}_S
+        - \hat x \, \overline{g \hat x}_S\Big)
+
+and of RMSNorm the same without :math:`\overline{g}_S` (there is no mean to differentiate through).
+BatchNorm in eval mode (fixed statistics) reduces to :math:`\partial L/\partial x = g \cdot \mathrm{rstd}`.
+Parameter gradients are :math:`\partial L/\partial\gamma = \sum \partial L/\partial y \odot \hat x` and
+:math:`\partial L/\partial\beta = \sum \partial L/\partial y`, summed over every axis the parameter does
+not run along. ``docs/backward.md`` gives the derivation.
+
+Numerics: statistics and arithmetic run in float32 for float16/bfloat16/float32 input and in float64
+for float64 input; the variance is computed in two passes (mean first, then the mean of squared
+deviations), never as :math:`E[x^2] - E[x]^2`, which cancels catastrophically when |mean| >> std.
+Outputs are cast back to the input's dtype. Running statistics are updated in place, without autograd.
+
+This module holds math only: argument checking, layouts and dispatch live in :mod:`normkit.functional`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "accumulation_dtype",
+    "rms_norm_eps",
+    "batch_norm",
+    "batch_norm_backward",
+    "layer_norm",
+    "layer_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
+    "group_norm",
+    "group_norm_backward",
+    "rms_norm",
+    "rms_norm_backward",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces: accumulation precision, statistics, the normalize step and its gradient.
+# --------------------------------------------------------------------------------------------------
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision statistics are computed in: float64 for float64 data, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm_eps(dtype: torch.dtype, eps: float | None) -> float:
+    """RMSNorm's ``eps=None``: machine epsilon of float64 for float64 input, of float32 otherwise."""
+    if eps is not None:
+        return eps
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Mean and *biased* variance over ``dims`` (kept), two-pass: no E[x^2]-E[x]^2 cancellation."""
+    mean = x.mean(dim=tuple(dims), keepdim=True)
+    var = (x - mean).square().mean(dim=tuple(dims), keepdim=True)
+    return mean, var
+
+
+def _count(x: Tensor, dims: Sequence[int]) -> int:
+    return math.prod(x.shape[d] for d in dims)
+
+
+def _normalize_backward(g: Tensor, xhat: Tensor, rstd: Tensor, dims: Sequence[int], center: bool) -> Tensor:
+    r"""dL/dx from g = dL/dxhat for xhat = (x - mean) * rstd (``center``) or x * rstd, stats over ``dims``.
+
+    Differentiating xhat_i = (x_i - mu) * rstd with mu = mean(x), rstd = (var + eps)^(-1/2):
+    d xhat_i / d x_j = rstd * (delta_ij - 1/n - xhat_i xhat_j / n), so
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)). Without centring the ``mean(g)`` term vanishes.
+    """
+    dims = tuple(dims)
+    c2 = (g * xhat).mean(dim=dims, keepdim=True)
+    inner = g - xhat * c2
+    if center:
+        c1 = g.mean(dim=dims, keepdim=True)
+        inner = inner - c1
+    return inner * rstd
+
+
+def _channel_view(p: Tensor | None, ndim: int, acc: torch.dtype) -> Tensor | None:
+    """A per-channel vector (C,) viewed as (1, C, 1, ...) to broadcast against an (N, C, *) tensor."""
+    if p is None:
+        return None
+    return p.to(acc).view([1, -1] + [1] * (ndim - 2))
+
+
+def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    y = xhat
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+@torch.no_grad()
+def _update_running(running: Tensor | None, batch_stat: Tensor, momentum: float) -> None:
+    """running <- (1 - momentum) * running + momentum * batch_stat, in place and outside autograd."""
+    if running is None:
+        return
+    updated = running.to(batch_stat.dtype) * (1.0 - momentum) + batch_stat * momentum
+    running.copy_(updated)
+
+
+# --------------------------------------------------------------------------------------------------
+# LayerNorm
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Layer Normalization (Ba, Kiros & Hinton, 2016, arXiv:1607.06450).
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \odot \gamma + \beta
+
+    S = the trailing ``len(normalized_shape)`` dimensions of one row: every leading index (a token, a
+    sample) gets its own mean and biased variance. ``weight``/``bias`` have ``normalized_shape`` and
+    run element-wise along S.
+
+    Returns ``(y, mean, rstd)``; ``mean`` and ``rstd`` have the leading shape ``x.shape[:-k]``.
+    """
+    acc = accumulation_dtype(x.dtype)
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    xf = x.to(acc)
+    mean, var = _moments(xf, dims)  # one (mean, var) per row
+    rstd = torch.rsqrt(var + eps)
+    xhat = (xf - mean) * rstd
+    y = _affine(xhat, None if weight is None else weight.to(acc), None if bias is None else bias.to(acc))
+    lead = x.shape[: x.dim() - len(normalized_shape)]
+    return y.to(x.dtype), mean.reshape(lead), rstd.reshape(lead)
+
+
+def layer_norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Gradients ``(dx, dweight, dbias)`` of :func:`layer_norm` (``dweight`` is None without weight)."""
+    acc = accumulation_dtype(x.dtype)
+    k = len(normalized_shape)
+    dims = tuple(range(x.dim() - k, x.dim()))
+    lead_dims = tuple(range(x.dim() - k))
+    stat_shape = list(x.shape[: x.dim() - k]) + [1] * k
+    mean, rstd = mean.reshape(stat_shape), rstd.reshape(stat_shape)
+    dyf = dy.to(acc)
+    xhat = (x.to(acc) - mean) * rstd
+    g = dyf if weight is None else dyf * weight.to(acc)
+    dx = _normalize_backward(g, xhat, rstd, dims, center=True)
+    dweight = None if weight is None else (dyf * xhat).sum(dim=lead_dims)
+    dbias = dyf.sum(dim=lead_dims)
+    return dx.to(x.dtype), dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------------
+# RMSNorm
+# --------------------------------------------------------------------------------------------------
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Root Mean Square Layer Normalization (Zhang & Sennrich, NeurIPS 2019, arXiv:1910.07467).
+
+    .. math::
+        y = \frac{x}{\sqrt{\frac{1}{n}\sum_{i \in S} x_i^2 + \epsilon}} \odot \gamma
+
+    S is LayerNorm's (the trailing ``normalized_shape`` dims of one row) but nothing is subtracted:
+    RMSNorm keeps LayerNorm's re-scaling invariance and drops re-centring. There is no bias.
+    ``eps=None`` means the machine epsilon of float32 (of float64 for float64 input).
+
+    Returns ``(y, rstd)`` with ``rstd`` of the leading shape ``x.shape[:-k]``.
+    """
+    acc = accumulation_dtype(x.dtype)
+    eps = rms_norm_eps(x.dtype, eps)
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    xf = x.to(acc)
+    rstd = torch.rsqrt(xf.square().mean(dim=dims, keepdim=True) + eps)  # 1 / RMS(x) per row
+    y = _affine(xf * rstd, None if weight is None else weight.to(acc), None)
+    lead = x.shape[: x.dim() - len(normalized_shape)]
+    return y.to(x.dtype), rstd.reshape(lead)
+
+
+def rms_norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    rstd: Tensor,
+) -> tuple[Tensor, Tensor | None]:
+    """Gradients ``(dx, dweight)`` of :func:`rms_norm`."""
+    acc = accumulation_dtype(x.dtype)
+    k = len(normalized_shape)
+    dims = tuple(range(x.dim() - k, x.dim()))
+    lead_dims = tuple(range(x.dim() - k))
+    rstd = rstd.reshape(list(x.shape[: x.dim() - k]) + [1] * k)
+    dyf = dy.to(acc)
+    xhat = x.to(acc) * rstd
+    g = dyf if weight is None else dyf * weight.to(acc)
+    dx = _normalize_backward(g, xhat, rstd, dims, center=False)
+    dweight = None if weight is None else (dyf * xhat).sum(dim=lead_dims)
+    return dx.to(x.dtype), dweight
+
+
+# --------------------------------------------------------------------------------------------------
+# GroupNorm
+# --------------------------------------------------------------------------------------------------
+
+
+def _grouped(x: Tensor, num_groups: int) -> Tensor:
+    """View (N, C, *spatial) as (N, G, C/G * prod(spatial)): one row per (sample, group)."""
+    return x.reshape(x.shape[0], num_groups, -1)
+
+
+def group_norm(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Group Normalization (Wu & He, ECCV 2018, arXiv:1803.08494).
+
+    .. math::
+        y_{n,c,\ldots} = \frac{x_{n,c,\ldots} - \mu_{n,g}}{\sqrt{\sigma^2_{n,g} + \epsilon}}
+            \gamma_c + \beta_c, \qquad g = \lfloor c / (C/G) \rfloor
+
+    S = all C/G channels of one group **and** all their spatial positions, for one sample: the
+    statistics of channel c are shared with the other channels of its group. (Reducing over the
+    spatial dims only, as the origin notes did, gives every channel its own statistics: that is
+    InstanceNorm, whatever G is.) G = 1 is LayerNorm over (C, *spatial) with per-channel affine;
+    G = C is InstanceNorm. No running statistics; train and eval are the same.
+
+    Returns ``(y, mean, rstd)``; ``mean`` and ``rstd`` have shape (N, G).
+    """
+    acc = accumulation_dtype(x.dtype)
+    xg = _grouped(x.to(acc), num_groups)
+    mean, var = _moments(xg, (2,))  # one (mean, var) per (sample, group)
+    rstd = torch.rsqrt(var + eps)
+    xhat = ((xg - mean) * rstd).reshape(x.shape)
+    y = _affine(xhat, _channel_view(weight, x.dim(), acc), _channel_view(bias, x.dim(), acc))
+    return y.to(x.dtype), mean.reshape(x.shape[0], num_groups), rstd.reshape(x.shape[0], num_groups)
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """Sum an (N, C, *) tensor over every axis but the channel axis."""
+    return t.sum(dim=[d for d in range(t.dim()) if d != 1])
+
+
+def group_norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Gradients ``(dx, dweight, dbias)`` of :func:`group_norm`."""
+    acc = accumulation_dtype(x.dtype)
+    dyf = dy.to(acc)
+    mean, rstd = mean.reshape(x.shape[0], num_groups, 1), rstd.reshape(x.shape[0], num_groups, 1)
+    xhat_g = (_grouped(x.to(acc), num_groups) - mean) * rstd
+    xhat = xhat_g.reshape(x.shape)
+    w = _channel_view(weight, x.dim(), acc)
+    g = dyf if w is None else dyf * w
+    dx = _normalize_backward(_grouped(g, num_groups), xhat_g, rstd, (2,), center=True)
+    dweight = None if weight is None else _channel_sum(dyf * xhat)
+    return dx.reshape(x.shape).to(x.dtype), dweight, _channel_sum(dyf)
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm
+# --------------------------------------------------------------------------------------------------
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Batch Normalization (Ioffe & Szegedy, ICML 2015, arXiv:1502.03167).
+
+    .. math::
+        y_{n,c,\ldots} = \frac{x_{n,c,\ldots} - \mu_c}{\sqrt{\sigma^2_c + \epsilon}} \gamma_c + \beta_c
+
+    S = every sample and every spatial position of one channel: one (mean, variance) per channel.
+
+    * ``training=True``: normalize with the batch's mean and **biased** variance; if running
+      statistics are given, update them in place as ``running = (1 - momentum) * running +
+      momentum * batch_stat`` with the **unbiased** variance (n / (n - 1) times the biased one).
+      An empty batch leaves them untouched.
+    * ``training=False``: normalize with ``running_mean``/``running_var`` (fixed statistics).
+
+    Returns ``(y, mean, rstd)``, each statistic of shape (C,).
+    """
+    acc = accumulation_dtype(x.dtype)
+    dims = [0] + list(range(2, x.dim()))
+    xf = x.to(acc)
+    if training:
+        mean, var = _moments(xf, dims)
+        mean, var = mean.flatten(), var.flatten()
+        n = _count(x, dims)
+        if n > 0:
+            _update_running(running_mean, mean, momentum)
+            _update_running(running_var, var * (n / max(n - 1, 1)), momentum)
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (xf - _channel_view(mean, x.dim(), acc)) * _channel_view(rstd, x.dim(), acc)
+    y = _affine(xhat, _channel_view(weight, x.dim(), acc), _channel_view(bias, x.dim(), acc))
+    return y.to(x.dtype), mean, rstd
+
+
+def batch_norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    training: bool,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Gradients ``(dx, dweight, dbias)`` of :func:`batch_norm`.
+
+    In training the statistics depend on x (the full normalize gradient); in eval they are
+    constants and dx is just ``dy * weight * rstd``.
+    """
+    acc = accumulation_dtype(x.dtype)
+    dims = [0] + list(range(2, x.dim()))
+    dyf = dy.to(acc)
+    mean_v, rstd_v = _channel_view(mean, x.dim(), acc), _channel_view(rstd, x.dim(), acc)
+    xhat = (x.to(acc) - mean_v) * rstd_v
+    w = _channel_view(weight, x.dim(), acc)
+    g = dyf if w is None else dyf * w
+    dx = _normalize_backward(g, xhat, rstd_v, dims, center=True) if training else g * rstd_v
+    dweight = None if weight is None else _channel_sum(dyf * xhat)
+    return dx.to(x.dtype), dweight, _channel_sum(dyf)
+
+
+# --------------------------------------------------------------------------------------------------
+# InstanceNorm
+# --------------------------------------------------------------------------------------------------
+
+
+def instance_norm(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Instance Normalization (Ulyanov, Vedaldi & Lempitsky, 2016, arXiv:1607.08022).
+
+    .. math::
+        y_{n,c,\ldots} = \frac{x_{n,c,\ldots} - \mu_{n,c}}{\sqrt{\sigma^2_{n,c} + \epsilon}}
+            \gamma_c + \beta_c
+
+    S = the spatial positions of one channel of one sample: one (mean, variance) per (n, c). It is
+    GroupNorm with G = C, and BatchNorm applied to each sample on its own.
+
+    * ``use_input_stats=True``: normalize with each instance's statistics; if running statistics
+      are given, update them in place with the batch average of the per-instance means and of the
+      per-instance **unbiased** variances.
+    * ``use_input_stats=False``: normalize every instance with ``running_mean``/``running_var``.
+
+    Returns ``(y, mean, rstd)``: shape (N, C) with input statistics, (C,) with running ones.
+    """
+    if not use_input_stats:
+        return batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
+    acc = accumulation_dtype(x.dtype)
+    dims = tuple(range(2, x.dim()))
+    xf = x.to(acc)
+    mean, var = _moments(xf, dims)  # one (mean, var) per (sample, channel)
+    n = _count(x, dims)
+    if x.shape[0] > 0 and n > 0:
+        _update_running(running_mean, mean.mean(dim=0).flatten(), momentum)
+        _update_running(running_var, (var * (n / max(n - 1, 1))).mean(dim=0).flatten(), momentum)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (xf - mean) * rstd
+    y = _affine(xhat, _channel_view(weight, x.dim(), acc), _channel_view(bias, x.dim(), acc))
+    return y.to(x.dtype), mean.reshape(x.shape[:2]), rstd.reshape(x.shape[:2])
+
+
+def instance_norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    use_input_stats: bool,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Gradients ``(dx, dweight, dbias)`` of :func:`instance_norm`."""
+    if not use_input_stats:
+        return batch_norm_backward(dy, x, weight, mean, rstd, training=False)
+    acc = accumulation_dtype(x.dtype)
+    dims = tuple(range(2, x.dim()))
+    dyf = dy.to(acc)
+    stat_shape = list(x.shape[:2]) + [1] * len(dims)
+    mean, rstd = mean.reshape(stat_shape), rstd.reshape(stat_shape)
+    xhat = (x.to(acc) - mean) * rstd
+    w = _channel_view(weight, x.dim(), acc)
+    g = dyf if w is None else dyf * w
+    dx = _normalize_backward(g, xhat, rstd, dims, center=True)
+    dweight = None if weight is None else _channel_sum(dyf * xhat)
+    return dx.to(x.dtype), dweight, _channel_sum(dyf)
