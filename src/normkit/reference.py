@@ -113,6 +113,12 @@ def _normalize_backward(g: Tensor, xhat: Tensor, rstd: Tensor, dims: Sequence[in
     return inner * rstd
 
 
+def _sum_leading(t: Tensor, k: int) -> Tensor:
+    """Sum over all but the trailing ``k`` dims (none to sum for 1-D input: ``sum(dim=())`` sums all)."""
+    lead_dims = tuple(range(t.dim() - k))
+    return t.sum(dim=lead_dims) if lead_dims else t
+
+
 def _channel_view(p: Tensor | None, ndim: int, acc: torch.dtype) -> Tensor | None:
     """A per-channel vector (C,) viewed as (1, C, 1, ...) to broadcast against an (N, C, *) tensor."""
     if p is None:
@@ -184,15 +190,14 @@ def layer_norm_backward(
     acc = accumulation_dtype(x.dtype)
     k = len(normalized_shape)
     dims = tuple(range(x.dim() - k, x.dim()))
-    lead_dims = tuple(range(x.dim() - k))
     stat_shape = list(x.shape[: x.dim() - k]) + [1] * k
     mean, rstd = mean.reshape(stat_shape), rstd.reshape(stat_shape)
     dyf = dy.to(acc)
     xhat = (x.to(acc) - mean) * rstd
     g = dyf if weight is None else dyf * weight.to(acc)
     dx = _normalize_backward(g, xhat, rstd, dims, center=True)
-    dweight = None if weight is None else (dyf * xhat).sum(dim=lead_dims)
-    dbias = dyf.sum(dim=lead_dims)
+    dweight = None if weight is None else _sum_leading(dyf * xhat, k)
+    dbias = _sum_leading(dyf, k)
     return dx.to(x.dtype), dweight, dbias
 
 
@@ -239,13 +244,12 @@ def rms_norm_backward(
     acc = accumulation_dtype(x.dtype)
     k = len(normalized_shape)
     dims = tuple(range(x.dim() - k, x.dim()))
-    lead_dims = tuple(range(x.dim() - k))
     rstd = rstd.reshape(list(x.shape[: x.dim() - k]) + [1] * k)
     dyf = dy.to(acc)
     xhat = x.to(acc) * rstd
     g = dyf if weight is None else dyf * weight.to(acc)
     dx = _normalize_backward(g, xhat, rstd, dims, center=False)
-    dweight = None if weight is None else (dyf * xhat).sum(dim=lead_dims)
+    dweight = None if weight is None else _sum_leading(dyf * xhat, k)
     return dx.to(x.dtype), dweight
 
 

@@ -1,13 +1,16 @@
 """The reference backend: :mod:`normkit.reference`'s forward and hand-derived backward under autograd.
 
 One :class:`torch.autograd.Function` serves all five norms. It saves only what each backward needs,
-the input and the per-row/per-channel statistics (never a float32 copy of a low-precision input),
-and its backward is written in differentiable torch ops, so double backward works too.
+the input and the per-row/per-channel statistics (never a float32 copy of a low-precision input).
+The backward is written in differentiable torch ops; for double backward (``create_graph=True``) it
+recomputes the statistics from the saved input so that they, too, are differentiated.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,13 +19,27 @@ from .. import reference as ref
 from .base import Backend
 
 
-class _Norm(torch.autograd.Function):
-    """``y = forward(x, weight, bias, *args)`` with ``backward(dy, x, weight, *stats, *args)``."""
+def _same(args: tuple) -> tuple:
+    return args
 
+
+@dataclass(frozen=True)
+class _Op:
+    """One norm in the uniform calling convention of :class:`_Norm`."""
+
+    #: ``forward(x, weight, bias, *args) -> (y, *stats)``
+    forward: Callable
+    #: ``backward(dy, x, weight, *stats, *args) -> (dx, dweight, [dbias])``
+    backward: Callable
+    #: the ``args`` of a forward that recomputes statistics without updating running ones
+    no_update: Callable[[tuple], tuple] = _same
+
+
+class _Norm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, forward: Callable, backward: Callable, x: Tensor, weight, bias, *args: Any) -> Tensor:
-        y, *stats = forward(x, weight, bias, *args)
-        ctx.backward_fn, ctx.args = backward, args
+    def forward(ctx, op: _Op, x: Tensor, weight, bias, *args: Any) -> Tensor:
+        y, *stats = op.forward(x, weight, bias, *args)
+        ctx.op, ctx.args = op, args
         ctx.bias_dtype = None if bias is None else bias.dtype  # bias itself is not needed by backward
         ctx.save_for_backward(x, weight, *stats)
         return y
@@ -30,10 +47,11 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, *stats = ctx.saved_tensors
-        dx, dweight, *dbias = ctx.backward_fn(dy, x, weight, *stats, *ctx.args)
-        need_x, need_w, need_b = ctx.needs_input_grad[2:5]
+        if torch.is_grad_enabled():  # create_graph: the statistics must be functions of x as well
+            _, *stats = ctx.op.forward(x, weight, None, *ctx.op.no_update(ctx.args))
+        dx, dweight, *dbias = ctx.op.backward(dy, x, weight, *stats, *ctx.args)
+        need_x, need_w, need_b = ctx.needs_input_grad[1:4]
         return (
-            None,
             None,
             dx if need_x else None,
             dweight.to(weight.dtype) if need_w else None,
@@ -42,47 +60,39 @@ class _Norm(torch.autograd.Function):
         )
 
 
-# Adapters from the uniform (x, weight, bias, *args) calling convention to the readable functions.
+def _drop_running_if_input_stats(args: tuple) -> tuple:
+    """BatchNorm/InstanceNorm args ``(running_mean, running_var, use_batch_stats, ...)``."""
+    return (None, None, *args[2:]) if args[2] else args
 
 
-def _ln_fwd(x, weight, bias, normalized_shape, eps):
-    return ref.layer_norm(x, normalized_shape, weight, bias, eps)
-
-
-def _ln_bwd(dy, x, weight, mean, rstd, normalized_shape, eps):
-    return ref.layer_norm_backward(dy, x, normalized_shape, weight, mean, rstd)
-
-
-def _rms_fwd(x, weight, bias, normalized_shape, eps):
-    return ref.rms_norm(x, normalized_shape, weight, eps)
-
-
-def _rms_bwd(dy, x, weight, rstd, normalized_shape, eps):
-    return ref.rms_norm_backward(dy, x, normalized_shape, weight, rstd)
-
-
-def _gn_fwd(x, weight, bias, num_groups, eps):
-    return ref.group_norm(x, num_groups, weight, bias, eps)
-
-
-def _gn_bwd(dy, x, weight, mean, rstd, num_groups, eps):
-    return ref.group_norm_backward(dy, x, num_groups, weight, mean, rstd)
-
-
-def _bn_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps):
-    return ref.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-
-
-def _bn_bwd(dy, x, weight, mean, rstd, running_mean, running_var, training, momentum, eps):
-    return ref.batch_norm_backward(dy, x, weight, mean, rstd, training)
-
-
-def _in_fwd(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps):
-    return ref.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-
-
-def _in_bwd(dy, x, weight, mean, rstd, running_mean, running_var, use_input_stats, momentum, eps):
-    return ref.instance_norm_backward(dy, x, weight, mean, rstd, use_input_stats)
+_LAYER_NORM = _Op(
+    forward=lambda x, w, b, shape, eps: ref.layer_norm(x, shape, w, b, eps),
+    backward=lambda dy, x, w, mean, rstd, shape, eps: ref.layer_norm_backward(dy, x, shape, w, mean, rstd),
+)
+_RMS_NORM = _Op(
+    forward=lambda x, w, b, shape, eps: ref.rms_norm(x, shape, w, eps),
+    backward=lambda dy, x, w, rstd, shape, eps: ref.rms_norm_backward(dy, x, shape, w, rstd),
+)
+_GROUP_NORM = _Op(
+    forward=lambda x, w, b, groups, eps: ref.group_norm(x, groups, w, b, eps),
+    backward=lambda dy, x, w, mean, rstd, groups, eps: ref.group_norm_backward(dy, x, groups, w, mean, rstd),
+)
+_BATCH_NORM = _Op(
+    forward=lambda x, w, b, rm, rv, training, momentum, eps: ref.batch_norm(x, rm, rv, w, b, training, momentum, eps),
+    backward=lambda dy, x, w, mean, rstd, rm, rv, training, momentum, eps: ref.batch_norm_backward(
+        dy, x, w, mean, rstd, training
+    ),
+    no_update=_drop_running_if_input_stats,
+)
+_INSTANCE_NORM = _Op(
+    forward=lambda x, w, b, rm, rv, use_input, momentum, eps: ref.instance_norm(
+        x, rm, rv, w, b, use_input, momentum, eps
+    ),
+    backward=lambda dy, x, w, mean, rstd, rm, rv, use_input, momentum, eps: ref.instance_norm_backward(
+        dy, x, w, mean, rstd, use_input
+    ),
+    no_update=_drop_running_if_input_stats,
+)
 
 
 class ReferenceBackend(Backend):
@@ -91,20 +101,18 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def layer_norm(self, x, normalized_shape, weight, bias, eps):
-        return _Norm.apply(_ln_fwd, _ln_bwd, x, weight, bias, tuple(normalized_shape), eps)
+        return _Norm.apply(_LAYER_NORM, x, weight, bias, tuple(normalized_shape), eps)
 
     def rms_norm(self, x, normalized_shape, weight, eps):
-        return _Norm.apply(_rms_fwd, _rms_bwd, x, weight, None, tuple(normalized_shape), eps)
+        return _Norm.apply(_RMS_NORM, x, weight, None, tuple(normalized_shape), eps)
 
     def group_norm(self, x, num_groups, weight, bias, eps):
-        return _Norm.apply(_gn_fwd, _gn_bwd, x, weight, bias, num_groups, eps)
+        return _Norm.apply(_GROUP_NORM, x, weight, bias, num_groups, eps)
 
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
-        return _Norm.apply(
-            _bn_fwd, _bn_bwd, x, weight, bias, running_mean, running_var, training, momentum, eps
-        )
+        return _Norm.apply(_BATCH_NORM, x, weight, bias, running_mean, running_var, training, momentum, eps)
 
     def instance_norm(self, x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
         return _Norm.apply(
-            _in_fwd, _in_bwd, x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps
+            _INSTANCE_NORM, x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps
         )
