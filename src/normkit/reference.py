@@ -37,8 +37,10 @@ Parameter gradients are :math:`\partial L/\partial\gamma = \sum \partial L/\part
 :math:`\partial L/\partial\beta = \sum \partial L/\partial y`, summed over every axis the parameter does
 not run along. ``docs/backward.md`` gives the derivation.
 
-Numerics: statistics and arithmetic run in float32 for float16/bfloat16/float32 input and in float64
-for float64 input; the variance is computed in two passes (mean first, then the mean of squared
+Numerics: statistics and arithmetic run in float32 for float16/bfloat16 input (as torch does) and in
+float64 for float32 and float64 input: an oracle must be more exact than what it checks, and in float32
+the rounding of a large mean alone (1e4 + N(0, 1): half an ulp of 1e4 is 5e-4) shifts every normalized
+value by more than torch's own error. The variance is computed in two passes (mean first, then the mean of squared
 deviations), never as :math:`E[x^2] - E[x]^2`, which cancels catastrophically when |mean| >> std.
 Outputs are cast back to the input's dtype. Running statistics are updated in place, without autograd.
 
@@ -75,8 +77,8 @@ __all__ = [
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision statistics are computed in: float64 for float64 data, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """The precision the reference computes in: float32 for 16-bit data, float64 for wider data."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
 
 
 def rms_norm_eps(dtype: torch.dtype, eps: float | None) -> float:

@@ -1,0 +1,130 @@
+"""The backend layer: selection by code, context and NORMKIT_BACKEND; errors; fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import normkit
+import normkit.functional as NF
+from normkit import backends
+from normkit.backends.reference import ReferenceBackend
+
+
+@pytest.fixture(autouse=True)
+def _clean_selection(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    backends.set_backend(None)
+    yield
+    backends.set_backend(None)
+
+
+def test_reference_is_the_default():
+    assert backends.current_backend_name() == "reference"
+    assert normkit.get_backend().name == "reference"
+
+
+def test_available_backends_include_reference_and_torch():
+    assert {"reference", "torch"} <= set(normkit.available_backends())
+
+
+def test_environment_variable_selects(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert normkit.get_backend().name == "torch"
+
+
+def test_set_backend_overrides_environment_and_none_restores_it(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    normkit.set_backend("reference")
+    assert normkit.get_backend().name == "reference"
+    normkit.set_backend(None)
+    assert normkit.get_backend().name == "torch"
+
+
+def test_use_backend_nests_and_restores():
+    with normkit.use_backend("torch") as outer:
+        assert outer.name == "torch" and normkit.get_backend().name == "torch"
+        with normkit.use_backend("reference"):
+            assert normkit.get_backend().name == "reference"
+        assert normkit.get_backend().name == "torch"
+    assert normkit.get_backend().name == "reference"
+
+
+@pytest.mark.parametrize("select", ["set", "use", "get"])
+def test_unknown_backend_is_a_clear_error(select):
+    call = {"set": normkit.set_backend, "use": lambda n: normkit.use_backend(n).__enter__(), "get": normkit.get_backend}
+    with pytest.raises(ValueError, match=r"unknown normkit backend 'cuda-magic'; registered backends: .*reference"):
+        call[select]("cuda-magic")
+
+
+def test_unknown_backend_in_environment_fails_at_first_use(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "nope")
+    with pytest.raises(ValueError, match="unknown normkit backend 'nope'"):
+        NF.layer_norm(torch.randn(2, 3), (3,))
+
+
+def test_environment_variable_in_a_fresh_process():
+    code = "import normkit, torch; normkit.functional.rms_norm(torch.randn(2, 3), (3,)); print(normkit.get_backend().name)"
+    env = dict(os.environ, NORMKIT_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+
+
+class _CountingBackend(ReferenceBackend):
+    name = "counting"
+    calls = 0
+    accept = True
+
+    def supports(self, x):
+        return self.accept
+
+    def layer_norm(self, *args):
+        type(self).calls += 1
+        return super().layer_norm(*args)
+
+
+@pytest.fixture
+def counting():
+    backends.register_backend("counting", _CountingBackend)
+    _CountingBackend.calls, _CountingBackend.accept = 0, True
+    yield _CountingBackend
+    backends._factories.pop("counting", None)
+    backends._instances.pop("counting", None)
+
+
+def test_functional_and_modules_dispatch_through_the_selected_backend(counting):
+    with normkit.use_backend("counting"):
+        NF.layer_norm(torch.randn(2, 3), (3,))
+        normkit.nn.LayerNorm(3)(torch.randn(2, 3))
+    assert counting.calls == 2
+
+
+def test_backend_that_cannot_take_a_tensor_falls_back_to_reference(counting):
+    counting.accept = False
+    with normkit.use_backend("counting"):
+        y = NF.layer_norm(torch.randn(2, 3), (3,))
+    assert counting.calls == 0
+    assert y.grad_fn is None or "Norm" in type(y.grad_fn).__name__
+
+
+def test_backends_agree():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5)
+    results = {}
+    for name in normkit.available_backends():
+        with normkit.use_backend(name):
+            results[name] = (
+                NF.group_norm(x, 3),
+                NF.layer_norm(x, (5, 5)),
+                NF.rms_norm(x, (5,)),
+                NF.batch_norm(x, None, None, training=True),
+                NF.instance_norm(x),
+            )
+    ref = results.pop("reference")
+    for name, outs in results.items():
+        for a, b in zip(outs, ref):
+            torch.testing.assert_close(a, b, msg=name)
