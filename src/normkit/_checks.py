@@ -40,11 +40,14 @@ def floating(x: Tensor, kernel: str) -> None:
         raise NotImplementedError(f'"{kernel}" not implemented for \'{scalar_name(x.dtype)}\'')
 
 
-def parameter_dtypes(x: Tensor, *params: Tensor | None) -> None:
+def parameter_dtypes(
+    x: Tensor, *params: Tensor | None, check_order: Sequence[Tensor | None] | None = None
+) -> None:
     """torch's CPU rule for parameters (weight, bias, running stats, in that order).
 
-    The first defined parameter decides: if it has the input's dtype, every other one must too;
-    otherwise every parameter must be float32 and the input float16/bfloat16 ("mixed dtype").
+    The first defined parameter decides: if it has the input's dtype, every other one must too
+    (the first that does not, in ``check_order`` if given, is reported); otherwise every parameter
+    must be float32 and the input float16/bfloat16 ("mixed dtype").
     CUDA kernels accept more combinations, so the rule is applied to CPU tensors only.
     """
     if x.device.type != "cpu":
@@ -58,7 +61,7 @@ def parameter_dtypes(x: Tensor, *params: Tensor | None) -> None:
         if x.dtype not in _LOW_PRECISION:
             raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
         return
-    for p in defined[1:]:
+    for p in defined[1:] if check_order is None else [p for p in check_order if p is not None]:
         if p.dtype != x.dtype:
             raise RuntimeError(
                 f"expected scalar type {scalar_name(x.dtype)} but found {scalar_name(p.dtype)}"
@@ -90,6 +93,8 @@ def normalized_shape(
                 f"{_shape_list(p.shape)} and normalized_shape = {_shape_list(shape)}"
             )
     k = len(shape)
+    if rms and x.dim() < k:
+        raise ValueError(f"Input tensor must have at least {k} dimensions, but got {x.dim()}")
     if x.dim() < k or tuple(x.shape[x.dim() - k :]) != tuple(shape):
         # torch's rms_norm prints "[*4]" where layer_norm prints "[*, 4]"
         expected = ("[*" if rms else "[*, ") + ", ".join(str(int(s)) for s in shape) + "]"
@@ -162,9 +167,10 @@ def per_channel_sizes(
     repeat: int = 1,
 ) -> None:
     """``<name> should contain C elements not K``; ``repeat`` is N for InstanceNorm (torch repeats)."""
-    for name, p in (("running_mean", running_mean), ("running_var", running_var)):
-        if p is None and not training:
-            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    # torch checks each running stat in turn (defined in eval, then its size), then weight and bias
     for name, p in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if p is not None and p.numel() * repeat != features:
+        if p is None:
+            if not training and name.startswith("running_"):
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+        elif p.numel() * repeat != features:
             raise RuntimeError(f"{name} should contain {features} elements not {p.numel() * repeat}")

@@ -61,11 +61,14 @@ def batch_norm(
     if training:
         _checks.more_than_one_value_per_channel(input.size())
     _checks.eps_for_batch_norm(eps, training)
-    _checks.running_stats_pair(running_mean, running_var)
-    _checks.floating(input, "batch_norm")
+    # torch's order: sizes (and running stats defined in eval), the running pair, then dtypes
     features = input.size(1) if input.dim() > 1 else 0
     _checks.per_channel_sizes(features, running_mean, running_var, weight, bias, training)
-    _checks.parameter_dtypes(input, weight, bias, running_mean, running_var)
+    _checks.running_stats_pair(running_mean, running_var)
+    _checks.floating(input, "batch_norm")
+    # torch's training kernel meets the running statistics before the bias
+    order = (weight, running_mean, running_var, bias) if training else None
+    _checks.parameter_dtypes(input, weight, bias, running_mean, running_var, check_order=order)
     y = resolve(input).batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return y.contiguous(memory_format=_suggested_format(input))
 
@@ -98,10 +101,15 @@ def instance_norm(
         raise RuntimeError(
             "Expected running_mean and running_var to be defined when use_input_stats is false"
         )
-    _checks.floating(input, "batch_norm")
     n, c = input.size(0), input.size(1)
     _checks.per_channel_sizes(n * c, running_mean, running_var, weight, bias, True, repeat=n)
-    _checks.parameter_dtypes(input, weight, bias, running_mean, running_var)
+    _checks.running_stats_pair(running_mean, running_var)
+    _checks.floating(input, "batch_norm")
+    # torch's instance_norm checks its running statistics as if they had the weight's dtype (the
+    # input's without a weight): their own dtype is free (observed on torch 2.13, CPU)
+    stats_dtype = (weight if weight is not None else input).dtype
+    stats_as = None if running_mean is None else input.new_empty(0, dtype=stats_dtype)
+    _checks.parameter_dtypes(input, weight, bias, stats_as, stats_as)
     y = resolve(input).instance_norm(
         input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
     )

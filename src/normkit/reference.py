@@ -262,7 +262,7 @@ def rms_norm_backward(
 
 def _grouped(x: Tensor, num_groups: int) -> Tensor:
     """View (N, C, *spatial) as (N, G, C/G * prod(spatial)): one row per (sample, group)."""
-    return x.reshape(x.shape[0], num_groups, -1)
+    return x.reshape(x.shape[0], num_groups, x.shape[1] // num_groups * math.prod(x.shape[2:]))
 
 
 def group_norm(
