@@ -56,7 +56,11 @@ def test_use_backend_nests_and_restores():
 
 @pytest.mark.parametrize("select", ["set", "use", "get"])
 def test_unknown_backend_is_a_clear_error(select):
-    call = {"set": normkit.set_backend, "use": lambda n: normkit.use_backend(n).__enter__(), "get": normkit.get_backend}
+    call = {
+        "set": normkit.set_backend,
+        "use": lambda n: normkit.use_backend(n).__enter__(),
+        "get": normkit.get_backend,
+    }
     with pytest.raises(ValueError, match=r"unknown normkit backend 'cuda-magic'; registered backends: .*reference"):
         call[select]("cuda-magic")
 
@@ -68,7 +72,10 @@ def test_unknown_backend_in_environment_fails_at_first_use(monkeypatch):
 
 
 def test_environment_variable_in_a_fresh_process():
-    code = "import normkit, torch; normkit.functional.rms_norm(torch.randn(2, 3), (3,)); print(normkit.get_backend().name)"
+    code = (
+        "import normkit, torch; normkit.functional.rms_norm(torch.randn(2, 3), (3,)); "
+        "print(normkit.get_backend().name)"
+    )
     env = dict(os.environ, NORMKIT_BACKEND="torch")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "torch"
@@ -126,5 +133,5 @@ def test_backends_agree():
             )
     ref = results.pop("reference")
     for name, outs in results.items():
-        for a, b in zip(outs, ref):
+        for a, b in zip(outs, ref, strict=True):
             torch.testing.assert_close(a, b, msg=name)

@@ -80,7 +80,8 @@ def test_layer_norm(shape, k, affine):
     dx, dw, db = ref.layer_norm_backward(dy, x.detach(), ns, w, mean, rstd)
     torch.testing.assert_close(dx, auto[0])
     if affine:
-        torch.testing.assert_close((dw, db), tuple(auto[1:]) if x.numel() else (torch.zeros_like(w), torch.zeros_like(b)))
+        expected = tuple(auto[1:]) if x.numel() else (torch.zeros_like(w), torch.zeros_like(b))
+        torch.testing.assert_close((dw, db), expected)
 
 
 @pytest.mark.parametrize("shape,k", [((3, 7), 1), ((2, 5, 4), 2), ((4099,), 1), ((2, 3, 2, 5), 3)])
@@ -96,7 +97,9 @@ def test_rms_norm(shape, k, eps):
     torch.testing.assert_close(ref.rms_norm_backward(dy, x.detach(), ns, w, rstd), tuple(auto))
 
 
-@pytest.mark.parametrize("shape,groups", [((2, 6, 5), 3), ((3, 4, 3, 3), 1), ((2, 6, 2, 3, 2), 6), ((4, 8), 2), ((1, 10, 7), 5)])
+@pytest.mark.parametrize(
+    "shape,groups", [((2, 6, 5), 3), ((3, 4, 3, 3), 1), ((2, 6, 2, 3, 2), 6), ((4, 8), 2), ((1, 10, 7), 5)]
+)
 def test_group_norm(shape, groups):
     x = torch.randn(shape, **F64).requires_grad_()
     w, b = _params(shape[1])

@@ -40,32 +40,37 @@ def floating(x: Tensor, kernel: str) -> None:
         raise NotImplementedError(f'"{kernel}" not implemented for \'{scalar_name(x.dtype)}\'')
 
 
+def _dtype(p: Tensor | torch.dtype | None) -> torch.dtype | None:
+    return p.dtype if isinstance(p, Tensor) else p
+
+
 def parameter_dtypes(
-    x: Tensor, *params: Tensor | None, check_order: Sequence[Tensor | None] | None = None
+    x: Tensor,
+    *params: Tensor | torch.dtype | None,
+    check_order: Sequence[Tensor | torch.dtype | None] | None = None,
 ) -> None:
     """torch's CPU rule for parameters (weight, bias, running stats, in that order).
 
-    The first defined parameter decides: if it has the input's dtype, every other one must too
-    (the first that does not, in ``check_order`` if given, is reported); otherwise every parameter
-    must be float32 and the input float16/bfloat16 ("mixed dtype").
-    CUDA kernels accept more combinations, so the rule is applied to CPU tensors only.
+    ``params`` are tensors or bare dtypes (None: absent). The first defined parameter decides: if it
+    has the input's dtype, every other one must too (the first that does not, in ``check_order`` if
+    given, is reported); otherwise every parameter must be float32 and the input float16/bfloat16
+    ("mixed dtype"). CUDA kernels accept more combinations, so the rule applies to CPU tensors only.
     """
     if x.device.type != "cpu":
         return
-    defined = [p for p in params if p is not None]
+    defined = [d for d in map(_dtype, params) if d is not None]
     if not defined:
         return
-    if defined[0].dtype != x.dtype:
-        if any(p.dtype != torch.float32 for p in defined):
+    if defined[0] != x.dtype:
+        if any(d != torch.float32 for d in defined):
             raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
         if x.dtype not in _LOW_PRECISION:
             raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
         return
-    for p in defined[1:] if check_order is None else [p for p in check_order if p is not None]:
-        if p.dtype != x.dtype:
-            raise RuntimeError(
-                f"expected scalar type {scalar_name(x.dtype)} but found {scalar_name(p.dtype)}"
-            )
+    rest = defined[1:] if check_order is None else [d for d in map(_dtype, check_order) if d is not None]
+    for d in rest:
+        if d != x.dtype:
+            raise RuntimeError(f"expected scalar type {scalar_name(x.dtype)} but found {scalar_name(d)}")
 
 
 def _shape_list(shape: Sequence[int]) -> str:

@@ -107,8 +107,7 @@ def instance_norm(
     _checks.floating(input, "batch_norm")
     # torch's instance_norm checks its running statistics as if they had the weight's dtype (the
     # input's without a weight): their own dtype is free (observed on torch 2.13, CPU)
-    stats_dtype = (weight if weight is not None else input).dtype
-    stats_as = None if running_mean is None else input.new_empty(0, dtype=stats_dtype)
+    stats_as = None if running_mean is None else (weight if weight is not None else input).dtype
     _checks.parameter_dtypes(input, weight, bias, stats_as, stats_as)
     y = resolve(input).instance_norm(
         input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps

@@ -53,7 +53,9 @@ class Comparison:
         return f"max error {self.max_error:.3g} (allowed {self.allowed:.3g}): {'ok' if self.ok else 'FAIL'}"
 
 
-def compare(ours: Tensor, truth: Tensor, dtype: torch.dtype | None = None, baseline: Tensor | None = None) -> Comparison:
+def compare(
+    ours: Tensor, truth: Tensor, dtype: torch.dtype | None = None, baseline: Tensor | None = None
+) -> Comparison:
     """Compare ``ours`` with the float64 ``truth`` under ``dtype``'s tolerance (default: ours' dtype).
 
     NaNs must sit at the same places in both; infinities must match exactly.
