@@ -27,6 +27,7 @@ import normkit
 import normkit.functional
 import normkit.nn as NN
 from normkit.backends import current_backend_name
+from normkit.nn._compat import TORCH_HAS_BIAS_KWARG
 from normkit.testing import assert_close
 
 BACKENDS = ["reference", "torch"]
@@ -66,6 +67,13 @@ def backend(request):
 # --------------------------------------------------------------------------------------------------
 
 
+def build_torch(name: str, *args, **kwargs) -> torch.nn.Module:
+    """torch.nn's module; skips the test where the installed torch has no ``bias=`` for it (< 2.13)."""
+    if "bias" in kwargs and name != "LayerNorm" and not TORCH_HAS_BIAS_KWARG:
+        pytest.skip(f"torch {torch.__version__} has no bias= for {name}: nothing to compare with")
+    return getattr(torch.nn, name)(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class Spec:
     """A module (class name and constructor arguments) and an input shape for it."""
@@ -76,6 +84,8 @@ class Spec:
     shape: tuple = ()
 
     def build(self, ns: Any, **extra) -> torch.nn.Module:
+        if ns is torch.nn:
+            return build_torch(self.name, *self.args, **{**self.kwargs, **extra})
         return getattr(ns, self.name)(*self.args, **{**self.kwargs, **extra})
 
     @property
@@ -251,6 +261,10 @@ def test_constructor_signature_matches_torch(name):
     # eval_str: normkit's modules use postponed annotations ("float"), torch's real ones (float)
     ours = inspect.signature(getattr(NN, name), eval_str=True)
     theirs = inspect.signature(getattr(torch.nn, name), eval_str=True)
+    if "bias" in ours.parameters and "bias" not in theirs.parameters:
+        # torch < 2.13: normkit adds 2.13's keyword-only bias=True and is otherwise the same
+        bias = inspect.Parameter("bias", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool)
+        theirs = theirs.replace(parameters=[*theirs.parameters.values(), bias])
     assert ours == theirs
     assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == [
         (p.name, p.kind, p.default) for p in theirs.parameters.values()
@@ -339,11 +353,12 @@ def assert_same_structure(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
 @pytest.mark.parametrize("config", list(STATE_CONFIGS.values()), ids=list(STATE_CONFIGS))
 def test_fresh_module_state_matches_torch(config):
     name, args, kwargs = config
-    ref, ours = getattr(torch.nn, name)(*args, **kwargs), getattr(NN, name)(*args, **kwargs)
+    ref, ours = build_torch(name, *args, **kwargs), getattr(NN, name)(*args, **kwargs)
     assert_same_structure(ours, ref)
     assert ours.training is True
 
 
+@pytest.mark.skipif(not TORCH_HAS_BIAS_KWARG, reason="documented facts of torch 2.13 (bias=)")
 @pytest.mark.parametrize(
     "name,args,expected_keys",
     [
@@ -375,6 +390,7 @@ def test_state_dict_keys_as_documented(name, args, expected_keys):
         assert list(getattr(ns, name)(*cls_args, **args).state_dict()) == expected_keys
 
 
+@pytest.mark.skipif(not TORCH_HAS_BIAS_KWARG, reason="documented facts of torch 2.13 (bias=)")
 def test_documented_initial_values_and_extra_repr():
     bn = NN.BatchNorm1d(3)
     assert torch.equal(bn.weight, torch.ones(3)) and torch.equal(bn.bias, torch.zeros(3))
@@ -395,7 +411,7 @@ def test_documented_initial_values_and_extra_repr():
 @pytest.mark.parametrize("config", list(STATE_CONFIGS.values()), ids=list(STATE_CONFIGS))
 def test_dtype_argument_state_matches_torch(config, dtype):
     name, args, kwargs = config
-    ref = getattr(torch.nn, name)(*args, **kwargs, dtype=dtype)
+    ref = build_torch(name, *args, **kwargs, dtype=dtype)
     ours = getattr(NN, name)(*args, **kwargs, dtype=dtype)
     assert_same_structure(ours, ref)
     if getattr(ours, "num_batches_tracked", None) is not None:
@@ -410,7 +426,7 @@ def test_dtype_argument_state_matches_torch(config, dtype):
 )
 def test_dtype_conversion_state_matches_torch(config, convert):
     name, args, kwargs = config
-    ref, ours = getattr(torch.nn, name)(*args, **kwargs), getattr(NN, name)(*args, **kwargs)
+    ref, ours = build_torch(name, *args, **kwargs), getattr(NN, name)(*args, **kwargs)
     for m in (ref, ours):
         if convert == "to-float16":
             m.to(torch.float16)
@@ -437,7 +453,7 @@ def test_group_norm_divisibility_error_at_construction():
 def test_reset_parameters_and_running_stats_match_torch(config):
     name, args, kwargs = config
     torch.manual_seed(0)
-    ref, ours = getattr(torch.nn, name)(*args, **kwargs), getattr(NN, name)(*args, **kwargs)
+    ref, ours = build_torch(name, *args, **kwargs), getattr(NN, name)(*args, **kwargs)
     randomize_(ref)
     ours.load_state_dict(ref.state_dict())
     if hasattr(ref, "num_batches_tracked") and ref.num_batches_tracked is not None:
@@ -498,9 +514,9 @@ def _old_state_dict(sd: dict, version: int | None) -> dict:
 def test_loading_old_state_dict_without_num_batches_tracked(config, trained_steps, version):
     name, args, kwargs = config
     torch.manual_seed(0)
-    source = randomize_(getattr(torch.nn, name)(*args, **kwargs))
+    source = randomize_(build_torch(name, *args, **kwargs))
     old = _old_state_dict(source.state_dict(), version)
-    ref, ours = getattr(torch.nn, name)(*args, **kwargs), getattr(NN, name)(*args, **kwargs)
+    ref, ours = build_torch(name, *args, **kwargs), getattr(NN, name)(*args, **kwargs)
     for m in (ref, ours):
         m.num_batches_tracked.fill_(trained_steps)
     assert _load_outcome(ours, _old_state_dict(old, version)) == _load_outcome(
@@ -533,7 +549,7 @@ def test_state_dict_round_trips_between_torch_and_normkit(config):
     name, args, kwargs = config
     torch.manual_seed(0)
     ours = randomize_(getattr(NN, name)(*args, **kwargs))
-    ref = getattr(torch.nn, name)(*args, **kwargs)
+    ref = build_torch(name, *args, **kwargs)
     assert _load_outcome(ref, ours.state_dict()) == ("loaded", [], [])
     assert_same_structure(ours, ref)
     fresh = getattr(NN, name)(*args, **kwargs)

@@ -10,8 +10,16 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# Matching torch is relative to the installed version: where torch changed a check, follow it.
+_TORCH = TorchVersion(torch.__version__)
+#: 2.13 allows eps == 0 in eval and words the training error differently; before, eps <= 0 is rejected
+_EPS_ZERO_ALLOWED_IN_EVAL = _TORCH >= "2.13"
+#: 2.14 prints the bias's own shape in GroupNorm's bias-size error (before: the weight's)
+_GN_BIAS_MESSAGE_SHOWS_BIAS = _TORCH >= "2.14"
 
 # ScalarType names as torch prints them in "expected scalar type X" and "not implemented for 'X'"
 _SCALAR_NAMES = {
@@ -136,8 +144,9 @@ def group_norm_args(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
             "Expected number of channels in input to be divisible by num_groups, but got input of "
             f"shape {_shape_list(x.shape)} and num_groups={num_groups}"
         )
-    # torch prints the *weight's* shape in the bias message ([0] when weight is None); copied as is
     weight_shape = _shape_list(weight.shape) if weight is not None else "[0]"
+    # torch < 2.14 prints the *weight's* shape in the bias message ([0] when weight is None)
+    bias_shape = _shape_list(bias.shape) if _GN_BIAS_MESSAGE_SHOWS_BIAS and bias is not None else weight_shape
     if weight is not None and (weight.dim() != 1 or weight.numel() != channels):
         raise RuntimeError(
             "Expected weight to be a vector of size equal to the number of channels in input, but got "
@@ -146,11 +155,17 @@ def group_norm_args(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     if bias is not None and (bias.dim() != 1 or bias.numel() != channels):
         raise RuntimeError(
             "Expected bias to be a vector of size equal to the number of channels in input, but got "
-            f"bias of shape {weight_shape} and input of shape {_shape_list(x.shape)}"
+            f"bias of shape {bias_shape} and input of shape {_shape_list(x.shape)}"
         )
 
 
+
+
 def eps_for_batch_norm(eps: float, training: bool) -> None:
+    if not _EPS_ZERO_ALLOWED_IN_EVAL:
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+        return
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:

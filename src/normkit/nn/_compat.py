@@ -23,3 +23,15 @@ def init_with_bias(module: torch.nn.Module, parent_init: Callable, bias: bool, a
     parent_init(*args)
     if affine and not bias:
         module.register_parameter("bias", None)
+
+
+def extra_repr_with_bias(module: torch.nn.Module, torch_repr: str) -> str:
+    """torch's ``extra_repr``, plus ``bias=False`` where the installed torch cannot say it.
+
+    On torch >= 2.13 this is torch's string unchanged. On older torches the string stays the
+    installed torch's (matching torch is relative to the installed version) and only a module built
+    with ``bias=False``, which that torch cannot build, gets 2.13's ``bias=False`` after ``affine``.
+    """
+    if TORCH_HAS_BIAS_KWARG or not module.affine or module.bias is not None:
+        return torch_repr
+    return torch_repr.replace(f"affine={module.affine}", f"affine={module.affine}, bias=False", 1)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ._compat import TORCH_HAS_BIAS_KWARG, init_with_bias
+from ._compat import extra_repr_with_bias, init_with_bias
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -40,13 +40,8 @@ class _InstanceNormMixin:
             if self.bias is not None:
                 torch.nn.init.zeros_(self.bias)
 
-    if not TORCH_HAS_BIAS_KWARG:
-
-        def extra_repr(self) -> str:
-            return (
-                f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
-            )
+    def extra_repr(self) -> str:
+        return extra_repr_with_bias(self, super().extra_repr())
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         return F.instance_norm(

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ._compat import TORCH_HAS_BIAS_KWARG, init_with_bias
+from ._compat import extra_repr_with_bias, init_with_bias
 
 __all__ = ["LayerNorm", "GroupNorm", "RMSNorm"]
 
@@ -83,13 +83,8 @@ class GroupNorm(torch.nn.GroupNorm):
             if self.bias is not None:
                 torch.nn.init.zeros_(self.bias)
 
-    if not TORCH_HAS_BIAS_KWARG:
-
-        def extra_repr(self) -> str:
-            return (
-                f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
-                f"bias={self.bias is not None}"
-            )
+    def extra_repr(self) -> str:
+        return extra_repr_with_bias(self, super().extra_repr())
 
     def forward(self, input: Tensor) -> Tensor:
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
