@@ -25,13 +25,26 @@ def init_with_bias(module: torch.nn.Module, parent_init: Callable, bias: bool, a
         module.register_parameter("bias", None)
 
 
-def extra_repr_with_bias(module: torch.nn.Module, torch_repr: str) -> str:
-    """torch's ``extra_repr``, plus ``bias=False`` where the installed torch cannot say it.
+class BiasKwargMixin:
+    """For BatchNorm, InstanceNorm and GroupNorm: torch 2.13's treatment of ``bias=False`` on any torch.
 
-    On torch >= 2.13 this is torch's string unchanged. On older torches the string stays the
-    installed torch's (matching torch is relative to the installed version) and only a module built
-    with ``bias=False``, which that torch cannot build, gets 2.13's ``bias=False`` after ``affine``.
+    On torch >= 2.13 both methods are torch's. On older torches ``extra_repr`` stays the installed
+    torch's (matching torch is relative to the installed version) and only a module built with
+    ``bias=False``, which that torch cannot build, says ``bias=False`` after ``affine``; and
+    ``reset_parameters`` skips the None bias that torch's would try to zero.
     """
-    if TORCH_HAS_BIAS_KWARG or not module.affine or module.bias is not None:
-        return torch_repr
-    return torch_repr.replace(f"affine={module.affine}", f"affine={module.affine}, bias=False", 1)
+
+    def reset_parameters(self) -> None:
+        if TORCH_HAS_BIAS_KWARG or not self.affine or self.bias is not None:
+            super().reset_parameters()
+            return
+        reset_running_stats = getattr(self, "reset_running_stats", None)  # BatchNorm, InstanceNorm
+        if reset_running_stats is not None:
+            reset_running_stats()
+        torch.nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        torch_repr = super().extra_repr()
+        if TORCH_HAS_BIAS_KWARG or not self.affine or self.bias is not None:
+            return torch_repr
+        return torch_repr.replace(f"affine={self.affine}", f"affine={self.affine}, bias=False", 1)

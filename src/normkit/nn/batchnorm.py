@@ -6,12 +6,12 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ._compat import extra_repr_with_bias, init_with_bias
+from ._compat import BiasKwargMixin, init_with_bias
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
-class _BatchNormMixin:
+class _BatchNormMixin(BiasKwargMixin):
     """Constructor with ``bias``, and a forward that follows torch's (momentum, buffers, eval)."""
 
     def __init__(
@@ -30,16 +30,6 @@ class _BatchNormMixin:
             self, super().__init__, bias, affine,
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
         )
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            torch.nn.init.ones_(self.weight)
-            if self.bias is not None:
-                torch.nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return extra_repr_with_bias(self, super().extra_repr())
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)

@@ -8,12 +8,12 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ._compat import extra_repr_with_bias, init_with_bias
+from ._compat import BiasKwargMixin, init_with_bias
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-class _InstanceNormMixin:
+class _InstanceNormMixin(BiasKwargMixin):
     """Constructor with ``bias``, and torch's forward (checks, unbatched input) over normkit."""
 
     def __init__(
@@ -32,16 +32,6 @@ class _InstanceNormMixin:
             self, super().__init__, bias, affine,
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
         )
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            torch.nn.init.ones_(self.weight)
-            if self.bias is not None:
-                torch.nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return extra_repr_with_bias(self, super().extra_repr())
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         return F.instance_norm(

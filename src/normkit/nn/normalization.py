@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ._compat import extra_repr_with_bias, init_with_bias
+from ._compat import BiasKwargMixin, init_with_bias
 
 __all__ = ["LayerNorm", "GroupNorm", "RMSNorm"]
 
@@ -49,7 +49,7 @@ class RMSNorm(torch.nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
-class GroupNorm(torch.nn.GroupNorm):
+class GroupNorm(BiasKwargMixin, torch.nn.GroupNorm):
     r"""Drop-in :class:`torch.nn.GroupNorm`: statistics per (sample, group of C/G channels).
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma_c + \beta_c
@@ -76,15 +76,6 @@ class GroupNorm(torch.nn.GroupNorm):
         bias: bool = True,
     ) -> None:
         init_with_bias(self, super().__init__, bias, affine, num_groups, num_channels, eps, affine, device, dtype)
-
-    def reset_parameters(self) -> None:
-        if self.affine:
-            torch.nn.init.ones_(self.weight)
-            if self.bias is not None:
-                torch.nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return extra_repr_with_bias(self, super().extra_repr())
 
     def forward(self, input: Tensor) -> Tensor:
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
