@@ -123,6 +123,17 @@ FUNCTIONAL_ERRORS: dict[str, Callable[[Any], Any]] = {
     "gn-1d-input": lambda F: F.group_norm(r(4), 2),
     "gn-0d-input": lambda F: F.group_norm(torch.tensor(1.0), 1),
     "gn-not-divisible": lambda F: F.group_norm(r(2, 5, 3), 2),
+    "gn-negative-groups": lambda F: F.group_norm(r(2, 6, 3), -2),
+    "gn-negative-groups-one-sample": lambda F: F.group_norm(r(1, 6, 1), -6),
+    "bn-running-mean-requires-grad-train": lambda F: F.batch_norm(
+        r(4, 3, 5), torch.zeros(3, requires_grad=True), torch.ones(3), training=True
+    ),
+    "bn-running-var-requires-grad-eval": lambda F: F.batch_norm(
+        r(4, 3, 5), torch.zeros(3), torch.ones(3, requires_grad=True), training=False
+    ),
+    "in-running-mean-requires-grad": lambda F: F.instance_norm(
+        r(4, 3, 5), torch.zeros(3, requires_grad=True), torch.ones(3)
+    ),
     "gn-not-divisible-2d": lambda F: F.group_norm(r(3, 6), 4),
     "gn-weight-size": lambda F: F.group_norm(r(2, 4, 3), 2, r(3)),
     "gn-weight-2d": lambda F: F.group_norm(r(2, 4, 3), 2, r(2, 2)),

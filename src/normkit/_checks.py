@@ -138,6 +138,8 @@ def group_norm_args(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     if x.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {x.dim()}")
     more_than_one_value_per_channel([x.size(0) * x.size(1) // num_groups, num_groups] + list(x.shape[2:]))
+    if num_groups <= 0:
+        raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
     channels = x.size(1)
     if channels % num_groups != 0:
         raise RuntimeError(
@@ -170,6 +172,18 @@ def eps_for_batch_norm(eps: float, training: bool) -> None:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def running_stats_not_differentiable(running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    """Running statistics are buffers: torch refuses ones that require grad while grad mode is on."""
+    if not torch.is_grad_enabled():
+        return
+    for name, p in (("running_mean", running_mean), ("running_var", running_var)):
+        if p is not None and p.requires_grad:
+            raise RuntimeError(
+                f"The function 'native_batch_norm' is not differentiable with respect to argument '{name}'. "
+                "This input cannot have requires_grad True."
+            )
 
 
 def running_stats_pair(running_mean: Tensor | None, running_var: Tensor | None) -> None:

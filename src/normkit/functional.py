@@ -61,6 +61,7 @@ def batch_norm(
     if training:
         _checks.more_than_one_value_per_channel(input.size())
     _checks.eps_for_batch_norm(eps, training)
+    _checks.running_stats_not_differentiable(running_mean, running_var)
     # torch's order: sizes (and running stats defined in eval), the running pair, then dtypes
     features = input.size(1) if input.dim() > 1 else 0
     _checks.per_channel_sizes(features, running_mean, running_var, weight, bias, training)
@@ -101,6 +102,7 @@ def instance_norm(
         raise RuntimeError(
             "Expected running_mean and running_var to be defined when use_input_stats is false"
         )
+    _checks.running_stats_not_differentiable(running_mean, running_var)
     n, c = input.size(0), input.size(1)
     _checks.per_channel_sizes(n * c, running_mean, running_var, weight, bias, True, repeat=n)
     _checks.running_stats_pair(running_mean, running_var)

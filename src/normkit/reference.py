@@ -76,9 +76,14 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision the reference computes in: float32 for 16-bit data, float64 for wider data."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
+def accumulation_dtype(dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
+    """The precision the reference computes in: float32 for 16-bit data, float64 for wider data.
+
+    (Apple's MPS has no float64: float32 input is computed in float32 there.)
+    """
+    if dtype in (torch.float16, torch.bfloat16) or (device_type == "mps" and dtype == torch.float32):
+        return torch.float32
+    return torch.float64
 
 
 def rms_norm_eps(dtype: torch.dtype, eps: float | None) -> float:
@@ -169,7 +174,7 @@ def layer_norm(
 
     Returns ``(y, mean, rstd)``; ``mean`` and ``rstd`` have the leading shape ``x.shape[:-k]``.
     """
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, x.device.type)
     dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
     xf = x.to(acc)
     mean, var = _moments(xf, dims)  # one (mean, var) per row
@@ -189,7 +194,7 @@ def layer_norm_backward(
     rstd: Tensor,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Gradients ``(dx, dweight, dbias)`` of :func:`layer_norm` (``dweight`` is None without weight)."""
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, x.device.type)
     k = len(normalized_shape)
     dims = tuple(range(x.dim() - k, x.dim()))
     stat_shape = list(x.shape[: x.dim() - k]) + [1] * k
@@ -225,7 +230,7 @@ def rms_norm(
 
     Returns ``(y, rstd)`` with ``rstd`` of the leading shape ``x.shape[:-k]``.
     """
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, x.device.type)
     eps = rms_norm_eps(x.dtype, eps)
     dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
     xf = x.to(acc)
@@ -243,7 +248,7 @@ def rms_norm_backward(
     rstd: Tensor,
 ) -> tuple[Tensor, Tensor | None]:
     """Gradients ``(dx, dweight)`` of :func:`rms_norm`."""
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, x.device.type)
     k = len(normalized_shape)
     dims = tuple(range(x.dim() - k, x.dim()))
     rstd = rstd.reshape(list(x.shape[: x.dim() - k]) + [1] * k)
@@ -286,7 +291,7 @@ def group_norm(
 
     Returns ``(y, mean, rstd)``; ``mean`` and ``rstd`` have shape (N, G).
     """
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, x.device.type)
     xg = _grouped(x.to(acc), num_groups)
     mean, var = _moments(xg, (2,))  # one (mean, var) per (sample, group)
     rstd = torch.rsqrt(var + eps)
@@ -309,7 +314,7 @@ def group_norm_backward(
     rstd: Tensor,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Gradients ``(dx, dweight, dbias)`` of :func:`group_norm`."""
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, x.device.type)
     dyf = dy.to(acc)
     mean, rstd = mean.reshape(x.shape[0], num_groups, 1), rstd.reshape(x.shape[0], num_groups, 1)
     xhat_g = (_grouped(x.to(acc), num_groups) - mean) * rstd
@@ -351,7 +356,7 @@ def batch_norm(
 
     Returns ``(y, mean, rstd)``, each statistic of shape (C,).
     """
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, x.device.type)
     dims = [0] + list(range(2, x.dim()))
     xf = x.to(acc)
     if training:
@@ -362,7 +367,8 @@ def batch_norm(
             _update_running(running_mean, mean, momentum)
             _update_running(running_var, var * (n / max(n - 1, 1)), momentum)
     else:
-        mean, var = running_mean.to(acc), running_var.to(acc)
+        # copies: a later training step updates the buffers in place, and backward needs these values
+        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
     rstd = torch.rsqrt(var + eps)
     xhat = (xf - _channel_view(mean, x.dim(), acc)) * _channel_view(rstd, x.dim(), acc)
     y = _affine(xhat, _channel_view(weight, x.dim(), acc), _channel_view(bias, x.dim(), acc))
@@ -382,7 +388,7 @@ def batch_norm_backward(
     In training the statistics depend on x (the full normalize gradient); in eval they are
     constants and dx is just ``dy * weight * rstd``.
     """
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, x.device.type)
     dims = [0] + list(range(2, x.dim()))
     dyf = dy.to(acc)
     mean_v, rstd_v = _channel_view(mean, x.dim(), acc), _channel_view(rstd, x.dim(), acc)
@@ -427,7 +433,7 @@ def instance_norm(
     """
     if not use_input_stats:
         return batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, x.device.type)
     dims = tuple(range(2, x.dim()))
     xf = x.to(acc)
     mean, var = _moments(xf, dims)  # one (mean, var) per (sample, channel)
@@ -452,7 +458,7 @@ def instance_norm_backward(
     """Gradients ``(dx, dweight, dbias)`` of :func:`instance_norm`."""
     if not use_input_stats:
         return batch_norm_backward(dy, x, weight, mean, rstd, training=False)
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype, x.device.type)
     dims = tuple(range(2, x.dim()))
     dyf = dy.to(acc)
     stat_shape = list(x.shape[:2]) + [1] * len(dims)

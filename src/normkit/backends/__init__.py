@@ -7,7 +7,7 @@ lazily by name, so an optional dependency (numba, triton) is imported only when 
 Which backend runs a call, first match wins:
 
 1. the innermost :func:`use_backend` context, or the process-wide :func:`set_backend`;
-2. the ``NORMKIT_BACKEND`` environment variable (read when the first norm runs);
+2. the ``NORMKIT_BACKEND`` environment variable (read at each call, so it can change at run time);
 3. the default, ``"reference"``.
 
 A backend that cannot take a tensor (wrong device) hands it to the reference backend, which runs
@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_BACKEND",
     "ENV_VAR",
     "available_backends",
+    "current_backend_name",
     "get_backend",
     "register_backend",
     "registered_backends",
@@ -51,7 +52,8 @@ _context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:
-    """Register ``factory`` (called once, on first use) under ``name``."""
+    """Register ``factory`` (called once, on first use) under ``name`` (lower case)."""
+    name = name.strip().lower()
     _factories[name] = factory
     _instances.pop(name, None)
 
@@ -73,6 +75,8 @@ def registered_backends() -> list[str]:
 
 
 def _check_name(name: str) -> str:
+    """The registry key for ``name`` (case and surrounding spaces ignored), or a ValueError."""
+    name = name.strip().lower()
     if name not in _factories:
         raise ValueError(
             f"unknown normkit backend {name!r}; registered backends: {', '.join(registered_backends())}"
@@ -115,9 +119,14 @@ def set_backend(name: str | None) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[Backend]:
-    """Run the enclosed code with backend ``name``: ``with normkit.use_backend("torch"): ...``."""
-    backend = get_backend(name)
-    token = _context_choice.set(name)
+    """Run the enclosed code with backend ``name``: ``with normkit.use_backend("torch"): ...``.
+
+    Like ``torch.no_grad()``, this applies to the current thread (and asyncio task) only: threads
+    started inside the block use the process-wide choice. :func:`set_backend` covers every thread.
+    """
+    key = _check_name(name)
+    backend = get_backend(key)
+    token = _context_choice.set(key)
     try:
         yield backend
     finally:

@@ -23,6 +23,13 @@ def _same(args: tuple) -> tuple:
     return args
 
 
+def _input_stats_without_update(args: tuple) -> tuple | None:
+    """BatchNorm/InstanceNorm args ``(running_mean, running_var, use_batch_stats, ...)``: recompute
+    batch statistics without touching the running ones; None when the statistics are the (fixed)
+    running ones, which do not depend on x."""
+    return (None, None, *args[2:]) if args[2] else None
+
+
 @dataclass(frozen=True)
 class _Op:
     """One norm in the uniform calling convention of :class:`_Norm`."""
@@ -31,8 +38,9 @@ class _Op:
     forward: Callable
     #: ``backward(dy, x, weight, *stats, *args) -> (dx, dweight, [dbias])``
     backward: Callable
-    #: the ``args`` of a forward that recomputes statistics without updating running ones
-    no_update: Callable[[tuple], tuple] = _same
+    #: the ``args`` of a forward that recomputes x's statistics without updating running ones, or
+    #: None where the statistics are constants
+    recompute_args: Callable[[tuple], tuple | None] = _same
 
 
 class _Norm(torch.autograd.Function):
@@ -47,8 +55,9 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, *stats = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the statistics must be functions of x as well
-            _, *stats = ctx.op.forward(x, weight, None, *ctx.op.no_update(ctx.args))
+        recompute = ctx.op.recompute_args(ctx.args) if torch.is_grad_enabled() else None
+        if recompute is not None:  # create_graph: statistics computed from x must be differentiated too
+            _, *stats = ctx.op.forward(x, weight, None, *recompute)
         dx, dweight, *dbias = ctx.op.backward(dy, x, weight, *stats, *ctx.args)
         need_x, need_w, need_b = ctx.needs_input_grad[1:4]
         return (
@@ -58,11 +67,6 @@ class _Norm(torch.autograd.Function):
             dbias[0].to(ctx.bias_dtype) if need_b else None,
             *([None] * len(ctx.args)),
         )
-
-
-def _drop_running_if_input_stats(args: tuple) -> tuple:
-    """BatchNorm/InstanceNorm args ``(running_mean, running_var, use_batch_stats, ...)``."""
-    return (None, None, *args[2:]) if args[2] else args
 
 
 _LAYER_NORM = _Op(
@@ -82,7 +86,7 @@ _BATCH_NORM = _Op(
     backward=lambda dy, x, w, mean, rstd, rm, rv, training, momentum, eps: ref.batch_norm_backward(
         dy, x, w, mean, rstd, training
     ),
-    no_update=_drop_running_if_input_stats,
+    recompute_args=_input_stats_without_update,
 )
 _INSTANCE_NORM = _Op(
     forward=lambda x, w, b, rm, rv, use_input, momentum, eps: ref.instance_norm(
@@ -91,7 +95,7 @@ _INSTANCE_NORM = _Op(
     backward=lambda dy, x, w, mean, rstd, rm, rv, use_input, momentum, eps: ref.instance_norm_backward(
         dy, x, w, mean, rstd, use_input
     ),
-    no_update=_drop_running_if_input_stats,
+    recompute_args=_input_stats_without_update,
 )
 
 
