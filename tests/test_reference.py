@@ -214,11 +214,11 @@ def test_gradgradcheck_reference_backend(name):
         assert torch.autograd.gradgradcheck(fn, _gc_inputs(shape, c))
 
 
-# -- low precision: fp32 accumulation, output in the input dtype --------------------------------------
+# -- low precision: wide accumulation, output in the input dtype ----------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_input_is_computed_in_float32(dtype):
+def test_low_precision_input_is_computed_in_wide_precision_and_rounded_once(dtype):
     x64 = torch.randn(6, 257, **F64) * 3 + 2
     w64, b64 = torch.rand(257, **F64) + 0.5, torch.randn(257, **F64)
     x = x64.to(dtype)
@@ -227,3 +227,6 @@ def test_low_precision_input_is_computed_in_float32(dtype):
     assert y.dtype == dtype
     baseline = torch.nn.functional.layer_norm(x, (257,), w64.float(), b64.float())
     assert_close(y, truth, baseline=baseline)
+    # float32 parameters are exact in float64: y is the float64 result rounded once
+    truth32 = ref.layer_norm(x.double(), (257,), w64.float().double(), b64.float().double())[0]
+    assert torch.equal(y, truth32.to(dtype))

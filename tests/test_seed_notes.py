@@ -34,8 +34,8 @@ def test_group_norm_matches_torch():
     x = torch.rand(n, c, h, w) * 10
     ours, theirs = nkn.GroupNorm(num_groups=1, num_channels=c), torch.nn.GroupNorm(num_groups=1, num_channels=c)
     assert torch.allclose(theirs(x), ours(x), atol=1e-5)
-    # The notes' version misses by up to ~0.01 here: every channel of this input has the same
-    # distribution, so per-channel and per-group statistics nearly agree. See the test below.
+    # The notes' version misses by a few hundredths here: every channel of this input has the same
+    # distribution, so per-channel and per-group statistics nearly agree. See the last test below.
     assert (theirs(x) - _notes_group_norm(x, 1)).abs().max() > 1e-3
 
 

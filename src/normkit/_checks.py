@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+from .reference import LOW_PRECISION_DTYPES
 
 # Matching torch is relative to the installed version: where torch changed a check, follow it.
 _TORCH = TorchVersion(torch.__version__)
@@ -72,7 +72,7 @@ def parameter_dtypes(
     if defined[0] != x.dtype:
         if any(d != torch.float32 for d in defined):
             raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
-        if x.dtype not in _LOW_PRECISION:
+        if x.dtype not in LOW_PRECISION_DTYPES:
             raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
         return
     rest = defined[1:] if check_order is None else [d for d in map(_dtype, check_order) if d is not None]
@@ -159,8 +159,6 @@ def group_norm_args(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
             "Expected bias to be a vector of size equal to the number of channels in input, but got "
             f"bias of shape {bias_shape} and input of shape {_shape_list(x.shape)}"
         )
-
-
 
 
 def eps_for_batch_norm(eps: float, training: bool) -> None:

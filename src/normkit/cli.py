@@ -160,7 +160,9 @@ def _results_table(groups: list[_verify.GroupSummary]) -> Table:
         title="normkit verify", title_justify="left",
         caption=(
             "worst err/allowed: the largest |normkit - float64 truth| / allowed of any checked element "
-            "(passes when <= 1). Low-precision input runs with float32 parameters unless marked."
+            "(passes when <= 1), where allowed = atol + rtol*|truth| + 2*|torch - truth|; max error: that "
+            "check's largest |normkit - truth|; tolerance: the input dtype's atol/rtol. Low-precision "
+            "input runs with float32 parameters unless marked."
         ),
         caption_justify="left",
     )
@@ -170,15 +172,17 @@ def _results_table(groups: list[_verify.GroupSummary]) -> Table:
     table.add_column("device", overflow="fold")
     table.add_column("cases", justify="right", overflow="fold")
     table.add_column("checks", justify="right", overflow="fold")
+    table.add_column("tolerance", justify="right", overflow="fold")
     table.add_column("worst err/allowed", justify="right", overflow="fold")
+    table.add_column("max error", justify="right", overflow="fold")
     table.add_column("worst quantity", overflow="fold")
     table.add_column("result", overflow="fold")
     for g in groups:
         status = Text("pass", style="green") if g.ok else Text(
             f"FAIL {g.failed_cases}/{g.cases}", style="bold red"
         )
-        cells = (g.module, g.dtype, g.backend, g.device, str(g.cases), str(g.checks),
-                 _fmt_ratio(g.worst_ratio), g.worst_quantity)
+        cells = (g.module, g.dtype, g.backend, g.device, str(g.cases), str(g.checks), g.tolerance,
+                 _fmt_ratio(g.worst_ratio), _fmt_ratio(g.worst_error), g.worst_quantity)
         table.add_row(*(Text(c) for c in cells), status)  # Text: no markup in names
     return table
 

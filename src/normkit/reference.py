@@ -37,12 +37,15 @@ Parameter gradients are :math:`\partial L/\partial\gamma = \sum \partial L/\part
 :math:`\partial L/\partial\beta = \sum \partial L/\partial y`, summed over every axis the parameter does
 not run along. ``docs/backward.md`` gives the derivation.
 
-Numerics: statistics and arithmetic run in float32 for float16/bfloat16 input (as torch does) and in
-float64 for float32 and float64 input: an oracle must be more exact than what it checks, and in float32
-the rounding of a large mean alone (1e4 + N(0, 1): half an ulp of 1e4 is 5e-4) shifts every normalized
-value by more than torch's own error. The variance is computed in two passes (mean first, then the mean of squared
+Numerics: statistics and arithmetic run in float64 whatever the input's dtype (float32 on Apple's MPS,
+which has no float64), and outputs are rounded once, to the input's dtype. An oracle must be more exact
+than what it checks: with float32 arithmetic the rounding of a large mean alone (1e4 + N(0, 1): half an
+ulp of 1e4 is 5e-4) shifts every normalized value by more than torch's own error, and a float32 sum of
+many products leaves parameter gradients of float16/bfloat16 layers a few ulps from the truth. Fast
+backends accumulate in float32, as torch does; the test suite holds them to the float64 truth with a
+per-dtype tolerance. The variance is computed in two passes (mean first, then the mean of squared
 deviations), never as :math:`E[x^2] - E[x]^2`, which cancels catastrophically when |mean| >> std.
-Outputs are cast back to the input's dtype. Running statistics are updated in place, without autograd.
+Running statistics are updated in place, without autograd.
 
 This module holds math only: argument checking, layouts and dispatch live in :mod:`normkit.functional`.
 """
@@ -56,6 +59,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "LOW_PRECISION_DTYPES",
     "accumulation_dtype",
     "rms_norm_eps",
     "batch_norm",
@@ -76,14 +80,13 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 
-def accumulation_dtype(dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
-    """The precision the reference computes in: float32 for 16-bit data, float64 for wider data.
+#: the 16-bit float formats, which every norm accepts with float32 parameters
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
-    (Apple's MPS has no float64: float32 input is computed in float32 there.)
-    """
-    if dtype in (torch.float16, torch.bfloat16) or (device_type == "mps" and dtype == torch.float32):
-        return torch.float32
-    return torch.float64
+
+def accumulation_dtype(dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
+    """The precision the reference computes in: float64 (float32 on MPS, which has no float64)."""
+    return torch.float32 if device_type == "mps" else torch.float64
 
 
 def rms_norm_eps(dtype: torch.dtype, eps: float | None) -> float:

@@ -50,6 +50,7 @@ from torch import Tensor
 from . import backends as _backends
 from . import nn as _nn
 from .nn._compat import TORCH_HAS_BIAS_KWARG
+from .reference import LOW_PRECISION_DTYPES
 from .testing import compare, tolerance
 
 __all__ = [
@@ -87,7 +88,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 _FORMATS = {
     "contiguous": torch.contiguous_format,
@@ -133,7 +133,7 @@ class Case:
     def params_dtype(self) -> torch.dtype:
         if self.param_dtype is not None:
             return self.param_dtype
-        return torch.float32 if self.dtype in _LOW_PRECISION else self.dtype
+        return torch.float32 if self.dtype in LOW_PRECISION_DTYPES else self.dtype
 
     @property
     def mixed(self) -> bool:
@@ -143,7 +143,7 @@ class Case:
     def dtype_label(self) -> str:
         """The input dtype, with the parameter dtype when it differs from mixed precision's default."""
         name = dtype_name(self.dtype)
-        if self.dtype in _LOW_PRECISION and not self.mixed:
+        if self.dtype in LOW_PRECISION_DTYPES and not self.mixed:
             return f"{name} (params {name})"
         return name
 
@@ -492,7 +492,7 @@ def build_matrix(
                 for dtype in want_dtypes:
                     param_dtypes: list[torch.dtype | None] = [None]
                     pure = full or spec.pure_low_precision
-                    if pure and dtype in _LOW_PRECISION and _has_state(spec.module, kwargs):
+                    if pure and dtype in LOW_PRECISION_DTYPES and _has_state(spec.module, kwargs):
                         param_dtypes.append(dtype)
                     modes = _modes(spec.module, kwargs, full)
                     for param_dtype, fmt, train, dist, device, backend in itertools.product(
@@ -593,7 +593,7 @@ def _check(
                      f"shape {tuple(ours.shape)} != torch's {tuple(baseline.shape)}")
     if ours.dtype != baseline.dtype:
         notes.append(f"dtype {dtype_name(ours.dtype)} != torch's {dtype_name(baseline.dtype)}")
-    if layout and ours.numel() > 1 and ours.stride() != baseline.stride():
+    if layout and not _same_layout(ours, baseline):
         notes.append(f"strides {ours.stride()} != torch's {baseline.stride()}")
     if ours.dtype in (torch.int64, torch.int32):  # num_batches_tracked: exact
         equal = torch.equal(ours.cpu(), baseline.cpu()) and torch.equal(ours.cpu(), truth.cpu())
@@ -613,6 +613,11 @@ def _check(
             notes.append("NaN/Inf at different places than the truth")
     return Check(quantity, result.max_error, result.allowed, result.ok and not notes, ratio,
                  "; ".join(notes), torch_err)
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same memory layout: equal strides along every dim of size > 1 (a size-1 dim's is arbitrary)."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True) if n > 1)
 
 
 def _run(case: Case) -> tuple[list[Check], str]:
@@ -670,10 +675,12 @@ def _run(case: Case) -> tuple[list[Check], str]:
         _check("output", o.output, t.output, b.output, dt, layout=True),
         _check("grad_input", o.grad_input, t.grad_input, b.grad_input, dt),
     ]
+    # parameter gradients and running statistics are judged in their own dtype (float32 with
+    # low-precision input), not the input's
     for name in sorted(set(b.grads) | set(o.grads)):
-        checks.append(_check(f"grad_{name}", o.grads.get(name), t.grads.get(name), b.grads.get(name), dt))
+        checks.append(_check(f"grad_{name}", o.grads.get(name), t.grads.get(name), b.grads.get(name), pdt))
     for name in sorted(set(b.buffers) | set(o.buffers)):
-        checks.append(_check(name, o.buffers.get(name), t.buffers.get(name), b.buffers.get(name), dt))
+        checks.append(_check(name, o.buffers.get(name), t.buffers.get(name), b.buffers.get(name), pdt))
     return checks, executed_by
 
 
@@ -742,6 +749,10 @@ class GroupSummary:
     worst_ratio: float = 0.0
     worst_quantity: str = ""
     worst_case: str = ""
+    #: the worst check's largest |normkit - truth|
+    worst_error: float = 0.0
+    #: the input dtype's tolerance, as "atol/rtol"
+    tolerance: str = ""
     seconds: float = 0.0
 
     @property
@@ -750,7 +761,8 @@ class GroupSummary:
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["worst_ratio"] = _json_number(self.worst_ratio)
+        for k in ("worst_ratio", "worst_error"):
+            d[k] = _json_number(d[k])
         d["ok"] = self.ok
         return d
 
@@ -764,7 +776,8 @@ def summarize(results: Sequence[CaseResult]) -> list[GroupSummary]:
         key = (c.module, c.dtype_label, c.backend, c.device)
         g = groups.get(key)
         if g is None:
-            g = groups[key] = GroupSummary(*key)
+            tol = tolerance(c.dtype)
+            g = groups[key] = GroupSummary(*key, tolerance=f"{tol.atol:.2g}/{tol.rtol:.2g}")
             first[key] = c
         g.cases += 1
         g.checks += len(r.checks)
@@ -776,13 +789,14 @@ def summarize(results: Sequence[CaseResult]) -> list[GroupSummary]:
             g.worst_ratio = ratio
             g.worst_quantity = "exception" if r.error else (r.worst.quantity if r.worst else "")
             g.worst_case = c.id
+            g.worst_error = r.worst.max_error if r.worst and not r.error else math.nan
     dtype_order = list(DTYPES.values())
 
     def order(g: GroupSummary) -> tuple:
         c = first[(g.module, g.dtype, g.backend, g.device)]
         return (MODULES.index(c.module) if c.module in MODULES else len(MODULES), c.module,
                 dtype_order.index(c.dtype) if c.dtype in dtype_order else len(dtype_order),
-                not c.mixed and c.dtype in _LOW_PRECISION, c.device, c.backend)
+                not c.mixed and c.dtype in LOW_PRECISION_DTYPES, c.device, c.backend)
 
     return sorted(groups.values(), key=order)
 
