@@ -169,3 +169,34 @@ def test_gradcheck_variants(name, backend):
     if backend == "torch" and bias_without_weight:
         return  # torch 2.13 bug: batch_norm's double backward with bias but no weight is wrong
     assert torch.autograd.gradgradcheck(call, inputs)
+
+
+@pytest.mark.parametrize(
+    "name,args,sample_shape,eval_mode",
+    [
+        ("LayerNorm", (6,), (3, 6), False),
+        ("RMSNorm", (6,), (3, 6), False),
+        ("GroupNorm", (2, 4), (4, 5), False),
+        ("BatchNorm1d", (4,), (4, 5), True),
+        ("InstanceNorm1d", (4,), (4, 5), False),
+    ],
+)
+def test_per_sample_gradients_with_torch_func(name, args, sample_shape, eval_mode, backend):
+    """vmap(grad(...)) over samples, the torch.func recipe for per-sample gradients, as with torch.nn."""
+    from torch.func import functional_call, grad, vmap
+
+    ours, theirs = _pair(name, *args, **({"affine": True} if name.startswith("Instance") else {}))
+    if eval_mode:
+        ours.eval(), theirs.eval()
+    x = torch.randn(8, *sample_shape) * 2 + 1
+    results = []
+    for m in (ours, theirs):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+
+        def loss(p, sample, m=m):
+            return functional_call(m, p, (sample.unsqueeze(0),)).pow(3).sum()
+
+        results.append(vmap(grad(loss), in_dims=(None, 0))(params, x))
+    assert results[0].keys() == results[1].keys()
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-4)

@@ -44,16 +44,29 @@ class _Op:
 
 
 class _Norm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, op: _Op, x: Tensor, weight, bias, *args: Any) -> Tensor:
-        y, *stats = op.forward(x, weight, bias, *args)
-        ctx.op, ctx.args = op, args
-        ctx.bias_dtype = None if bias is None else bias.dtype  # bias itself is not needed by backward
-        ctx.save_for_backward(x, weight, *stats)
-        return y
+    """Returns ``(y, *stats)``; the statistics are non-differentiable outputs (see :func:`_apply`).
+
+    forward/setup_context are split, and the vmap rule generated, so that torch.func's transforms
+    (``grad``, ``vmap`` over ``grad`` for per-sample gradients) work as they do on torch's norms.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, dy: Tensor):
+    def forward(op: _Op, x: Tensor, weight, bias, *args: Any) -> tuple[Tensor, ...]:
+        return tuple(op.forward(x, weight, bias, *args))
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+        op, x, weight, bias, *args = inputs
+        y, *stats = output
+        ctx.op, ctx.args = op, tuple(args)
+        ctx.bias_dtype = None if bias is None else bias.dtype  # bias itself is not needed by backward
+        ctx.mark_non_differentiable(*stats)
+        ctx.save_for_backward(x, weight, *stats)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, *unused_stat_grads: Tensor):
         x, weight, *stats = ctx.saved_tensors
         recompute = ctx.op.recompute_args(ctx.args) if torch.is_grad_enabled() else None
         if recompute is not None:  # create_graph: statistics computed from x must be differentiated too
@@ -99,24 +112,28 @@ _INSTANCE_NORM = _Op(
 )
 
 
+def _apply(op: _Op, x: Tensor, weight: Tensor | None, bias: Tensor | None, *args: Any) -> Tensor:
+    return _Norm.apply(op, x, weight, bias, *args)[0]
+
+
 class ReferenceBackend(Backend):
     """Readable torch-op implementation of every norm; runs on any device and dtype torch supports."""
 
     name = "reference"
 
     def layer_norm(self, x, normalized_shape, weight, bias, eps):
-        return _Norm.apply(_LAYER_NORM, x, weight, bias, tuple(normalized_shape), eps)
+        return _apply(_LAYER_NORM, x, weight, bias, tuple(normalized_shape), eps)
 
     def rms_norm(self, x, normalized_shape, weight, eps):
-        return _Norm.apply(_RMS_NORM, x, weight, None, tuple(normalized_shape), eps)
+        return _apply(_RMS_NORM, x, weight, None, tuple(normalized_shape), eps)
 
     def group_norm(self, x, num_groups, weight, bias, eps):
-        return _Norm.apply(_GROUP_NORM, x, weight, bias, num_groups, eps)
+        return _apply(_GROUP_NORM, x, weight, bias, num_groups, eps)
 
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
-        return _Norm.apply(_BATCH_NORM, x, weight, bias, running_mean, running_var, training, momentum, eps)
+        return _apply(_BATCH_NORM, x, weight, bias, running_mean, running_var, training, momentum, eps)
 
     def instance_norm(self, x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
-        return _Norm.apply(
+        return _apply(
             _INSTANCE_NORM, x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps
         )
