@@ -146,15 +146,17 @@ def group_norm_args(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
             "Expected number of channels in input to be divisible by num_groups, but got input of "
             f"shape {_shape_list(x.shape)} and num_groups={num_groups}"
         )
-    weight_shape = _shape_list(weight.shape) if weight is not None else "[0]"
-    # torch < 2.14 prints the *weight's* shape in the bias message ([0] when weight is None)
-    bias_shape = _shape_list(bias.shape) if _GN_BIAS_MESSAGE_SHOWS_BIAS and bias is not None else weight_shape
     if weight is not None and (weight.dim() != 1 or weight.numel() != channels):
         raise RuntimeError(
             "Expected weight to be a vector of size equal to the number of channels in input, but got "
-            f"weight of shape {weight_shape} and input of shape {_shape_list(x.shape)}"
+            f"weight of shape {_shape_list(weight.shape)} and input of shape {_shape_list(x.shape)}"
         )
     if bias is not None and (bias.dim() != 1 or bias.numel() != channels):
+        # torch < 2.14 prints the *weight's* shape here ([0] when weight is None)
+        if _GN_BIAS_MESSAGE_SHOWS_BIAS:
+            bias_shape = _shape_list(bias.shape)
+        else:
+            bias_shape = "[0]" if weight is None else _shape_list(weight.shape)
         raise RuntimeError(
             "Expected bias to be a vector of size equal to the number of channels in input, but got "
             f"bias of shape {bias_shape} and input of shape {_shape_list(x.shape)}"

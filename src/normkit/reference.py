@@ -84,9 +84,10 @@ __all__ = [
 LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def accumulation_dtype(dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
-    """The precision the reference computes in: float64 (float32 on MPS, which has no float64)."""
-    return torch.float32 if device_type == "mps" else torch.float64
+def accumulation_dtype(x: Tensor) -> torch.dtype:
+    """The precision the reference computes ``x`` in, whatever its dtype: float64 (float32 on MPS,
+    which has no float64)."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
 
 
 def rms_norm_eps(dtype: torch.dtype, eps: float | None) -> float:
@@ -177,7 +178,7 @@ def layer_norm(
 
     Returns ``(y, mean, rstd)``; ``mean`` and ``rstd`` have the leading shape ``x.shape[:-k]``.
     """
-    acc = accumulation_dtype(x.dtype, x.device.type)
+    acc = accumulation_dtype(x)
     dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
     xf = x.to(acc)
     mean, var = _moments(xf, dims)  # one (mean, var) per row
@@ -197,7 +198,7 @@ def layer_norm_backward(
     rstd: Tensor,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Gradients ``(dx, dweight, dbias)`` of :func:`layer_norm` (``dweight`` is None without weight)."""
-    acc = accumulation_dtype(x.dtype, x.device.type)
+    acc = accumulation_dtype(x)
     k = len(normalized_shape)
     dims = tuple(range(x.dim() - k, x.dim()))
     stat_shape = list(x.shape[: x.dim() - k]) + [1] * k
@@ -233,7 +234,7 @@ def rms_norm(
 
     Returns ``(y, rstd)`` with ``rstd`` of the leading shape ``x.shape[:-k]``.
     """
-    acc = accumulation_dtype(x.dtype, x.device.type)
+    acc = accumulation_dtype(x)
     eps = rms_norm_eps(x.dtype, eps)
     dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
     xf = x.to(acc)
@@ -251,7 +252,7 @@ def rms_norm_backward(
     rstd: Tensor,
 ) -> tuple[Tensor, Tensor | None]:
     """Gradients ``(dx, dweight)`` of :func:`rms_norm`."""
-    acc = accumulation_dtype(x.dtype, x.device.type)
+    acc = accumulation_dtype(x)
     k = len(normalized_shape)
     dims = tuple(range(x.dim() - k, x.dim()))
     rstd = rstd.reshape(list(x.shape[: x.dim() - k]) + [1] * k)
@@ -294,7 +295,7 @@ def group_norm(
 
     Returns ``(y, mean, rstd)``; ``mean`` and ``rstd`` have shape (N, G).
     """
-    acc = accumulation_dtype(x.dtype, x.device.type)
+    acc = accumulation_dtype(x)
     xg = _grouped(x.to(acc), num_groups)
     mean, var = _moments(xg, (2,))  # one (mean, var) per (sample, group)
     rstd = torch.rsqrt(var + eps)
@@ -317,7 +318,7 @@ def group_norm_backward(
     rstd: Tensor,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Gradients ``(dx, dweight, dbias)`` of :func:`group_norm`."""
-    acc = accumulation_dtype(x.dtype, x.device.type)
+    acc = accumulation_dtype(x)
     dyf = dy.to(acc)
     mean, rstd = mean.reshape(x.shape[0], num_groups, 1), rstd.reshape(x.shape[0], num_groups, 1)
     xhat_g = (_grouped(x.to(acc), num_groups) - mean) * rstd
@@ -359,7 +360,7 @@ def batch_norm(
 
     Returns ``(y, mean, rstd)``, each statistic of shape (C,).
     """
-    acc = accumulation_dtype(x.dtype, x.device.type)
+    acc = accumulation_dtype(x)
     dims = [0] + list(range(2, x.dim()))
     xf = x.to(acc)
     if training:
@@ -391,7 +392,7 @@ def batch_norm_backward(
     In training the statistics depend on x (the full normalize gradient); in eval they are
     constants and dx is just ``dy * weight * rstd``.
     """
-    acc = accumulation_dtype(x.dtype, x.device.type)
+    acc = accumulation_dtype(x)
     dims = [0] + list(range(2, x.dim()))
     dyf = dy.to(acc)
     mean_v, rstd_v = _channel_view(mean, x.dim(), acc), _channel_view(rstd, x.dim(), acc)
@@ -436,7 +437,7 @@ def instance_norm(
     """
     if not use_input_stats:
         return batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
-    acc = accumulation_dtype(x.dtype, x.device.type)
+    acc = accumulation_dtype(x)
     dims = tuple(range(2, x.dim()))
     xf = x.to(acc)
     mean, var = _moments(xf, dims)  # one (mean, var) per (sample, channel)
@@ -461,7 +462,7 @@ def instance_norm_backward(
     """Gradients ``(dx, dweight, dbias)`` of :func:`instance_norm`."""
     if not use_input_stats:
         return batch_norm_backward(dy, x, weight, mean, rstd, training=False)
-    acc = accumulation_dtype(x.dtype, x.device.type)
+    acc = accumulation_dtype(x)
     dims = tuple(range(2, x.dim()))
     dyf = dy.to(acc)
     stat_shape = list(x.shape[:2]) + [1] * len(dims)
