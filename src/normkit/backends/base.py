@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -63,6 +64,35 @@ class Backend:
         eps: float,
     ) -> Tensor:
         raise NotImplementedError
+
+    # Fused ops. The defaults compose the norms above (one extra pass over memory each); a backend
+    # with its own kernels overrides them with one-pass versions that give the same results.
+
+    def fused_add_rms_norm(
+        self, x: Tensor, residual: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float | None
+    ) -> tuple[Tensor, Tensor]:
+        """``h = x + residual`` (rounded to x's dtype), then ``(rms_norm(h), h)``."""
+        h = x + residual
+        return self.rms_norm(h, normalized_shape, weight, eps), h
+
+    def fused_add_layer_norm(
+        self,
+        x: Tensor,
+        residual: Tensor,
+        normalized_shape: Sequence[int],
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> tuple[Tensor, Tensor]:
+        """``h = x + residual`` (rounded to x's dtype), then ``(layer_norm(h), h)``."""
+        h = x + residual
+        return self.layer_norm(h, normalized_shape, weight, bias, eps), h
+
+    def group_norm_silu(
+        self, x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> Tensor:
+        """``silu(group_norm(x))``."""
+        return torch.nn.functional.silu(self.group_norm(x, num_groups, weight, bias, eps))
 
     def __repr__(self) -> str:
         return f"<normkit backend {self.name!r}>"
