@@ -23,13 +23,37 @@ def _clean_selection(monkeypatch):
     backends.set_backend(None)
 
 
-def test_reference_is_the_default():
-    assert backends.current_backend_name() == "reference"
-    assert normkit.get_backend().name == "reference"
+def test_auto_is_the_default_and_picks_the_cpu_kernels_for_cpu_tensors():
+    assert backends.current_backend_name() == "auto"
+    assert normkit.get_backend().name == "cpu"
+    assert backends.resolve(torch.randn(2, 3)).name == "cpu"
+    assert backends.resolve(torch.randn(2, 3, dtype=torch.complex64)).name == "reference"
+    assert backends.resolve(torch.randn(2, 3, device="meta")).name == "reference"
 
 
-def test_available_backends_include_reference_and_torch():
-    assert {"reference", "torch"} <= set(normkit.available_backends())
+def test_auto_can_be_selected_by_name(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    with normkit.use_backend("AUTO"):
+        assert backends.resolve(torch.randn(2, 3)).name == "cpu"
+
+
+def test_auto_skips_a_backend_that_cannot_be_built(monkeypatch):
+    def broken():
+        raise ImportError("no compiler here")
+
+    monkeypatch.setitem(backends._factories, "broken", broken)
+    monkeypatch.setitem(backends.DEVICE_DEFAULTS, "cpu", ("broken", "cpu"))
+    assert backends.resolve(torch.randn(2)).name == "cpu"
+    assert "broken" not in normkit.available_backends()
+    with pytest.raises(ImportError, match="no compiler here"):
+        normkit.get_backend("broken")
+    monkeypatch.setitem(backends.DEVICE_DEFAULTS, "cpu", ("broken",))
+    assert backends.resolve(torch.randn(2)).name == "reference"
+    backends._failures.pop("broken", None)
+
+
+def test_available_backends_include_reference_torch_and_cpu():
+    assert {"reference", "torch", "cpu"} <= set(normkit.available_backends())
 
 
 def test_environment_variable_selects(monkeypatch):
@@ -51,7 +75,7 @@ def test_use_backend_nests_and_restores():
         with normkit.use_backend("reference"):
             assert normkit.get_backend().name == "reference"
         assert normkit.get_backend().name == "torch"
-    assert normkit.get_backend().name == "reference"
+    assert backends.current_backend_name() == "auto"
 
 
 @pytest.mark.parametrize("select", ["set", "use", "get"])

@@ -2,16 +2,19 @@
 
 A backend implements the five norms *after* argument checking, with the signatures of the ATen ops
 (``torch.layer_norm``, ``torch.batch_norm``, ...): see :class:`Backend`. Backends are registered
-lazily by name, so an optional dependency (numba, triton) is imported only when its backend is used.
+lazily by name, so a backend's dependencies (a C compiler, triton) are needed only when it is used.
 
 Which backend runs a call, first match wins:
 
 1. the innermost :func:`use_backend` context, or the process-wide :func:`set_backend`;
 2. the ``NORMKIT_BACKEND`` environment variable (read at each call, so it can change at run time);
-3. the default, ``"reference"``.
+3. the default, ``"auto"``: the fastest backend available for the tensor's device
+   (:data:`DEVICE_DEFAULTS`: ``"cpu"``, normkit's C kernels, for CPU tensors), else ``"reference"``.
 
-A backend that cannot take a tensor (wrong device) hands it to the reference backend, which runs
-everywhere torch does. An unknown name is a :class:`ValueError` that lists the known ones.
+A backend that cannot take a tensor (wrong device or dtype) hands it to the reference backend, which
+runs everywhere torch does. An unknown name is a :class:`ValueError` that lists the known ones. A
+backend whose dependencies are missing raises :class:`ImportError` when selected by name, and is
+skipped by ``"auto"``.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ from torch import Tensor
 from .base import Backend
 
 __all__ = [
+    "AUTO",
     "Backend",
     "DEFAULT_BACKEND",
+    "DEVICE_DEFAULTS",
+    "default_backend",
     "ENV_VAR",
     "available_backends",
     "current_backend_name",
@@ -41,10 +47,15 @@ __all__ = [
 ]
 
 ENV_VAR = "NORMKIT_BACKEND"
-DEFAULT_BACKEND = "reference"
+#: the pseudo-backend that picks per device, from :data:`DEVICE_DEFAULTS`
+AUTO = "auto"
+DEFAULT_BACKEND = AUTO
+#: per device type, the backends ``"auto"`` tries in order before falling back to the reference
+DEVICE_DEFAULTS: dict[str, tuple[str, ...]] = {"cpu": ("cpu",)}
 
 _factories: dict[str, Callable[[], Backend]] = {}
 _instances: dict[str, Backend] = {}
+_failures: dict[str, ImportError] = {}  # a backend that could not be built is not retried each call
 _process_choice: str | None = None
 _context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "normkit_backend", default=None
@@ -56,6 +67,7 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     name = name.strip().lower()
     _factories[name] = factory
     _instances.pop(name, None)
+    _failures.pop(name, None)
 
 
 def _lazy(module: str, attr: str) -> Callable[[], Backend]:
@@ -67,6 +79,7 @@ def _lazy(module: str, attr: str) -> Callable[[], Backend]:
 
 register_backend("reference", _lazy(".reference", "ReferenceBackend"))
 register_backend("torch", _lazy(".torch_ops", "TorchBackend"))
+register_backend("cpu", _lazy(".cpu", "CpuBackend"))
 
 
 def registered_backends() -> list[str]:
@@ -77,20 +90,41 @@ def registered_backends() -> list[str]:
 def _check_name(name: str) -> str:
     """The registry key for ``name`` (case and surrounding spaces ignored), or a ValueError."""
     name = name.strip().lower()
-    if name not in _factories:
+    if name != AUTO and name not in _factories:
         raise ValueError(
             f"unknown normkit backend {name!r}; registered backends: {', '.join(registered_backends())}"
+            f" (or {AUTO!r})"
         )
     return name
 
 
 def get_backend(name: str | None = None) -> Backend:
-    """The backend instance called ``name`` (default: the one currently selected)."""
+    """The backend instance called ``name`` (default: the one currently selected; ``"auto"`` gives
+    the default for CPU tensors)."""
     name = _check_name(name if name is not None else current_backend_name())
+    if name == AUTO:
+        return default_backend("cpu")
     backend = _instances.get(name)
     if backend is None:
-        backend = _instances[name] = _factories[name]()
+        if name in _failures:
+            raise _failures[name]
+        try:
+            backend = _instances[name] = _factories[name]()
+        except ImportError as exc:
+            _failures[name] = exc
+            raise
     return backend
+
+
+def default_backend(device_type: str) -> Backend:
+    """What ``"auto"`` runs on ``device_type``: the first available of :data:`DEVICE_DEFAULTS`, else
+    the reference."""
+    for name in DEVICE_DEFAULTS.get(device_type, ()):
+        try:
+            return get_backend(name)
+        except ImportError:
+            continue
+    return get_backend("reference")
 
 
 def available_backends() -> list[str]:
@@ -106,13 +140,15 @@ def available_backends() -> list[str]:
 
 
 def current_backend_name() -> str:
-    """The name selected by context, process setting, environment or default (in that order)."""
+    """The name selected by context, process setting, environment or default (in that order);
+    ``"auto"`` when nothing was selected."""
     name = _context_choice.get() or _process_choice or os.environ.get(ENV_VAR) or DEFAULT_BACKEND
     return name.strip().lower()
 
 
 def set_backend(name: str | None) -> None:
-    """Select the backend for this process; ``None`` returns to ``NORMKIT_BACKEND``/the default."""
+    """Select the backend for this process (a name or ``"auto"``); ``None`` returns to
+    ``NORMKIT_BACKEND``/the default."""
     global _process_choice
     _process_choice = None if name is None else _check_name(name)
 
@@ -134,8 +170,10 @@ def use_backend(name: str) -> Iterator[Backend]:
 
 
 def resolve(x: Tensor) -> Backend:
-    """The backend that runs a norm on ``x``: the selected one, or the reference if it can't."""
-    backend = get_backend()
+    """The backend that runs a norm on ``x``: the selected one (per device for ``"auto"``), or the
+    reference if it can't."""
+    name = current_backend_name()
+    backend = default_backend(x.device.type) if name == AUTO else get_backend(name)
     if backend.supports(x):
         return backend
     return get_backend("reference")

@@ -1,0 +1,280 @@
+"""The ``cpu`` backend: normkit's C kernels (:mod:`.kernels`) under autograd.
+
+Each norm is one :class:`torch.autograd.Function` whose forward runs one kernel and saves only what
+the backward kernel needs: the input (for the fused add, the sum ``h`` instead) and per-row or
+per-group statistics in float32 (float64 for float64 data) — never a float32 copy of a bfloat16
+activation, never the output. Running statistics are updated in place from the batch statistics
+the kernel returns.
+
+What the kernels do not cover goes to the reference backend, unchanged in meaning: empty tensors,
+tensors under torch.func transforms (vmap/grad wrappers have no data pointer), and double backward
+(``create_graph=True``), whose backward must itself be differentiable — there the backward is the
+reference's formula in torch ops, with statistics recomputed from the saved input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ... import reference as ref
+from ..base import Backend
+from . import kernels as K
+
+__all__ = ["CpuBackend"]
+
+
+# --------------------------------------------------------------------------------------------------
+# layouts
+# --------------------------------------------------------------------------------------------------
+
+
+def _channel_layout(x: Tensor, per_channel: bool) -> tuple[Tensor, tuple[int, int, int], bool]:
+    """x (N, C, *) as ``(tensor, (N, C, S), channels_last)``: channels-first if contiguous, else
+    channels-last if the channel dim is innermost and dense, else a contiguous copy.
+
+    ``per_channel`` (BatchNorm: statistics over every sample) lets a 2-D (N, C) input be seen as one
+    sample of N positions, channels-last, instead of N*C runs of length 1."""
+    n, c = x.shape[0], x.shape[1]
+    s = math.prod(x.shape[2:])
+    if x.dim() == 2 and per_channel:
+        return x.contiguous(), (1, c, n), True
+    if x.is_contiguous():
+        return x, (n, c, s), False
+    if x.movedim(1, -1).is_contiguous():
+        return x, (n, c, s), True
+    return x.contiguous(), (n, c, s), False
+
+
+def _like_layout(t: Tensor, x: Tensor, nhwc: bool) -> Tensor:
+    """``t`` (same shape as x) in the layout the kernel sees x in."""
+    if not nhwc or x.dim() == 2:
+        return t.contiguous()
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def _wrapped(*tensors: Tensor | None) -> bool:
+    """Whether any tensor is a torch.func wrapper (no storage of its own for a kernel to read)."""
+    check = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and check(t) for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------------
+# row norms: LayerNorm, RMSNorm, and the fused residual adds
+# --------------------------------------------------------------------------------------------------
+
+
+def _row_backward_differentiable(dy, h, weight, shape, eps, rms):
+    """The reference backward in torch ops, statistics recomputed from h (for create_graph)."""
+    if rms:
+        _, rstd = ref.rms_norm(h, shape, weight, eps)
+        dx, dw = ref.rms_norm_backward(dy, h, shape, weight, rstd)
+        return dx, dw, None
+    _, mean, rstd = ref.layer_norm(h, shape, weight, None, eps)
+    return ref.layer_norm_backward(dy, h, shape, weight, mean, rstd)
+
+
+class _RowNorm(torch.autograd.Function):
+    """y = LayerNorm/RMSNorm(x) or, with a residual, (y, h) = (norm(x + residual), x + residual)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, shape, eps, rms):
+        n = math.prod(shape)
+        xc = x.contiguous()
+        rc = residual.contiguous() if residual is not None else None
+        y, h, rstd = K.row_forward(xc, rc, weight, bias, n, eps, rms)
+        ctx.shape, ctx.eps, ctx.rms, ctx.fused = shape, eps, rms, residual is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(h if h is not None else xc, weight, rstd)
+        if h is None:
+            return y
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        h, weight, rstd = ctx.saved_tensors
+        need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # create_graph: a differentiable backward
+            dx, dw, db = _row_backward_differentiable(dy, h, weight, ctx.shape, ctx.eps, ctx.rms)
+            if dh is not None:
+                dx = dx + dh
+        else:
+            dx, dw, db = K.row_backward(
+                dy.contiguous(), h, None if dh is None else dh.contiguous(), weight, rstd,
+                math.prod(ctx.shape), ctx.rms, need_w, need_b and not ctx.rms,
+            )
+        dw = dw.view(weight.shape).to(weight.dtype) if need_w else None
+        db = db.view(ctx.shape).to(ctx.bias_dtype) if need_b else None
+        dx_out = dx if need_x else None
+        dres = dx if (ctx.fused and need_r) else None
+        return dx_out, dres, dw, db, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# channel norms: BatchNorm, InstanceNorm, GroupNorm (+ SiLU)
+# --------------------------------------------------------------------------------------------------
+
+
+class _ChanNorm(torch.autograd.Function):
+    """One kernel call for BatchNorm (``groups == 0``) and GroupNorm/InstanceNorm (``groups > 0``).
+
+    Returns ``(y, mean, var)``: the float64 batch statistics (non-differentiable) for the caller's
+    running-statistics update."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first):
+        xk, dims, nhwc = _channel_layout(x, per_channel=groups == 0)
+        if nhwc and out_channels_first and x.dim() > 2:  # InstanceNorm's output is channels-first
+            y, out_nhwc = torch.empty(x.shape, dtype=x.dtype), False
+        else:
+            y, out_nhwc = torch.empty_like(xk), nhwc
+        mean, rstd, var = K.chan_forward(
+            xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps, silu
+        )
+        ctx.groups, ctx.silu, ctx.eps = groups, silu, eps
+        ctx.train = fixed_mean is None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        # the bias is needed only to recompute SiLU's input
+        ctx.save_for_backward(xk, weight, bias if silu else None, mean, rstd)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        xk, weight, bias, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            dx, dw, db = _chan_backward_differentiable(ctx, dy, xk, weight, bias, mean, rstd)
+        else:
+            xk2, dims, nhwc = _channel_layout(xk, per_channel=ctx.groups == 0)
+            dx, dw, db = K.chan_backward(
+                _like_layout(dy, xk2, nhwc), xk2, dims, nhwc, ctx.groups, weight, bias, mean, rstd,
+                ctx.train, ctx.silu, need_w, need_b,
+            )
+        return (
+            dx if need_x else None,
+            dw.to(weight.dtype) if need_w else None,
+            db.to(ctx.bias_dtype) if need_b else None,
+            None, None, None, None, None, None,
+        )
+
+
+def _chan_backward_differentiable(ctx, dy, x, weight, bias, mean, rstd):
+    """Reference formulas in torch ops (create_graph), statistics recomputed from x when they depend on it."""
+    groups = ctx.groups
+    if ctx.silu:
+        _, m, r = ref.group_norm(x, groups, weight, bias, ctx.eps)
+        z = ref.group_norm(x, groups, weight, bias, ctx.eps)[0].to(ref.accumulation_dtype(x))
+        s = torch.sigmoid(z)
+        dz = (dy.to(z.dtype) * s * (1 + z * (1 - s))).to(x.dtype)
+        dx, dw, db = ref.group_norm_backward(dz, x, groups, weight, m, r)
+        return dx, dw, db
+    if groups > 0:
+        if x.shape[1] == groups and x.dim() > 2:  # InstanceNorm with input statistics
+            _, m, r = ref.instance_norm(x, None, None, weight, None, True, 0.0, ctx.eps)
+            return ref.instance_norm_backward(dy, x, weight, m, r, True)
+        _, m, r = ref.group_norm(x, groups, weight, None, ctx.eps)
+        return ref.group_norm_backward(dy, x, groups, weight, m, r)
+    if ctx.train:
+        _, m, r = ref.batch_norm(x, None, None, weight, None, True, 0.0, ctx.eps)
+        return ref.batch_norm_backward(dy, x, weight, m, r, True)
+    return ref.batch_norm_backward(dy, x, weight, mean, rstd, False)
+
+
+@torch.no_grad()
+def _update_running(running: Tensor | None, batch_stat: Tensor, momentum: float) -> None:
+    if running is not None:
+        running.copy_(running.to(torch.float64) * (1.0 - momentum) + batch_stat * momentum)
+
+
+# --------------------------------------------------------------------------------------------------
+# the backend
+# --------------------------------------------------------------------------------------------------
+
+
+class CpuBackend(Backend):
+    """normkit's own multi-threaded C kernels for CPU tensors (float32, float64, bfloat16, float16)."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        K.ensure_loaded()  # a BuildError (an ImportError) here makes the backend unavailable
+        from ..reference import ReferenceBackend
+
+        self._reference = ReferenceBackend()
+
+    def supports(self, x: Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype in K.SUPPORTED_DTYPES
+
+    def _fallback(self, *tensors: Tensor | None) -> bool:
+        x = tensors[0]
+        return x.numel() == 0 or _wrapped(*tensors)
+
+    # row norms
+
+    def layer_norm(self, x, normalized_shape, weight, bias, eps):
+        if self._fallback(x, weight, bias):
+            return self._reference.layer_norm(x, normalized_shape, weight, bias, eps)
+        return _RowNorm.apply(x, None, weight, bias, tuple(normalized_shape), eps, False)
+
+    def rms_norm(self, x, normalized_shape, weight, eps):
+        if self._fallback(x, weight):
+            return self._reference.rms_norm(x, normalized_shape, weight, eps)
+        return _RowNorm.apply(x, None, weight, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True)
+
+    def fused_add_rms_norm(self, x, residual, normalized_shape, weight, eps):
+        if self._fallback(x, residual, weight):
+            return self._reference.fused_add_rms_norm(x, residual, normalized_shape, weight, eps)
+        return _RowNorm.apply(
+            x, residual, weight, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True
+        )
+
+    def fused_add_layer_norm(self, x, residual, normalized_shape, weight, bias, eps):
+        if self._fallback(x, residual, weight, bias):
+            return self._reference.fused_add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
+        return _RowNorm.apply(x, residual, weight, bias, tuple(normalized_shape), eps, False)
+
+    # channel norms
+
+    def group_norm(self, x, num_groups, weight, bias, eps):
+        if self._fallback(x, weight, bias):
+            return self._reference.group_norm(x, num_groups, weight, bias, eps)
+        return _ChanNorm.apply(x, weight, bias, num_groups, None, None, eps, False, False)[0]
+
+    def group_norm_silu(self, x, num_groups, weight, bias, eps):
+        if self._fallback(x, weight, bias):
+            return self._reference.group_norm_silu(x, num_groups, weight, bias, eps)
+        return _ChanNorm.apply(x, weight, bias, num_groups, None, None, eps, True, False)[0]
+
+    def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
+        if self._fallback(x, weight, bias, running_mean, running_var):
+            return self._reference.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        if not training:
+            return self._fixed_stats(x, running_mean, running_var, weight, bias, eps)
+        y, mean, var = _ChanNorm.apply(x, weight, bias, 0, None, None, eps, False, False)
+        count = x.numel() // x.shape[1]
+        _update_running(running_mean, mean, momentum)
+        _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+        return y
+
+    def instance_norm(self, x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+        if self._fallback(x, weight, bias, running_mean, running_var):
+            return self._reference.instance_norm(
+                x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
+            )
+        if not use_input_stats:
+            return self._fixed_stats(x, running_mean, running_var, weight, bias, eps)
+        n, c = x.shape[0], x.shape[1]
+        y, mean, var = _ChanNorm.apply(x, weight, bias, c, None, None, eps, False, True)
+        count = x.numel() // (n * c)
+        _update_running(running_mean, mean.view(n, c).mean(0), momentum)
+        _update_running(running_var, (var * (count / max(count - 1, 1))).view(n, c).mean(0), momentum)
+        return y
+
+    def _fixed_stats(self, x, running_mean, running_var, weight, bias, eps):
+        """Normalize with the running statistics (copied now: a later training step updates them in place)."""
+        mean = running_mean.detach().to(torch.float64, copy=True)
+        var = running_var.detach().to(torch.float64, copy=True)
+        return _ChanNorm.apply(x, weight, bias, 0, mean, var, eps, False, False)[0]

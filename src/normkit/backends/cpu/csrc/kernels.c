@@ -1,0 +1,205 @@
+/* normkit's CPU kernels: the five norms and the fused ops, forward and backward.
+ *
+ * Plain C11 + OpenMP, compiled on first use by normkit/backends/cpu/build.py and called through
+ * ctypes with raw pointers. The kernel bodies live in kernels_impl.h, included once per data type
+ * (float32, float64, bfloat16, float16); this file holds what is shared: the 16-bit conversions,
+ * Chan's merge of partial moments, and the small per-group arithmetic done in double.
+ *
+ * Layout vocabulary. Row norms (LayerNorm, RMSNorm, the fused adds) see an (M, N) matrix of
+ * contiguous rows. Channel norms (BatchNorm, InstanceNorm, GroupNorm) see (N, C, S) with S the
+ * product of the spatial sizes, stored either channels-first ("NCHW": (n, c) owns a contiguous run
+ * of S) or channels-last ("NHWC": each (n, s) owns a contiguous run of C).
+ *
+ * Statistics are computed in one read of the input without E[x^2] - E[x]^2: each cache-sized block
+ * gets an exact two-pass mean and M2, and blocks are merged with Chan et al.'s pairwise formula.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef uint16_t nk_bf16;
+#if defined(__FLT16_MAX__)
+typedef _Float16 nk_f16;
+#define NK_HAVE_F16 1
+#else
+typedef uint16_t nk_f16;
+#define NK_HAVE_F16 0
+#endif
+
+static inline float nk_bf16_load(nk_bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* round to nearest even, as torch does; NaN stays a (quiet) NaN */
+static inline nk_bf16 nk_bf16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t quiet = (u >> 16) | 0x40u;
+    return (nk_bf16)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet : rounded);
+}
+
+#if NK_HAVE_F16
+static inline float nk_f16_load(nk_f16 v) { return (float)v; }
+static inline nk_f16 nk_f16_store(float f) { return (nk_f16)f; }
+#else
+/* no _Float16 in this compiler: IEEE half conversions by hand (slow, but correct) */
+static inline float nk_f16_load(nk_f16 h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else {
+            float f = ldexpf((float)man, -24);
+            memcpy(&u, &f, sizeof u);
+            u |= sign;
+        }
+    } else {
+        u = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline nk_f16 nk_f16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    float a = fabsf(f);
+    if (a != a) return (nk_f16)(sign | 0x7e00u);
+    if (a >= 65520.0f) return (nk_f16)(sign | 0x7c00u);
+    if (a < 6.103515625e-05f) { /* subnormal: scale so that rint does the rounding */
+        return (nk_f16)(sign | (uint32_t)rintf(a * 16777216.0f));
+    }
+    uint32_t au;
+    memcpy(&au, &a, sizeof au);
+    uint32_t r = au + 0xfffu + ((au >> 13) & 1u);
+    return (nk_f16)(sign | ((r - (112u << 23)) >> 13));
+}
+#endif
+
+/* expf that the compiler can vectorize (libm's expf is a scalar call): exp(x) = 2^k exp(r) with
+ * k = round(x / ln 2), |r| <= ln(2) / 2, and a degree-6 polynomial for exp(r) (Cephes' coefficients);
+ * about 2 ulp over the clamped range, which covers every input where SiLU is not already 0 or x. */
+static inline float nk_expf(float x) {
+    x = x > 88.0f ? 88.0f : (x < -87.0f ? -87.0f : x);
+    float k = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+static inline int nk_threads(int requested) { return requested > 0 ? requested : 1; }
+
+/* Chan, Golub & LeVeque: merge (nb, mb, m2b) into (*na, *ma, *m2a). */
+static inline void nk_merge(double *na, double *ma, double *m2a, double nb, double mb, double m2b) {
+    if (nb <= 0) return;
+    double n = *na + nb;
+    double d = mb - *ma;
+    *ma += d * (nb / n);
+    *m2a += m2b + d * d * (*na * nb / n);
+    *na = n;
+}
+
+/* Per-(n, c) moments -> statistics of each normalization set.
+ * groups > 0: a set is (n, group of C/groups channels) (GroupNorm, InstanceNorm), out has N*groups;
+ * groups == 0: a set is channel c over every n (BatchNorm), out has C. Biased variance. */
+static void nk_sets_from_nc(const double *mean_nc, const double *m2_nc, int64_t N, int64_t C, int64_t S,
+                            int64_t groups, double *mean_out, double *var_out) {
+    if (groups > 0) {
+        int64_t D = C / groups;
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t g = 0; g < groups; g++) {
+                double cnt = 0, m = 0, m2 = 0;
+                for (int64_t c = g * D; c < (g + 1) * D; c++)
+                    nk_merge(&cnt, &m, &m2, (double)S, mean_nc[n * C + c], m2_nc[n * C + c]);
+                mean_out[n * groups + g] = m;
+                var_out[n * groups + g] = cnt > 0 ? m2 / cnt : NAN;
+            }
+    } else {
+        for (int64_t c = 0; c < C; c++) {
+            double cnt = 0, m = 0, m2 = 0;
+            for (int64_t n = 0; n < N; n++) nk_merge(&cnt, &m, &m2, (double)S, mean_nc[n * C + c], m2_nc[n * C + c]);
+            mean_out[c] = m;
+            var_out[c] = cnt > 0 ? m2 / cnt : NAN;
+        }
+    }
+}
+
+/* the statistics set of (n, c) */
+static inline int64_t nk_set_of(int64_t n, int64_t c, int64_t C, int64_t groups) {
+    return groups > 0 ? n * groups + c / (C / groups) : c;
+}
+
+/* How many row blocks each sample's S positions are split into (channels-last), so that there is
+ * work for every thread even with a small batch. */
+static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
+    int64_t want = (4 * (int64_t)nt + N - 1) / (N > 0 ? N : 1);
+    if (want < 1) want = 1;
+    if (want > S) want = S > 0 ? S : 1;
+    return want;
+}
+
+#define NK_BLOCK 2048 /* elements per exact two-pass block: fits L1 with room to spare */
+
+/* ---- instantiate the kernels for each dtype ------------------------------------------------- */
+
+#define NK_T float
+#define NK_A float
+#define NK_LOAD(v) (v)
+#define NK_STORE(v) (v)
+#define NK_NAME(base) base##_f32
+#define NK_EXP(v) nk_expf(v)
+#include "kernels_impl.h"
+
+#define NK_T double
+#define NK_A double
+#define NK_LOAD(v) (v)
+#define NK_STORE(v) (v)
+#define NK_NAME(base) base##_f64
+#define NK_EXP(v) exp(v)
+#include "kernels_impl.h"
+
+#define NK_T nk_bf16
+#define NK_A float
+#define NK_LOAD(v) nk_bf16_load(v)
+#define NK_STORE(v) nk_bf16_store(v)
+#define NK_NAME(base) base##_bf16
+#define NK_EXP(v) nk_expf(v)
+#include "kernels_impl.h"
+
+#define NK_T nk_f16
+#define NK_A float
+#define NK_LOAD(v) nk_f16_load(v)
+#define NK_STORE(v) nk_f16_store(v)
+#define NK_NAME(base) base##_f16
+#define NK_EXP(v) nk_expf(v)
+#include "kernels_impl.h"
+
+int nk_abi_version(void) { return 1; }
+int nk_has_native_f16(void) { return NK_HAVE_F16; }
+int nk_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

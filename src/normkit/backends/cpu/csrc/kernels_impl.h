@@ -1,0 +1,550 @@
+/* Kernel bodies, included by kernels.c once per dtype with:
+ *   NK_T      the storage type (float, double, nk_bf16, nk_f16)
+ *   NK_A      the arithmetic type (double for double, float otherwise)
+ *   NK_LOAD   NK_T -> NK_A,  NK_STORE  NK_A -> NK_T (round to nearest even)
+ *   NK_NAME   appends the dtype suffix to a function name
+ *   NK_EXP    exp in NK_A
+ * Statistics of the channel norms and every cross-row reduction (parameter gradients) are
+ * accumulated in double; per-row and per-block work runs in NK_A, vectorized by the compiler.
+ */
+
+/* silu(z) and its derivative, d silu / dz = s(z) (1 + z (1 - s(z))) */
+static inline NK_A NK_NAME(nk_sigmoid)(NK_A z) { return (NK_A)1 / ((NK_A)1 + NK_EXP(-z)); }
+
+/* ================================ row norms ======================================== */
+
+/* LayerNorm (rms = 0) or RMSNorm (rms = 1) over rows of length N; with res != NULL, the row is
+ * first h = round(x + res), written to hout (the fused residual add). rstd_out gets one value per
+ * row (the mean is recomputed by the backward). */
+void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A *w, const NK_A *b, NK_T *y,
+                         NK_A *rstd_out, int64_t M, int64_t N, double eps, int rms, int nt) {
+#pragma omp parallel num_threads(nk_threads(nt))
+    {
+        NK_A *buf = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N > 0 ? N : 1));
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M; i++) {
+            const NK_T *xr = x + i * N;
+            NK_T *yr = y + i * N;
+            /* the sum in double: a float sum of a row with a large mean would shift every output */
+            double sum = 0;
+            if (res) {
+                const NK_T *rr = res + i * N;
+                NK_T *hr = hout + i * N;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < N; j++) {
+                    NK_T h = NK_STORE(NK_LOAD(xr[j]) + NK_LOAD(rr[j]));
+                    hr[j] = h;
+                    NK_A v = NK_LOAD(h);
+                    buf[j] = v;
+                    sum += rms ? (double)(v * v) : (double)v;
+                }
+            } else {
+#pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < N; j++) {
+                    NK_A v = NK_LOAD(xr[j]);
+                    buf[j] = v;
+                    sum += rms ? (double)(v * v) : (double)v;
+                }
+            }
+            NK_A rstd;
+            double mean_d = rms ? 0.0 : sum / (double)N;
+            /* centre by mean = hi + lo: (x - hi) is exact near the mean, lo restores the bits float lost */
+            NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean);
+            if (rms) {
+                rstd = (NK_A)(1.0 / sqrt(sum / (double)N + eps));
+            } else {
+                NK_A sq = 0;
+#pragma omp simd reduction(+ : sq)
+                for (int64_t j = 0; j < N; j++) {
+                    NK_A d = (buf[j] - mean) - mean_lo;
+                    buf[j] = d;
+                    sq += d * d;
+                }
+                rstd = (NK_A)(1.0 / sqrt((double)(sq / (NK_A)N) + eps));
+                mean = 0; /* buf now holds x - mean */
+            }
+            rstd_out[i] = rstd;
+            if (w && b) {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE((buf[j] - mean) * rstd * w[j] + b[j]);
+            } else if (w) {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE((buf[j] - mean) * rstd * w[j]);
+            } else if (b) {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE((buf[j] - mean) * rstd + b[j]);
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE((buf[j] - mean) * rstd);
+            }
+        }
+        free(buf);
+    }
+}
+
+/* Backward of nk_row_fwd. dx = rstd * (g - mean(g) - xhat * mean(g xhat)) with g = dy * w (RMSNorm:
+ * no mean(g) term), plus dh (the gradient reaching the residual output h) when given.
+ * The row mean is recomputed here, exactly as the forward computed it (x is read anyway, and a
+ * float32 mean saved for backward would lose the bits that centre a row with a large mean), so
+ * the forward saves only rstd. dw and db (double, may be NULL) get the column sums of dy * xhat
+ * and dy. */
+void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK_A *w, const NK_A *rstd_in,
+                         NK_T *dx, double *dw, double *db, int64_t M, int64_t N, int rms, int nt) {
+    nt = nk_threads(nt);
+    double *part_w = dw ? (double *)calloc((size_t)nt * (size_t)N + 1, sizeof(double)) : NULL;
+    double *part_b = db ? (double *)calloc((size_t)nt * (size_t)N + 1, sizeof(double)) : NULL;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        NK_A *xh = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N > 0 ? N : 1));
+        NK_A *gy = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N > 0 ? N : 1));
+        /* per-thread column partials, flushed to double every few rows to keep float sums short */
+        NK_A *acc_w = (NK_A *)calloc((size_t)(N > 0 ? N : 1), sizeof(NK_A));
+        NK_A *acc_b = (NK_A *)calloc((size_t)(N > 0 ? N : 1), sizeof(NK_A));
+        int pending = 0;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M; i++) {
+            const NK_T *xr = x + i * N, *dyr = dy + i * N;
+            NK_T *dxr = dx + i * N;
+            NK_A rstd = rstd_in[i];
+            double sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < N; j++) {
+                NK_A v = NK_LOAD(xr[j]);
+                xh[j] = v;
+                sum += (double)v;
+            }
+            double mean_d = rms ? 0.0 : sum / (double)N;
+            NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean);
+            NK_A c1 = 0, c2 = 0;
+#pragma omp simd reduction(+ : c1, c2)
+            for (int64_t j = 0; j < N; j++) {
+                NK_A xhat = ((xh[j] - mean) - mean_lo) * rstd;
+                NK_A d = NK_LOAD(dyr[j]);
+                NK_A g = w ? d * w[j] : d;
+                xh[j] = xhat;
+                gy[j] = g;
+                c1 += g;
+                c2 += g * xhat;
+                if (dw) acc_w[j] += d * xhat;
+                if (db) acc_b[j] += d;
+            }
+            c1 = rms ? 0 : c1 / (NK_A)N;
+            c2 = c2 / (NK_A)N;
+            if (dh) {
+                const NK_T *dhr = dh + i * N;
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) dxr[j] = NK_STORE(rstd * (gy[j] - c1 - xh[j] * c2) + NK_LOAD(dhr[j]));
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) dxr[j] = NK_STORE(rstd * (gy[j] - c1 - xh[j] * c2));
+            }
+            if (++pending == 16) {
+                pending = 0;
+                if (dw)
+                    for (int64_t j = 0; j < N; j++) part_w[tid * N + j] += acc_w[j], acc_w[j] = 0;
+                if (db)
+                    for (int64_t j = 0; j < N; j++) part_b[tid * N + j] += acc_b[j], acc_b[j] = 0;
+            }
+        }
+        if (dw)
+            for (int64_t j = 0; j < N; j++) part_w[tid * N + j] += acc_w[j];
+        if (db)
+            for (int64_t j = 0; j < N; j++) part_b[tid * N + j] += acc_b[j];
+        free(xh);
+        free(gy);
+        free(acc_w);
+        free(acc_b);
+    }
+    /* fixed-order reduction over threads: the same result on every run */
+    for (int64_t j = 0; j < N; j++) {
+        double sw = 0, sb = 0;
+        for (int t = 0; t < nt; t++) {
+            if (dw) sw += part_w[t * N + j];
+            if (db) sb += part_b[t * N + j];
+        }
+        if (dw) dw[j] = sw;
+        if (db) db[j] = sb;
+    }
+    free(part_w);
+    free(part_b);
+}
+
+/* ================================ channel norms ==================================== */
+
+/* exact mean and M2 of a contiguous run, one L1-sized block at a time */
+static void NK_NAME(nk_run_moments)(const NK_T *p, int64_t S, double *mean, double *m2) {
+    double cnt = 0, m = 0, q = 0;
+    for (int64_t s0 = 0; s0 < S; s0 += NK_BLOCK) {
+        int64_t len = S - s0 < NK_BLOCK ? S - s0 : NK_BLOCK;
+        double sum = 0;
+        NK_A sq = 0, dm = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < len; j++) sum += (double)NK_LOAD(p[s0 + j]);
+        double bmd = sum / (double)len;
+        NK_A bm = (NK_A)bmd;
+        /* M2 about the rounded block mean, corrected to the exact one: sum (d - e)^2 = sum d^2 - n e^2 */
+#pragma omp simd reduction(+ : sq, dm)
+        for (int64_t j = 0; j < len; j++) {
+            NK_A d = NK_LOAD(p[s0 + j]) - bm;
+            sq += d * d;
+            dm += d;
+        }
+        double e = (double)dm / (double)len;
+        nk_merge(&cnt, &m, &q, (double)len, (double)bm + e, (double)sq - (double)len * e * e);
+    }
+    *mean = m;
+    *m2 = q;
+}
+
+/* Per-(n, c) mean and M2 of an (N, C, S) tensor in either layout. */
+static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t S, int nhwc, double *mean_nc,
+                                   double *m2_nc, int nt) {
+    if (!nhwc) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t nc = 0; nc < N * C; nc++) NK_NAME(nk_run_moments)(x + nc * S, S, mean_nc + nc, m2_nc + nc);
+        return;
+    }
+    /* channels-last: each task reduces a block of rows of one sample over all C channels */
+    int64_t B = nk_row_blocks(N, S, nt);
+    int64_t rows_per_block = (S + B - 1) / B;
+    int64_t sub = NK_BLOCK / C > 0 ? NK_BLOCK / C : 1; /* rows per exact two-pass sub-block */
+    double *pm = (double *)malloc(sizeof(double) * (size_t)(N * B * C + 1));
+    double *pq = (double *)malloc(sizeof(double) * (size_t)(N * B * C + 1));
+    double *pc = (double *)malloc(sizeof(double) * (size_t)(N * B + 1));
+#pragma omp parallel num_threads(nt)
+    {
+        double *bs = (double *)malloc(sizeof(double) * (size_t)C);
+        NK_A *bm = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
+        NK_A *bq = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
+        NK_A *bd = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < N * B; task++) {
+            int64_t n = task / B, b = task % B;
+            int64_t r0 = b * rows_per_block, r1 = r0 + rows_per_block < S ? r0 + rows_per_block : S;
+            double *m = pm + task * C, *q = pq + task * C;
+            double cnt = 0;
+            for (int64_t c = 0; c < C; c++) m[c] = 0, q[c] = 0;
+            for (int64_t s0 = r0; s0 < r1; s0 += sub) {
+                int64_t s1 = s0 + sub < r1 ? s0 + sub : r1;
+                double len = (double)(s1 - s0);
+                for (int64_t c = 0; c < C; c++) bs[c] = 0, bq[c] = 0, bd[c] = 0;
+                for (int64_t s = s0; s < s1; s++) {
+                    const NK_T *row = x + (n * S + s) * C;
+#pragma omp simd
+                    for (int64_t c = 0; c < C; c++) bs[c] += (double)NK_LOAD(row[c]);
+                }
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) bm[c] = (NK_A)(bs[c] / len);
+                for (int64_t s = s0; s < s1; s++) {
+                    const NK_T *row = x + (n * S + s) * C;
+#pragma omp simd
+                    for (int64_t c = 0; c < C; c++) {
+                        NK_A d = NK_LOAD(row[c]) - bm[c];
+                        bq[c] += d * d;
+                        bd[c] += d;
+                    }
+                }
+                /* Chan's merge (the counts are the same for every channel), with the block's M2
+                 * corrected from its rounded mean bm to the exact one bm + e */
+                double nb = len, tot = cnt + nb, fa = nb / tot, fq = cnt * nb / tot;
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) {
+                    double e = (double)bd[c] / nb;
+                    double d = (double)bm[c] + e - m[c];
+                    m[c] += d * fa;
+                    q[c] += (double)bq[c] - nb * e * e + d * d * fq;
+                }
+                cnt = tot;
+            }
+            pc[task] = cnt;
+        }
+        free(bs);
+        free(bm);
+        free(bq);
+        free(bd);
+    }
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++) {
+            double cnt = 0, m = 0, q = 0;
+            for (int64_t b = 0; b < B; b++) {
+                int64_t t = n * B + b;
+                nk_merge(&cnt, &m, &q, pc[t], pm[t * C + c], pq[t * C + c]);
+            }
+            mean_nc[n * C + c] = m;
+            m2_nc[n * C + c] = q;
+        }
+    free(pm);
+    free(pq);
+    free(pc);
+}
+
+/* y = (x - center[n, c]) * scale[n, c] + shift[n, c], then SiLU when act == 1. Centring first keeps
+ * a large mean from cancelling catastrophically. Input and output layouts may differ only as
+ * (channels-last in, channels-first out), which InstanceNorm needs. */
+static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
+                              const NK_A *center, const NK_A *scale, const NK_A *shift, int act, int nt) {
+    if (!in_nhwc) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t nc = 0; nc < N * C; nc++) {
+            const NK_T *xr = x + nc * S;
+            NK_T *yr = y + nc * S;
+            NK_A m = center[nc], a = scale[nc], b = shift[nc];
+            if (act) {
+#pragma omp simd
+                for (int64_t s = 0; s < S; s++) {
+                    NK_A z = (NK_LOAD(xr[s]) - m) * a + b;
+                    yr[s] = NK_STORE(z * NK_NAME(nk_sigmoid)(z));
+                }
+            } else {
+#pragma omp simd
+                for (int64_t s = 0; s < S; s++) yr[s] = NK_STORE((NK_LOAD(xr[s]) - m) * a + b);
+            }
+        }
+    } else if (out_nhwc) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t ns = 0; ns < N * S; ns++) {
+            int64_t n = ns / S;
+            const NK_T *xr = x + ns * C;
+            NK_T *yr = y + ns * C;
+            const NK_A *m = center + n * C, *a = scale + n * C, *b = shift + n * C;
+            if (act) {
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) {
+                    NK_A z = (NK_LOAD(xr[c]) - m[c]) * a[c] + b[c];
+                    yr[c] = NK_STORE(z * NK_NAME(nk_sigmoid)(z));
+                }
+            } else {
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) yr[c] = NK_STORE((NK_LOAD(xr[c]) - m[c]) * a[c] + b[c]);
+            }
+        }
+    } else {
+        /* channels-last in, channels-first out: walk the input's rows; the C output lines being
+         * filled (one per channel) stay in cache across consecutive positions */
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t ns = 0; ns < N * S; ns++) {
+            int64_t n = ns / S, s = ns % S;
+            const NK_T *xr = x + ns * C;
+            NK_T *yc = y + n * C * S + s;
+            const NK_A *m = center + n * C, *a = scale + n * C, *b = shift + n * C;
+            for (int64_t c = 0; c < C; c++) {
+                NK_A z = (NK_LOAD(xr[c]) - m[c]) * a[c] + b[c];
+                yc[c * S] = NK_STORE(act ? z * NK_NAME(nk_sigmoid)(z) : z);
+            }
+        }
+    }
+}
+
+/* Forward of BatchNorm (groups == 0: statistics per channel over N and S), GroupNorm and
+ * InstanceNorm (groups > 0: per (n, group)), with optional SiLU (act == 1).
+ * fixed_mean/fixed_var (per channel, groups == 0 only): normalize with these (eval) instead.
+ * Writes the statistics used: mean_out and rstd_out (and the biased var_out) per set. */
+void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
+                          int64_t groups, const NK_A *w, const NK_A *b, const double *fixed_mean,
+                          const double *fixed_var, double eps, int act, double *mean_out, double *rstd_out,
+                          double *var_out, int nt) {
+    nt = nk_threads(nt);
+    int64_t sets = groups > 0 ? N * groups : C;
+    if (fixed_mean) {
+        for (int64_t c = 0; c < C; c++) mean_out[c] = fixed_mean[c], var_out[c] = fixed_var[c];
+    } else {
+        double *mean_nc = (double *)malloc(sizeof(double) * (size_t)(N * C + 1));
+        double *m2_nc = (double *)malloc(sizeof(double) * (size_t)(N * C + 1));
+        NK_NAME(nk_nc_moments)(x, N, C, S, in_nhwc, mean_nc, m2_nc, nt);
+        nk_sets_from_nc(mean_nc, m2_nc, N, C, S, groups, mean_out, var_out);
+        free(mean_nc);
+        free(m2_nc);
+    }
+    for (int64_t k = 0; k < sets; k++) rstd_out[k] = 1.0 / sqrt(var_out[k] + eps);
+    NK_A *center = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
+    NK_A *scale = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
+    NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++) {
+            int64_t k = nk_set_of(n, c, C, groups);
+            center[n * C + c] = (NK_A)mean_out[k];
+            scale[n * C + c] = (NK_A)(rstd_out[k] * (w ? (double)w[c] : 1.0));
+            shift[n * C + c] = (NK_A)(b ? (double)b[c] : 0.0);
+        }
+    NK_NAME(nk_apply)(x, y, N, C, S, in_nhwc, out_nhwc, center, scale, shift, act, nt);
+    free(center);
+    free(scale);
+    free(shift);
+}
+
+/* dz: the gradient reaching the normalized-affine value z = xhat * w + b (dy itself, or through SiLU) */
+static inline NK_A NK_NAME(nk_dz)(NK_A dy, NK_A xhat, NK_A wc, NK_A bc, int act) {
+    if (!act) return dy;
+    NK_A z = xhat * wc + bc;
+    NK_A s = NK_NAME(nk_sigmoid)(z);
+    return dy * s * ((NK_A)1 + z * ((NK_A)1 - s));
+}
+
+/* Backward of nk_chan_fwd (same layout for x, dy and dx). train: the statistics came from x (they
+ * are differentiated); otherwise they were constants (eval BatchNorm). dw/db (double, may be NULL)
+ * get per-channel sums of dz * xhat and dz. */
+void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, int64_t C, int64_t S, int nhwc,
+                          int64_t groups, const NK_A *w, const NK_A *b, const double *mean, const double *rstd,
+                          int train, int act, double *dw, double *db, int nt) {
+    nt = nk_threads(nt);
+    size_t nc_count = (size_t)(N * C + 1);
+    /* per (n, c): xhat = (x - xm) * xr; z = xhat * zw + zb (the affine output SiLU sees) */
+    NK_A *xm = (NK_A *)malloc(sizeof(NK_A) * nc_count), *xr_ = (NK_A *)malloc(sizeof(NK_A) * nc_count);
+    NK_A *zw = (NK_A *)malloc(sizeof(NK_A) * nc_count), *zb = (NK_A *)malloc(sizeof(NK_A) * nc_count);
+    double *a1 = (double *)calloc(nc_count, sizeof(double)), *a2 = (double *)calloc(nc_count, sizeof(double));
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++) {
+            int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
+            xm[i] = (NK_A)mean[k];
+            xr_[i] = (NK_A)rstd[k];
+            zw[i] = (NK_A)(w ? (double)w[c] : 1.0);
+            zb[i] = (NK_A)(b ? (double)b[c] : 0.0);
+        }
+    /* pass 1: a1 = sum dz, a2 = sum dz * xhat, per (n, c) */
+    if (!nhwc) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t nc = 0; nc < N * C; nc++) {
+            const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
+            NK_A s_m = xm[nc], s_r = xr_[nc], s_w = zw[nc], s_b = zb[nc];
+            double t1 = 0, t2 = 0;
+            for (int64_t s0 = 0; s0 < S; s0 += NK_BLOCK) {
+                int64_t s1 = s0 + NK_BLOCK < S ? s0 + NK_BLOCK : S;
+                NK_A u1 = 0, u2 = 0;
+#pragma omp simd reduction(+ : u1, u2)
+                for (int64_t s = s0; s < s1; s++) {
+                    NK_A xhat = (NK_LOAD(xr[s]) - s_m) * s_r;
+                    NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[s]), xhat, s_w, s_b, act);
+                    u1 += dz;
+                    u2 += dz * xhat;
+                }
+                t1 += u1;
+                t2 += u2;
+            }
+            a1[nc] = t1;
+            a2[nc] = t2;
+        }
+    } else {
+        int64_t B = nk_row_blocks(N, S, nt);
+        int64_t rows_per_block = (S + B - 1) / B;
+        int64_t sub = NK_BLOCK / C > 0 ? NK_BLOCK / C : 1;
+        double *p1 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
+        double *p2 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
+#pragma omp parallel num_threads(nt)
+        {
+            NK_A *u1 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C), *u2 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < N * B; task++) {
+                int64_t n = task / B, bk = task % B;
+                int64_t r0 = bk * rows_per_block, r1 = r0 + rows_per_block < S ? r0 + rows_per_block : S;
+                const NK_A *cm = xm + n * C, *cr = xr_ + n * C, *cw = zw + n * C, *cb = zb + n * C;
+                for (int64_t s0 = r0; s0 < r1; s0 += sub) {
+                    int64_t s1 = s0 + sub < r1 ? s0 + sub : r1;
+                    for (int64_t c = 0; c < C; c++) u1[c] = 0, u2[c] = 0;
+                    for (int64_t s = s0; s < s1; s++) {
+                        const NK_T *xr = x + (n * S + s) * C, *dyr = dy + (n * S + s) * C;
+#pragma omp simd
+                        for (int64_t c = 0; c < C; c++) {
+                            NK_A xhat = (NK_LOAD(xr[c]) - cm[c]) * cr[c];
+                            NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[c]), xhat, cw[c], cb[c], act);
+                            u1[c] += dz;
+                            u2[c] += dz * xhat;
+                        }
+                    }
+                    for (int64_t c = 0; c < C; c++) p1[task * C + c] += u1[c], p2[task * C + c] += u2[c];
+                }
+            }
+            free(u1);
+            free(u2);
+        }
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t bk = 0; bk < B; bk++)
+                for (int64_t c = 0; c < C; c++) {
+                    a1[n * C + c] += p1[(n * B + bk) * C + c];
+                    a2[n * C + c] += p2[(n * B + bk) * C + c];
+                }
+        free(p1);
+        free(p2);
+    }
+    /* parameter gradients, and dx = dz * k1 + xhat * k2 + k3 per (n, c) */
+    for (int64_t c = 0; c < C; c++) {
+        double sw = 0, sb = 0;
+        for (int64_t n = 0; n < N; n++) sw += a2[n * C + c], sb += a1[n * C + c];
+        if (dw) dw[c] = sw;
+        if (db) db[c] = sb;
+    }
+    int64_t sets = groups > 0 ? N * groups : C;
+    double *g1 = (double *)calloc((size_t)sets + 1, sizeof(double)), *g2 = (double *)calloc((size_t)sets + 1, sizeof(double));
+    double set_count = groups > 0 ? (double)(C / groups) * (double)S : (double)N * (double)S;
+    if (train)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t c = 0; c < C; c++) {
+                int64_t k = nk_set_of(n, c, C, groups);
+                double wc = w ? (double)w[c] : 1.0;
+                g1[k] += wc * a1[n * C + c];
+                g2[k] += wc * a2[n * C + c];
+            }
+    /* dx = rstd * (w dz - mean_set(w dz) - xhat mean_set(w dz xhat)) */
+    NK_A *k1 = (NK_A *)malloc(sizeof(NK_A) * nc_count), *k2 = (NK_A *)malloc(sizeof(NK_A) * nc_count);
+    NK_A *k3 = (NK_A *)malloc(sizeof(NK_A) * nc_count);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++) {
+            int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
+            double r = rstd[k], wc = w ? (double)w[c] : 1.0;
+            double m1 = train ? g1[k] / set_count : 0.0, m2 = train ? g2[k] / set_count : 0.0;
+            k1[i] = (NK_A)(r * wc);
+            k2[i] = (NK_A)(-r * m2);
+            k3[i] = (NK_A)(-r * m1);
+        }
+    /* pass 2 */
+    if (!nhwc) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t nc = 0; nc < N * C; nc++) {
+            const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
+            NK_T *dxr = dx + nc * S;
+            NK_A c1 = k1[nc], c2 = k2[nc], c3 = k3[nc], s_m = xm[nc], s_r = xr_[nc], s_w = zw[nc], s_b = zb[nc];
+#pragma omp simd
+            for (int64_t s = 0; s < S; s++) {
+                NK_A xhat = (NK_LOAD(xr[s]) - s_m) * s_r;
+                NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[s]), xhat, s_w, s_b, act);
+                dxr[s] = NK_STORE(dz * c1 + xhat * c2 + c3);
+            }
+        }
+    } else {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t ns = 0; ns < N * S; ns++) {
+            int64_t n = ns / S;
+            const NK_T *xr = x + ns * C, *dyr = dy + ns * C;
+            NK_T *dxr = dx + ns * C;
+            const NK_A *c1 = k1 + n * C, *c2 = k2 + n * C, *c3 = k3 + n * C;
+            const NK_A *cm = xm + n * C, *cr = xr_ + n * C, *cw = zw + n * C, *cb = zb + n * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                NK_A xhat = (NK_LOAD(xr[c]) - cm[c]) * cr[c];
+                NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[c]), xhat, cw[c], cb[c], act);
+                dxr[c] = NK_STORE(dz * c1[c] + xhat * c2[c] + c3[c]);
+            }
+        }
+    }
+    free(xm);
+    free(xr_);
+    free(zw);
+    free(zb);
+    free(k1);
+    free(k2);
+    free(k3);
+    free(a1);
+    free(a2);
+    free(g1);
+    free(g2);
+}
+
+#undef NK_T
+#undef NK_A
+#undef NK_LOAD
+#undef NK_STORE
+#undef NK_NAME
+#undef NK_EXP

@@ -1,0 +1,170 @@
+"""Typed Python entry points to the C kernels: allocate outputs, pick the dtype's symbol, pass pointers.
+
+Inputs must already be in the layout the kernel expects (callers in :mod:`.backend` arrange that);
+parameters are passed as contiguous vectors in the arithmetic dtype (float64 for float64 data,
+float32 otherwise), so float32 parameters with bfloat16 data need no extra kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_double, c_int, c_int64, c_void_p
+
+import torch
+from torch import Tensor
+
+from .build import load_library
+
+__all__ = ["SUPPORTED_DTYPES", "arithmetic_dtype", "chan_backward", "chan_forward", "row_backward", "row_forward"]
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+SUPPORTED_DTYPES = frozenset(_SUFFIX)
+
+_P, _I64, _D, _I = c_void_p, c_int64, c_double, c_int
+_SIGNATURES = {
+    # x, res, hout, w, b, y, rstd, M, N, eps, rms, threads
+    "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I],
+    # x, dy, dh, w, rstd, dx, dw, db, M, N, rms, threads
+    "nk_row_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I, _I],
+    # x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act, mean, rstd, var, threads
+    "nk_chan_fwd": [_P, _P, _I64, _I64, _I64, _I, _I, _I64, _P, _P, _P, _P, _D, _I, _P, _P, _P, _I],
+    # x, dy, dx, N, C, S, nhwc, groups, w, b, mean, rstd, train, act, dw, db, threads
+    "nk_chan_bwd": [_P, _P, _P, _I64, _I64, _I64, _I, _I64, _P, _P, _P, _P, _I, _I, _P, _P, _I],
+}
+
+_lib: ctypes.CDLL | None = None
+_functions: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
+
+
+def _fn(name: str, dtype: torch.dtype):
+    global _lib
+    key = (name, dtype)
+    fn = _functions.get(key)
+    if fn is None:
+        if _lib is None:
+            _lib = load_library()
+        fn = getattr(_lib, f"{name}_{_SUFFIX[dtype]}")
+        fn.argtypes = _SIGNATURES[name]
+        fn.restype = None
+        _functions[key] = fn
+    return fn
+
+
+def ensure_loaded() -> None:
+    """Build/load the library now (raises :class:`.build.BuildError` if it cannot be built)."""
+    _fn("nk_row_fwd", torch.float32)
+
+
+def arithmetic_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _param(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A parameter as a contiguous vector of the arithmetic dtype (no copy when it already is one)."""
+    if p is None:
+        return None
+    return p.detach().reshape(-1).to(arithmetic_dtype(dtype)).contiguous()
+
+
+def row_forward(
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """LayerNorm/RMSNorm over contiguous rows of length ``n`` (after ``h = x + residual``).
+
+    Returns ``(y, h, rstd)`` (h is None without a residual); the backward recomputes the row means.
+    """
+    m = x.numel() // n
+    y = torch.empty_like(x)
+    h = torch.empty_like(x) if residual is not None else None
+    rstd = torch.empty(m, dtype=arithmetic_dtype(x.dtype))
+    w, b = _param(weight, x.dtype), _param(bias, x.dtype)
+    _fn("nk_row_fwd", x.dtype)(
+        x.data_ptr(), _ptr(residual), _ptr(h), _ptr(w), _ptr(b), y.data_ptr(), rstd.data_ptr(),
+        m, n, float(eps), int(rms), torch.get_num_threads(),
+    )
+    return y, h, rstd
+
+
+def row_backward(
+    dy: Tensor,
+    x: Tensor,
+    dh: Tensor | None,
+    weight: Tensor | None,
+    rstd: Tensor,
+    n: int,
+    rms: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients ``(dx, dweight, dbias)`` of :func:`row_forward` (parameter gradients in float64)."""
+    m = x.numel() // n
+    dx = torch.empty_like(x)
+    dw = torch.empty(n, dtype=torch.float64) if need_weight else None
+    db = torch.empty(n, dtype=torch.float64) if need_bias else None
+    w = _param(weight, x.dtype)
+    _fn("nk_row_bwd", x.dtype)(
+        x.data_ptr(), dy.data_ptr(), _ptr(dh), _ptr(w), rstd.data_ptr(), dx.data_ptr(),
+        _ptr(dw), _ptr(db), m, n, int(rms), torch.get_num_threads(),
+    )
+    return dx, dw, db
+
+
+def chan_forward(
+    x: Tensor,
+    y: Tensor,
+    dims: tuple[int, int, int],
+    in_nhwc: bool,
+    out_nhwc: bool,
+    groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    fixed_mean: Tensor | None,
+    fixed_var: Tensor | None,
+    eps: float,
+    silu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm (``groups == 0``) or GroupNorm/InstanceNorm (``groups > 0``) of x viewed as (N, C, S),
+    written into ``y``; with ``fixed_mean``/``fixed_var`` (float64, per channel) instead of batch
+    statistics. Returns the float64 statistics used: ``(mean, rstd, biased var)``."""
+    n, c, s = dims
+    sets = n * groups if groups > 0 else c
+    mean, rstd, var = (torch.empty(sets, dtype=torch.float64) for _ in range(3))
+    w, b = _param(weight, x.dtype), _param(bias, x.dtype)
+    _fn("nk_chan_fwd", x.dtype)(
+        x.data_ptr(), y.data_ptr(), n, c, s, int(in_nhwc), int(out_nhwc), groups, _ptr(w), _ptr(b),
+        _ptr(fixed_mean), _ptr(fixed_var), float(eps), int(silu), mean.data_ptr(), rstd.data_ptr(),
+        var.data_ptr(), torch.get_num_threads(),
+    )
+    return mean, rstd, var
+
+
+def chan_backward(
+    dy: Tensor,
+    x: Tensor,
+    dims: tuple[int, int, int],
+    nhwc: bool,
+    groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    train: bool,
+    silu: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients ``(dx, dweight, dbias)`` of :func:`chan_forward`; ``dy`` has x's layout."""
+    n, c, s = dims
+    dx = torch.empty_like(x)
+    dw = torch.empty(c, dtype=torch.float64) if need_weight else None
+    db = torch.empty(c, dtype=torch.float64) if need_bias else None
+    w, b = _param(weight, x.dtype), _param(bias, x.dtype)
+    _fn("nk_chan_bwd", x.dtype)(
+        x.data_ptr(), dy.data_ptr(), dx.data_ptr(), n, c, s, int(nhwc), groups, _ptr(w), _ptr(b),
+        mean.data_ptr(), rstd.data_ptr(), int(train), int(silu), _ptr(dw), _ptr(db), torch.get_num_threads(),
+    )
+    return dx, dw, db
