@@ -3,6 +3,10 @@
 Each function checks its arguments exactly as torch does (same exception types and messages), picks
 a backend with :func:`normkit.backends.resolve`, and gives the output the memory layout torch gives
 it. The math lives in the backends; :mod:`normkit.reference` is the readable version of it.
+
+The fused ops (:func:`fused_add_rms_norm`, :func:`fused_add_layer_norm`, :func:`group_norm_silu`) have
+no torch.nn.functional counterpart: they check their arguments as the norm they end in does (same
+exception types and messages), and additionally require ``residual`` to match ``x`` exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +20,16 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from . import _checks
 from .backends import resolve
 
-__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
+__all__ = [
+    "batch_norm",
+    "instance_norm",
+    "layer_norm",
+    "group_norm",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "fused_add_layer_norm",
+    "group_norm_silu",
+]
 
 
 def _suggested_format(x: Tensor) -> torch.memory_format:
@@ -179,3 +192,186 @@ def rms_norm(
     _checks.floating(input, "rms_norm")
     y = resolve(input).rms_norm(input, shape, weight, eps)
     return y.contiguous(memory_format=_suggested_format(input))
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused ops: a residual add before the norm, an activation after it
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_residual(op: str, x: Tensor, residual: Tensor) -> None:
+    """``residual`` must match ``x`` exactly: no broadcasting, no type promotion, one device.
+
+    ``x + residual`` would broadcast shapes and promote dtypes; a fused kernel adds element by element
+    in x's dtype, so anything but an exact match is an error (a RuntimeError, as torch raises for
+    mismatched tensors), naming both arguments.
+    """
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"{op}(): argument 'residual' must be Tensor, not {type(residual).__name__}")
+    if x.shape != residual.shape:
+        raise RuntimeError(
+            f"{op}: expected x and residual to have the same shape, but got x of shape "
+            f"{list(x.shape)} and residual of shape {list(residual.shape)}"
+        )
+    if x.dtype != residual.dtype:
+        raise RuntimeError(
+            f"{op}: expected x and residual to have the same dtype, but got x of dtype {x.dtype} "
+            f"and residual of dtype {residual.dtype}"
+        )
+    if x.device != residual.device:
+        raise RuntimeError(
+            f"{op}: expected x and residual to be on the same device, but got x on {x.device} "
+            f"and residual on {residual.device}"
+        )
+
+
+def fused_add_rms_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Residual add followed by RMSNorm, in one op: returns ``(rms_norm(h), h)`` with ``h = x + residual``.
+
+    .. math::
+        h = x + r, \qquad y = \frac{h}{\sqrt{\frac{1}{n}\sum_{i \in S} h_i^2 + \epsilon}} \odot \gamma
+
+    The pre-norm transformer block's ``residual = x + residual; x = norm(residual)``: ``h`` (the
+    updated residual stream, rounded to x's dtype) is returned so that the next block can add to it.
+    The result equals ``torch.nn.functional.rms_norm(x + residual, normalized_shape, weight, eps)``
+    and ``x + residual``; a backend with a fused kernel reads x and residual once.
+
+    Args:
+        x (Tensor): the input, of shape ``(*, *normalized_shape)``.
+        residual (Tensor): added to ``x``; must have x's shape, dtype and device exactly (no
+            broadcasting or type promotion: a ``RuntimeError`` naming both otherwise).
+        normalized_shape (int or list of int): the trailing dims to normalize over.
+        weight (Tensor, optional): :math:`\gamma`, of shape ``normalized_shape``. Default: None.
+        eps (float, optional): added to the mean square. Default: None, which means
+            ``torch.finfo(torch.float32).eps`` (float64's for float64 input).
+
+    Shape:
+        - x, residual: :math:`(*, \text{normalized\_shape})`
+        - outputs ``y`` and ``h``: same shape as ``x``; channels_last when ``x`` is (as
+          :func:`rms_norm` keeps it), contiguous otherwise.
+
+    Example::
+
+        >>> x, residual = torch.randn(2, 16, 512), torch.randn(2, 16, 512)
+        >>> y, residual = normkit.functional.fused_add_rms_norm(x, residual, (512,))
+        >>> y.shape, residual.shape
+        (torch.Size([2, 16, 512]), torch.Size([2, 16, 512]))
+    """
+    if has_torch_function_variadic(x, residual, weight):
+        return handle_torch_function(
+            fused_add_rms_norm, (x, residual, weight), x, residual, normalized_shape, weight=weight, eps=eps
+        )
+    _check_residual("fused_add_rms_norm", x, residual)
+    shape = _as_shape(normalized_shape)
+    _checks.normalized_shape(x, shape, weight, None, rms=True)
+    _checks.floating(x, "rms_norm")
+    y, h = resolve(x).fused_add_rms_norm(x, residual, shape, weight, eps)
+    fmt = _suggested_format(x)
+    return y.contiguous(memory_format=fmt), h.contiguous(memory_format=fmt)
+
+
+def fused_add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    r"""Residual add followed by LayerNorm, in one op: returns ``(layer_norm(h), h)`` with ``h = x + residual``.
+
+    .. math::
+        h = x + r, \qquad y = \frac{h - \mathrm{E}[h]}{\sqrt{\mathrm{Var}[h] + \epsilon}} \odot \gamma + \beta
+
+    The result equals ``torch.nn.functional.layer_norm(x + residual, normalized_shape, weight, bias,
+    eps)`` and ``x + residual`` (rounded to x's dtype); a backend with a fused kernel reads x and
+    residual once.
+
+    Args:
+        x (Tensor): the input, of shape ``(*, *normalized_shape)``.
+        residual (Tensor): added to ``x``; must have x's shape, dtype and device exactly (no
+            broadcasting or type promotion: a ``RuntimeError`` naming both otherwise).
+        normalized_shape (int or list of int): the trailing dims to normalize over.
+        weight (Tensor, optional): :math:`\gamma`, of shape ``normalized_shape``. Default: None.
+        bias (Tensor, optional): :math:`\beta`, of shape ``normalized_shape``. Default: None.
+        eps (float): added to the variance. Default: 1e-5.
+
+    Shape:
+        - x, residual: :math:`(*, \text{normalized\_shape})`
+        - output ``y``: same shape as ``x``, contiguous (as :func:`layer_norm` returns it);
+          ``h``: same shape, channels_last when ``x`` is (as ``x + residual`` is), contiguous otherwise.
+
+    Example::
+
+        >>> x, residual = torch.randn(2, 16, 768), torch.randn(2, 16, 768)
+        >>> w, b = torch.ones(768), torch.zeros(768)
+        >>> y, residual = normkit.functional.fused_add_layer_norm(x, residual, (768,), w, b)
+        >>> y.shape
+        torch.Size([2, 16, 768])
+    """
+    if has_torch_function_variadic(x, residual, weight, bias):
+        return handle_torch_function(
+            fused_add_layer_norm, (x, residual, weight, bias), x, residual, normalized_shape,
+            weight=weight, bias=bias, eps=eps,
+        )
+    _check_residual("fused_add_layer_norm", x, residual)
+    shape = _as_shape(normalized_shape)
+    _checks.normalized_shape(x, shape, weight, bias)
+    _checks.floating(x, "LayerNormKernelImpl")
+    _checks.parameter_dtypes(x, weight, bias)
+    y, h = resolve(x).fused_add_layer_norm(x, residual, shape, weight, bias, eps)
+    return y.contiguous(), h.contiguous(memory_format=_suggested_format(x))
+
+
+def group_norm_silu(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Group Normalization followed by SiLU, in one op: ``silu(group_norm(x))``.
+
+    .. math::
+        z = \frac{x - \mu_{n,g}}{\sqrt{\sigma^2_{n,g} + \epsilon}} \gamma_c + \beta_c, \qquad
+        y = \mathrm{silu}(z) = z \, \sigma(z) = \frac{z}{1 + e^{-z}}
+
+    The norm-activation pair of diffusion U-Nets and VAEs. The result equals
+    ``torch.nn.functional.silu(torch.nn.functional.group_norm(x, num_groups, weight, bias, eps))``,
+    rounded once to x's dtype. A backend may save less for backward than the two ops do: the
+    reference backend keeps x and the (N, G) statistics and recomputes :math:`z` in backward
+    instead of storing the GroupNorm output (``docs/fused.md``).
+
+    Args:
+        x (Tensor): the input, of shape :math:`(N, C, *)`.
+        num_groups (int): number of groups G; must divide C.
+        weight (Tensor, optional): :math:`\gamma`, of shape :math:`(C,)`. Default: None.
+        bias (Tensor, optional): :math:`\beta`, of shape :math:`(C,)`. Default: None.
+        eps (float): added to the variance. Default: 1e-5.
+
+    Shape:
+        - x: :math:`(N, C, *)`
+        - output: same shape as ``x``; channels_last(_3d) when ``x`` is (as :func:`group_norm`
+          keeps it), contiguous otherwise.
+
+    Example::
+
+        >>> x = torch.randn(2, 64, 16, 16)
+        >>> normkit.functional.group_norm_silu(x, 32, torch.ones(64), torch.zeros(64)).shape
+        torch.Size([2, 64, 16, 16])
+    """
+    if has_torch_function_variadic(x, weight, bias):
+        return handle_torch_function(
+            group_norm_silu, (x, weight, bias), x, num_groups, weight=weight, bias=bias, eps=eps
+        )
+    _checks.group_norm_args(x, num_groups, weight, bias)
+    _checks.floating(x, "GroupNormKernelImpl")
+    _checks.parameter_dtypes(x, weight, bias)
+    y = resolve(x).group_norm_silu(x, num_groups, weight, bias, eps)
+    return y.contiguous(memory_format=_suggested_format(x))

@@ -47,6 +47,12 @@ per-dtype tolerance. The variance is computed in two passes (mean first, then th
 deviations), never as :math:`E[x^2] - E[x]^2`, which cancels catastrophically when |mean| >> std.
 Running statistics are updated in place, without autograd.
 
+Fused ops: :func:`group_norm_silu` is GroupNorm followed by SiLU with one rounding, and its backward
+recomputes the GroupNorm output from x and the statistics instead of storing it. The fused residual
+adds (``normkit.functional.fused_add_rms_norm``/``fused_add_layer_norm``) need no function here: they
+are :func:`rms_norm`/:func:`layer_norm` of ``h = x + residual`` (rounded to x's dtype, as torch's add
+rounds it), and the add's gradient is the identity with respect to both operands.
+
 This module holds math only: argument checking, layouts and dispatch live in :mod:`normkit.functional`.
 """
 
@@ -72,6 +78,8 @@ __all__ = [
     "group_norm_backward",
     "rms_norm",
     "rms_norm_backward",
+    "group_norm_silu",
+    "group_norm_silu_backward",
 ]
 
 
@@ -328,6 +336,78 @@ def group_norm_backward(
     dx = _normalize_backward(_grouped(g, num_groups), xhat_g, rstd, (2,), center=True)
     dweight = None if weight is None else _channel_sum(dyf * xhat)
     return dx.reshape(x.shape).to(x.dtype), dweight, _channel_sum(dyf)
+
+
+# --------------------------------------------------------------------------------------------------
+# GroupNorm + SiLU
+# --------------------------------------------------------------------------------------------------
+
+
+def _group_norm_affine(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor
+) -> Tensor:
+    """GroupNorm's output before rounding, ``z = xhat * weight + bias``, in the accumulation dtype,
+    from the (N, G) statistics."""
+    acc = accumulation_dtype(x)
+    mean, rstd = mean.reshape(x.shape[0], num_groups, 1), rstd.reshape(x.shape[0], num_groups, 1)
+    xhat = ((_grouped(x.to(acc), num_groups) - mean) * rstd).reshape(x.shape)
+    return _affine(xhat, _channel_view(weight, x.dim(), acc), _channel_view(bias, x.dim(), acc))
+
+
+def group_norm_silu(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""GroupNorm followed by SiLU (Elfwing, Uchibe & Doya, 2018, arXiv:1702.03118), rounded once.
+
+    .. math::
+        z = \mathrm{GroupNorm}(x) = \hat x \, \gamma_c + \beta_c, \qquad
+        y = \mathrm{silu}(z) = z \, s(z), \qquad s(z) = \frac{1}{1 + e^{-z}}
+
+    :func:`group_norm`'s statistics and affine step in the accumulation dtype, then SiLU on the
+    unrounded ``z``, then one rounding to x's dtype (the two-op composition rounds ``z`` to x's
+    dtype first). Returns ``(y, mean, rstd)`` with (N, G) statistics, as :func:`group_norm` does:
+    they and x are all that :func:`group_norm_silu_backward` needs.
+    """
+    acc = accumulation_dtype(x)
+    mean, var = _moments(_grouped(x.to(acc), num_groups), (2,))  # one (mean, var) per (sample, group)
+    rstd = torch.rsqrt(var + eps)
+    z = _group_norm_affine(x, num_groups, weight, bias, mean, rstd)
+    y = z * torch.sigmoid(z)
+    return y.to(x.dtype), mean.reshape(x.shape[0], num_groups), rstd.reshape(x.shape[0], num_groups)
+
+
+def group_norm_silu_backward(
+    dy: Tensor,
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    r"""Gradients ``(dx, dweight, dbias)`` of :func:`group_norm_silu`, recomputing ``z`` from x.
+
+    By the chain rule the gradient at GroupNorm's output is :math:`\partial L/\partial z =
+    \partial L/\partial y \cdot \mathrm{silu}'(z)`, and from there it is :func:`group_norm_backward`.
+    With :math:`s = s(z)` and :math:`s'(z) = e^{-z}/(1 + e^{-z})^2 = s\,(1 - s)`,
+
+    .. math::
+        \mathrm{silu}'(z) = \frac{d}{dz}\big(z\,s(z)\big) = s + z\,s\,(1 - s)
+            = s\,\big(1 + z\,(1 - s)\big).
+
+    ``z`` is not saved by the forward: it is recomputed here from x, the (N, G) statistics,
+    ``weight`` and ``bias`` (which is why the bias, unused by GroupNorm's own backward, is an
+    argument). Storing it would cost one more tensor of x's size per layer.
+    """
+    acc = accumulation_dtype(x)
+    z = _group_norm_affine(x, num_groups, weight, bias, mean, rstd)
+    s = torch.sigmoid(z)
+    dz = dy.to(acc) * s * (1 + z * (1 - s))
+    return group_norm_backward(dz, x, num_groups, weight, mean, rstd)
 
 
 # --------------------------------------------------------------------------------------------------

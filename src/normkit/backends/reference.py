@@ -1,7 +1,10 @@
 """The reference backend: :mod:`normkit.reference`'s forward and hand-derived backward under autograd.
 
-One :class:`torch.autograd.Function` serves all five norms. It saves only what each backward needs,
-the input and the per-row/per-channel statistics (never a float32 copy of a low-precision input).
+One :class:`torch.autograd.Function` serves all five norms and GroupNorm+SiLU. It saves only what
+each backward needs, the input and the per-row/per-channel statistics (never a float32 copy of a
+low-precision input, never an output): GroupNorm+SiLU recomputes its GroupNorm output in backward
+from x, the statistics and the parameters. The fused residual adds keep :class:`Backend`'s
+composition: the norm saves ``h = x + residual``, the tensor the op returns anyway.
 The backward is written in differentiable torch ops; for double backward (``create_graph=True``) it
 recomputes the statistics from the saved input so that they, too, are differentiated.
 """
@@ -41,6 +44,9 @@ class _Op:
     #: the ``args`` of a forward that recomputes x's statistics without updating running ones, or
     #: None where the statistics are constants
     recompute_args: Callable[[tuple], tuple | None] = _same
+    #: whether backward needs the bias too (saved after the weight, passed after it:
+    #: ``backward(dy, x, weight, bias, *stats, *args)``); the norms' backward does not
+    needs_bias: bool = False
 
 
 class _Norm(torch.autograd.Function):
@@ -61,17 +67,21 @@ class _Norm(torch.autograd.Function):
         op, x, weight, bias, *args = inputs
         y, *stats = output
         ctx.op, ctx.args = op, tuple(args)
-        ctx.bias_dtype = None if bias is None else bias.dtype  # bias itself is not needed by backward
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(*stats)
-        ctx.save_for_backward(x, weight, *stats)
+        params = (weight, bias) if op.needs_bias else (weight,)  # the norms' backward needs no bias
+        ctx.save_for_backward(x, *params, *stats)
 
     @staticmethod
     def backward(ctx, dy: Tensor, *unused_stat_grads: Tensor):
-        x, weight, *stats = ctx.saved_tensors
+        x, *saved = ctx.saved_tensors
+        n_params = 2 if ctx.op.needs_bias else 1
+        params, stats = saved[:n_params], saved[n_params:]
+        weight = params[0]
         recompute = ctx.op.recompute_args(ctx.args) if torch.is_grad_enabled() else None
         if recompute is not None:  # create_graph: statistics computed from x must be differentiated too
             _, *stats = ctx.op.forward(x, weight, None, *recompute)
-        dx, dweight, *dbias = ctx.op.backward(dy, x, weight, *stats, *ctx.args)
+        dx, dweight, *dbias = ctx.op.backward(dy, x, *params, *stats, *ctx.args)
         need_x, need_w, need_b = ctx.needs_input_grad[1:4]
         return (
             None,
@@ -93,6 +103,13 @@ _RMS_NORM = _Op(
 _GROUP_NORM = _Op(
     forward=lambda x, w, b, groups, eps: ref.group_norm(x, groups, w, b, eps),
     backward=lambda dy, x, w, mean, rstd, groups, eps: ref.group_norm_backward(dy, x, groups, w, mean, rstd),
+)
+_GROUP_NORM_SILU = _Op(
+    forward=lambda x, w, b, groups, eps: ref.group_norm_silu(x, groups, w, b, eps),
+    backward=lambda dy, x, w, b, mean, rstd, groups, eps: ref.group_norm_silu_backward(
+        dy, x, groups, w, b, mean, rstd
+    ),
+    needs_bias=True,
 )
 _BATCH_NORM = _Op(
     forward=lambda x, w, b, rm, rv, training, momentum, eps: ref.batch_norm(x, rm, rv, w, b, training, momentum, eps),
@@ -129,6 +146,9 @@ class ReferenceBackend(Backend):
 
     def group_norm(self, x, num_groups, weight, bias, eps):
         return _apply(_GROUP_NORM, x, weight, bias, num_groups, eps)
+
+    def group_norm_silu(self, x, num_groups, weight, bias, eps):
+        return _apply(_GROUP_NORM_SILU, x, weight, bias, num_groups, eps)
 
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
         return _apply(_BATCH_NORM, x, weight, bias, running_mean, running_var, training, momentum, eps)
