@@ -137,8 +137,12 @@ class _ChanNorm(torch.autograd.Function):
         ctx.train = fixed_mean is None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
-        # the bias is needed only to recompute SiLU's input
-        ctx.save_for_backward(xk, weight, bias if silu else None, mean, rstd)
+        # statistics in float32 for float32/16-bit data, and the mean only where the backward kernel
+        # needs it before it has recomputed it from x (SiLU's input; eval's fixed statistics): no
+        # more bytes than torch saves. The bias is needed only to recompute SiLU's input.
+        acc = K.arithmetic_dtype(x.dtype)
+        keep_mean = silu or not ctx.train
+        ctx.save_for_backward(xk, weight, bias if silu else None, mean.to(acc) if keep_mean else None, rstd.to(acc))
         return y, mean, var
 
     @staticmethod

@@ -55,6 +55,15 @@ def ensure_loaded() -> None:
     _fn("nk_row_fwd", torch.float32)
 
 
+#: elements per thread below which a kernel runs on fewer threads: waking a thread costs more than
+#: it saves on small tensors (torch's own grain size is of the same order)
+GRAIN = 32768
+
+
+def _threads(numel: int) -> int:
+    return max(1, min(torch.get_num_threads(), numel // GRAIN))
+
+
 def arithmetic_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -84,7 +93,7 @@ def row_forward(
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     _fn("nk_row_fwd", x.dtype)(
         x.data_ptr(), _ptr(residual), _ptr(h), _ptr(w), _ptr(b), y.data_ptr(), rstd.data_ptr(),
-        m, n, float(eps), int(rms), torch.get_num_threads(),
+        m, n, float(eps), int(rms), _threads(x.numel()),
     )
     return y, h, rstd
 
@@ -108,7 +117,7 @@ def row_backward(
     w = _param(weight, x.dtype)
     _fn("nk_row_bwd", x.dtype)(
         x.data_ptr(), dy.data_ptr(), _ptr(dh), _ptr(w), rstd.data_ptr(), dx.data_ptr(),
-        _ptr(dw), _ptr(db), m, n, int(rms), torch.get_num_threads(),
+        _ptr(dw), _ptr(db), m, n, int(rms), _threads(x.numel()),
     )
     return dx, dw, db
 
@@ -137,7 +146,7 @@ def chan_forward(
     _fn("nk_chan_fwd", x.dtype)(
         x.data_ptr(), y.data_ptr(), n, c, s, int(in_nhwc), int(out_nhwc), groups, _ptr(w), _ptr(b),
         _ptr(fixed_mean), _ptr(fixed_var), float(eps), int(silu), mean.data_ptr(), rstd.data_ptr(),
-        var.data_ptr(), torch.get_num_threads(),
+        var.data_ptr(), _threads(x.numel()),
     )
     return mean, rstd, var
 
@@ -150,14 +159,16 @@ def chan_backward(
     groups: int,
     weight: Tensor | None,
     bias: Tensor | None,
-    mean: Tensor,
+    mean: Tensor | None,
     rstd: Tensor,
     train: bool,
     silu: bool,
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Gradients ``(dx, dweight, dbias)`` of :func:`chan_forward`; ``dy`` has x's layout."""
+    """Gradients ``(dx, dweight, dbias)`` of :func:`chan_forward`; ``dy`` has x's layout, ``mean`` and
+    ``rstd`` the arithmetic dtype (as saved; ``mean`` may be None with statistics of x, which the
+    kernel recomputes)."""
     n, c, s = dims
     dx = torch.empty_like(x)
     dw = torch.empty(c, dtype=torch.float64) if need_weight else None
@@ -165,6 +176,6 @@ def chan_backward(
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     _fn("nk_chan_bwd", x.dtype)(
         x.data_ptr(), dy.data_ptr(), dx.data_ptr(), n, c, s, int(nhwc), groups, _ptr(w), _ptr(b),
-        mean.data_ptr(), rstd.data_ptr(), int(train), int(silu), _ptr(dw), _ptr(db), torch.get_num_threads(),
+        _ptr(mean), rstd.data_ptr(), int(train), int(silu), _ptr(dw), _ptr(db), _threads(x.numel()),
     )
     return dx, dw, db

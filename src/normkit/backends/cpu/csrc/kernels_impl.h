@@ -282,26 +282,28 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
     free(pc);
 }
 
-/* y = (x - center[n, c]) * scale[n, c] + shift[n, c], then SiLU when act == 1. Centring first keeps
- * a large mean from cancelling catastrophically. Input and output layouts may differ only as
- * (channels-last in, channels-first out), which InstanceNorm needs. */
+/* y = (x - center[n, c]) * scale[n, c] + shift[n, c], then SiLU when act == 1. The centre is the
+ * mean as hi + lo: x - hi is exact near the mean and lo restores what rounding the mean to NK_A lost,
+ * so a large mean neither cancels nor shifts the output. Input and output layouts may differ only
+ * as (channels-last in, channels-first out), which InstanceNorm needs. */
 static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
-                              const NK_A *center, const NK_A *scale, const NK_A *shift, int act, int nt) {
+                              const NK_A *hi, const NK_A *lo, const NK_A *scale, const NK_A *shift, int act,
+                              int nt) {
     if (!in_nhwc) {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t nc = 0; nc < N * C; nc++) {
             const NK_T *xr = x + nc * S;
             NK_T *yr = y + nc * S;
-            NK_A m = center[nc], a = scale[nc], b = shift[nc];
+            NK_A mh = hi[nc], ml = lo[nc], a = scale[nc], b = shift[nc];
             if (act) {
 #pragma omp simd
                 for (int64_t s = 0; s < S; s++) {
-                    NK_A z = (NK_LOAD(xr[s]) - m) * a + b;
+                    NK_A z = ((NK_LOAD(xr[s]) - mh) - ml) * a + b;
                     yr[s] = NK_STORE(z * NK_NAME(nk_sigmoid)(z));
                 }
             } else {
 #pragma omp simd
-                for (int64_t s = 0; s < S; s++) yr[s] = NK_STORE((NK_LOAD(xr[s]) - m) * a + b);
+                for (int64_t s = 0; s < S; s++) yr[s] = NK_STORE(((NK_LOAD(xr[s]) - mh) - ml) * a + b);
             }
         }
     } else if (out_nhwc) {
@@ -310,16 +312,16 @@ static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int6
             int64_t n = ns / S;
             const NK_T *xr = x + ns * C;
             NK_T *yr = y + ns * C;
-            const NK_A *m = center + n * C, *a = scale + n * C, *b = shift + n * C;
+            const NK_A *mh = hi + n * C, *ml = lo + n * C, *a = scale + n * C, *b = shift + n * C;
             if (act) {
 #pragma omp simd
                 for (int64_t c = 0; c < C; c++) {
-                    NK_A z = (NK_LOAD(xr[c]) - m[c]) * a[c] + b[c];
+                    NK_A z = ((NK_LOAD(xr[c]) - mh[c]) - ml[c]) * a[c] + b[c];
                     yr[c] = NK_STORE(z * NK_NAME(nk_sigmoid)(z));
                 }
             } else {
 #pragma omp simd
-                for (int64_t c = 0; c < C; c++) yr[c] = NK_STORE((NK_LOAD(xr[c]) - m[c]) * a[c] + b[c]);
+                for (int64_t c = 0; c < C; c++) yr[c] = NK_STORE(((NK_LOAD(xr[c]) - mh[c]) - ml[c]) * a[c] + b[c]);
             }
         }
     } else {
@@ -330,9 +332,9 @@ static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int6
             int64_t n = ns / S, s = ns % S;
             const NK_T *xr = x + ns * C;
             NK_T *yc = y + n * C * S + s;
-            const NK_A *m = center + n * C, *a = scale + n * C, *b = shift + n * C;
+            const NK_A *mh = hi + n * C, *ml = lo + n * C, *a = scale + n * C, *b = shift + n * C;
             for (int64_t c = 0; c < C; c++) {
-                NK_A z = (NK_LOAD(xr[c]) - m[c]) * a[c] + b[c];
+                NK_A z = ((NK_LOAD(xr[c]) - mh[c]) - ml[c]) * a[c] + b[c];
                 yc[c * S] = NK_STORE(act ? z * NK_NAME(nk_sigmoid)(z) : z);
             }
         }
@@ -360,18 +362,21 @@ void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t 
         free(m2_nc);
     }
     for (int64_t k = 0; k < sets; k++) rstd_out[k] = 1.0 / sqrt(var_out[k] + eps);
-    NK_A *center = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
+    NK_A *hi = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
+    NK_A *lo = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
     NK_A *scale = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
     NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
             int64_t k = nk_set_of(n, c, C, groups);
-            center[n * C + c] = (NK_A)mean_out[k];
+            hi[n * C + c] = (NK_A)mean_out[k];
+            lo[n * C + c] = (NK_A)(mean_out[k] - (double)hi[n * C + c]);
             scale[n * C + c] = (NK_A)(rstd_out[k] * (w ? (double)w[c] : 1.0));
             shift[n * C + c] = (NK_A)(b ? (double)b[c] : 0.0);
         }
-    NK_NAME(nk_apply)(x, y, N, C, S, in_nhwc, out_nhwc, center, scale, shift, act, nt);
-    free(center);
+    NK_NAME(nk_apply)(x, y, N, C, S, in_nhwc, out_nhwc, hi, lo, scale, shift, act, nt);
+    free(hi);
+    free(lo);
     free(scale);
     free(shift);
 }
@@ -385,45 +390,67 @@ static inline NK_A NK_NAME(nk_dz)(NK_A dy, NK_A xhat, NK_A wc, NK_A bc, int act)
 }
 
 /* Backward of nk_chan_fwd (same layout for x, dy and dx). train: the statistics came from x (they
- * are differentiated); otherwise they were constants (eval BatchNorm). dw/db (double, may be NULL)
- * get per-channel sums of dz * xhat and dz. */
+ * are differentiated); otherwise they were constants (eval BatchNorm).
+ *
+ * The forward saves rstd per set in NK_A, and the mean only where pass 1 needs it (SiLU's input,
+ * or eval's fixed statistics), so that no more bytes are saved than torch saves. With statistics
+ * of x, pass 1 sums x in double and so recovers the exact mean m; it centres by a shift K close to
+ * the mean (the saved float mean, or else the set's first element) and corrects afterwards:
+ *   sum dz (x - m) = sum dz (x - K) - (m - K) sum dz,
+ * with no cancellation worth the name since |m - K| is of the order of the spread. (Only SiLU's
+ * derivative inside pass 1 sees the float mean instead of the exact one.)
+ * dw/db (double, may be NULL) get per-channel sums of dz * xhat and dz. */
 void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, int64_t C, int64_t S, int nhwc,
-                          int64_t groups, const NK_A *w, const NK_A *b, const double *mean, const double *rstd,
+                          int64_t groups, const NK_A *w, const NK_A *b, const NK_A *mean, const NK_A *rstd,
                           int train, int act, double *dw, double *db, int nt) {
     nt = nk_threads(nt);
     size_t nc_count = (size_t)(N * C + 1);
-    /* per (n, c): xhat = (x - xm) * xr; z = xhat * zw + zb (the affine output SiLU sees) */
-    NK_A *xm = (NK_A *)malloc(sizeof(NK_A) * nc_count), *xr_ = (NK_A *)malloc(sizeof(NK_A) * nc_count);
+    int64_t sets = groups > 0 ? N * groups : C;
+    /* per (n, c) constants: xhat = ((x - mh) - ml) * r; z = xhat * zw + zb */
+    NK_A *mh = (NK_A *)malloc(sizeof(NK_A) * nc_count), *ml = (NK_A *)calloc(nc_count, sizeof(NK_A));
+    NK_A *r = (NK_A *)malloc(sizeof(NK_A) * nc_count);
     NK_A *zw = (NK_A *)malloc(sizeof(NK_A) * nc_count), *zb = (NK_A *)malloc(sizeof(NK_A) * nc_count);
-    double *a1 = (double *)calloc(nc_count, sizeof(double)), *a2 = (double *)calloc(nc_count, sizeof(double));
+    double *a0 = (double *)calloc(nc_count, sizeof(double)); /* sum x */
+    double *a1 = (double *)calloc(nc_count, sizeof(double)); /* sum dz */
+    double *a2 = (double *)calloc(nc_count, sizeof(double)); /* sum dz (x - m_hi) */
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
             int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
-            xm[i] = (NK_A)mean[k];
-            xr_[i] = (NK_A)rstd[k];
-            zw[i] = (NK_A)(w ? (double)w[c] : 1.0);
-            zb[i] = (NK_A)(b ? (double)b[c] : 0.0);
+            if (mean) {
+                mh[i] = mean[k];
+            } else { /* the first element of the set: sample 0 (BatchNorm) or n, its first channel */
+                int64_t n0 = groups > 0 ? n : 0, c0 = groups > 0 ? (c / (C / groups)) * (C / groups) : c;
+                mh[i] = NK_LOAD(x[nhwc ? n0 * S * C + c0 : (n0 * C + c0) * S]);
+            }
+            r[i] = rstd[k];
+            zw[i] = w ? w[c] : (NK_A)1;
+            zb[i] = b ? b[c] : (NK_A)0;
         }
-    /* pass 1: a1 = sum dz, a2 = sum dz * xhat, per (n, c) */
+    /* pass 1 */
     if (!nhwc) {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t nc = 0; nc < N * C; nc++) {
             const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
-            NK_A s_m = xm[nc], s_r = xr_[nc], s_w = zw[nc], s_b = zb[nc];
-            double t1 = 0, t2 = 0;
+            NK_A s_m = mh[nc], s_r = r[nc], s_w = zw[nc], s_b = zb[nc];
+            double t0 = 0, t1 = 0, t2 = 0;
             for (int64_t s0 = 0; s0 < S; s0 += NK_BLOCK) {
                 int64_t s1 = s0 + NK_BLOCK < S ? s0 + NK_BLOCK : S;
                 NK_A u1 = 0, u2 = 0;
-#pragma omp simd reduction(+ : u1, u2)
+                double u0 = 0;
+#pragma omp simd reduction(+ : u0, u1, u2)
                 for (int64_t s = s0; s < s1; s++) {
-                    NK_A xhat = (NK_LOAD(xr[s]) - s_m) * s_r;
-                    NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[s]), xhat, s_w, s_b, act);
+                    NK_A xv = NK_LOAD(xr[s]);
+                    NK_A xc = xv - s_m;
+                    NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[s]), xc * s_r, s_w, s_b, act);
+                    u0 += (double)xv;
                     u1 += dz;
-                    u2 += dz * xhat;
+                    u2 += dz * xc;
                 }
+                t0 += u0;
                 t1 += u1;
                 t2 += u2;
             }
+            a0[nc] = t0;
             a1[nc] = t1;
             a2[nc] = t2;
         }
@@ -431,54 +458,81 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         int64_t B = nk_row_blocks(N, S, nt);
         int64_t rows_per_block = (S + B - 1) / B;
         int64_t sub = NK_BLOCK / C > 0 ? NK_BLOCK / C : 1;
+        double *p0 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
         double *p1 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
         double *p2 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
 #pragma omp parallel num_threads(nt)
         {
+            double *u0 = (double *)malloc(sizeof(double) * (size_t)C);
             NK_A *u1 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C), *u2 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < N * B; task++) {
                 int64_t n = task / B, bk = task % B;
                 int64_t r0 = bk * rows_per_block, r1 = r0 + rows_per_block < S ? r0 + rows_per_block : S;
-                const NK_A *cm = xm + n * C, *cr = xr_ + n * C, *cw = zw + n * C, *cb = zb + n * C;
+                const NK_A *cm = mh + n * C, *cr = r + n * C, *cw = zw + n * C, *cb = zb + n * C;
                 for (int64_t s0 = r0; s0 < r1; s0 += sub) {
                     int64_t s1 = s0 + sub < r1 ? s0 + sub : r1;
-                    for (int64_t c = 0; c < C; c++) u1[c] = 0, u2[c] = 0;
+                    for (int64_t c = 0; c < C; c++) u0[c] = 0, u1[c] = 0, u2[c] = 0;
                     for (int64_t s = s0; s < s1; s++) {
                         const NK_T *xr = x + (n * S + s) * C, *dyr = dy + (n * S + s) * C;
 #pragma omp simd
                         for (int64_t c = 0; c < C; c++) {
-                            NK_A xhat = (NK_LOAD(xr[c]) - cm[c]) * cr[c];
-                            NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[c]), xhat, cw[c], cb[c], act);
+                            NK_A xv = NK_LOAD(xr[c]);
+                            NK_A xc = xv - cm[c];
+                            NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[c]), xc * cr[c], cw[c], cb[c], act);
+                            u0[c] += (double)xv;
                             u1[c] += dz;
-                            u2[c] += dz * xhat;
+                            u2[c] += dz * xc;
                         }
                     }
-                    for (int64_t c = 0; c < C; c++) p1[task * C + c] += u1[c], p2[task * C + c] += u2[c];
+                    double *q0 = p0 + task * C, *q1 = p1 + task * C, *q2 = p2 + task * C;
+                    for (int64_t c = 0; c < C; c++) q0[c] += u0[c], q1[c] += u1[c], q2[c] += u2[c];
                 }
             }
+            free(u0);
             free(u1);
             free(u2);
         }
         for (int64_t n = 0; n < N; n++)
             for (int64_t bk = 0; bk < B; bk++)
                 for (int64_t c = 0; c < C; c++) {
-                    a1[n * C + c] += p1[(n * B + bk) * C + c];
-                    a2[n * C + c] += p2[(n * B + bk) * C + c];
+                    int64_t t = (n * B + bk) * C + c;
+                    a0[n * C + c] += p0[t];
+                    a1[n * C + c] += p1[t];
+                    a2[n * C + c] += p2[t];
                 }
+        free(p0);
         free(p1);
         free(p2);
     }
-    /* parameter gradients, and dx = dz * k1 + xhat * k2 + k3 per (n, c) */
+    /* the exact mean of each set (train: statistics of x) gives the low part of the centre */
+    double set_count = groups > 0 ? (double)(C / groups) * (double)S : (double)N * (double)S;
+    if (train) {
+        double *sx = (double *)calloc((size_t)sets + 1, sizeof(double));
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t c = 0; c < C; c++) sx[nk_set_of(n, c, C, groups)] += a0[n * C + c];
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t c = 0; c < C; c++) {
+                int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
+                double m = sx[k] / set_count;
+                /* a2 <- sum dz * xhat; then centre pass 2 on the exact mean as hi + lo */
+                a2[i] = (double)r[i] * (a2[i] - (m - (double)mh[i]) * a1[i]);
+                mh[i] = (NK_A)m;
+                ml[i] = (NK_A)(m - (double)mh[i]);
+            }
+        free(sx);
+    } else {
+        for (int64_t i = 0; i < N * C; i++) a2[i] *= (double)r[i];
+    }
+    /* the parameter gradients */
     for (int64_t c = 0; c < C; c++) {
         double sw = 0, sb = 0;
         for (int64_t n = 0; n < N; n++) sw += a2[n * C + c], sb += a1[n * C + c];
         if (dw) dw[c] = sw;
         if (db) db[c] = sb;
     }
-    int64_t sets = groups > 0 ? N * groups : C;
+    /* dx = rstd * (w dz - mean_set(w dz) - xhat mean_set(w dz xhat)): cancel first, then scale */
     double *g1 = (double *)calloc((size_t)sets + 1, sizeof(double)), *g2 = (double *)calloc((size_t)sets + 1, sizeof(double));
-    double set_count = groups > 0 ? (double)(C / groups) * (double)S : (double)N * (double)S;
     if (train)
         for (int64_t n = 0; n < N; n++)
             for (int64_t c = 0; c < C; c++) {
@@ -487,17 +541,12 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
                 g1[k] += wc * a1[n * C + c];
                 g2[k] += wc * a2[n * C + c];
             }
-    /* dx = rstd * (w dz - mean_set(w dz) - xhat mean_set(w dz xhat)) */
-    NK_A *k1 = (NK_A *)malloc(sizeof(NK_A) * nc_count), *k2 = (NK_A *)malloc(sizeof(NK_A) * nc_count);
-    NK_A *k3 = (NK_A *)malloc(sizeof(NK_A) * nc_count);
+    NK_A *k2 = (NK_A *)malloc(sizeof(NK_A) * nc_count), *k3 = (NK_A *)malloc(sizeof(NK_A) * nc_count);
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
             int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
-            double r = rstd[k], wc = w ? (double)w[c] : 1.0;
-            double m1 = train ? g1[k] / set_count : 0.0, m2 = train ? g2[k] / set_count : 0.0;
-            k1[i] = (NK_A)(r * wc);
-            k2[i] = (NK_A)(-r * m2);
-            k3[i] = (NK_A)(-r * m1);
+            k2[i] = (NK_A)(-g2[k] / set_count);
+            k3[i] = (NK_A)(-g1[k] / set_count);
         }
     /* pass 2 */
     if (!nhwc) {
@@ -505,12 +554,12 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         for (int64_t nc = 0; nc < N * C; nc++) {
             const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
             NK_T *dxr = dx + nc * S;
-            NK_A c1 = k1[nc], c2 = k2[nc], c3 = k3[nc], s_m = xm[nc], s_r = xr_[nc], s_w = zw[nc], s_b = zb[nc];
+            NK_A c2 = k2[nc], c3 = k3[nc], s_m = mh[nc], s_l = ml[nc], s_r = r[nc], s_w = zw[nc], s_b = zb[nc];
 #pragma omp simd
             for (int64_t s = 0; s < S; s++) {
-                NK_A xhat = (NK_LOAD(xr[s]) - s_m) * s_r;
+                NK_A xhat = ((NK_LOAD(xr[s]) - s_m) - s_l) * s_r;
                 NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[s]), xhat, s_w, s_b, act);
-                dxr[s] = NK_STORE(dz * c1 + xhat * c2 + c3);
+                dxr[s] = NK_STORE((dz * s_w + xhat * c2 + c3) * s_r);
             }
         }
     } else {
@@ -519,27 +568,28 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
             int64_t n = ns / S;
             const NK_T *xr = x + ns * C, *dyr = dy + ns * C;
             NK_T *dxr = dx + ns * C;
-            const NK_A *c1 = k1 + n * C, *c2 = k2 + n * C, *c3 = k3 + n * C;
-            const NK_A *cm = xm + n * C, *cr = xr_ + n * C, *cw = zw + n * C, *cb = zb + n * C;
+            const NK_A *c2 = k2 + n * C, *c3 = k3 + n * C;
+            const NK_A *cm = mh + n * C, *cl = ml + n * C, *cr = r + n * C, *cw = zw + n * C, *cb = zb + n * C;
 #pragma omp simd
             for (int64_t c = 0; c < C; c++) {
-                NK_A xhat = (NK_LOAD(xr[c]) - cm[c]) * cr[c];
+                NK_A xhat = ((NK_LOAD(xr[c]) - cm[c]) - cl[c]) * cr[c];
                 NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[c]), xhat, cw[c], cb[c], act);
-                dxr[c] = NK_STORE(dz * c1[c] + xhat * c2[c] + c3[c]);
+                dxr[c] = NK_STORE((dz * cw[c] + xhat * c2[c] + c3[c]) * cr[c]);
             }
         }
     }
-    free(xm);
-    free(xr_);
+    free(mh);
+    free(ml);
+    free(r);
     free(zw);
     free(zb);
-    free(k1);
-    free(k2);
-    free(k3);
+    free(a0);
     free(a1);
     free(a2);
     free(g1);
     free(g2);
+    free(k2);
+    free(k3);
 }
 
 #undef NK_T
