@@ -169,12 +169,8 @@ def _chan_backward_differentiable(ctx, dy, x, weight, bias, mean, rstd):
     """Reference formulas in torch ops (create_graph), statistics recomputed from x when they depend on it."""
     groups = ctx.groups
     if ctx.silu:
-        _, m, r = ref.group_norm(x, groups, weight, bias, ctx.eps)
-        z = ref.group_norm(x, groups, weight, bias, ctx.eps)[0].to(ref.accumulation_dtype(x))
-        s = torch.sigmoid(z)
-        dz = (dy.to(z.dtype) * s * (1 + z * (1 - s))).to(x.dtype)
-        dx, dw, db = ref.group_norm_backward(dz, x, groups, weight, m, r)
-        return dx, dw, db
+        _, m, r = ref.group_norm_silu(x, groups, weight, bias, ctx.eps)
+        return ref.group_norm_silu_backward(dy, x, groups, weight, bias, m, r)
     if groups > 0:
         if x.shape[1] == groups and x.dim() > 2:  # InstanceNorm with input statistics
             _, m, r = ref.instance_norm(x, None, None, weight, None, True, 0.0, ctx.eps)

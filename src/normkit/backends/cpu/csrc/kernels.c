@@ -90,7 +90,7 @@ static inline nk_f16 nk_f16_store(float f) {
 /* expf that the compiler can vectorize (libm's expf is a scalar call): exp(x) = 2^k exp(r) with
  * k = round(x / ln 2), |r| <= ln(2) / 2, and a degree-6 polynomial for exp(r) (Cephes' coefficients);
  * about 2 ulp over the clamped range, which covers every input where SiLU is not already 0 or x. */
-static inline float nk_expf(float x) {
+static inline __attribute__((always_inline)) float nk_expf(float x) {
     x = x > 88.0f ? 88.0f : (x < -87.0f ? -87.0f : x);
     float k = floorf(x * 1.44269504088896341f + 0.5f);
     float r = x - k * 0.693359375f + k * 2.12194440e-4f;

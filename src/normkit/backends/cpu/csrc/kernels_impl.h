@@ -9,7 +9,7 @@
  */
 
 /* silu(z) and its derivative, d silu / dz = s(z) (1 + z (1 - s(z))) */
-static inline NK_A NK_NAME(nk_sigmoid)(NK_A z) { return (NK_A)1 / ((NK_A)1 + NK_EXP(-z)); }
+static inline __attribute__((always_inline)) NK_A NK_NAME(nk_sigmoid)(NK_A z) { return (NK_A)1 / ((NK_A)1 + NK_EXP(-z)); }
 
 /* ================================ row norms ======================================== */
 
@@ -25,33 +25,38 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
         for (int64_t i = 0; i < M; i++) {
             const NK_T *xr = x + i * N;
             NK_T *yr = y + i * N;
-            /* the sum in double: a float sum of a row with a large mean would shift every output */
-            double sum = 0;
-            if (res) {
+            /* LayerNorm sums x - K with K the row's first element (shifted data): the float sum then
+             * carries errors relative to the row's spread, not to its mean. RMSNorm sums x^2. */
+            NK_A sum = 0, shift = 0;
+            if (res) { /* h = round(x + residual) is written out and normalized */
                 const NK_T *rr = res + i * N;
                 NK_T *hr = hout + i * N;
-#pragma omp simd reduction(+ : sum)
+#pragma omp simd
                 for (int64_t j = 0; j < N; j++) {
                     NK_T h = NK_STORE(NK_LOAD(xr[j]) + NK_LOAD(rr[j]));
                     hr[j] = h;
-                    NK_A v = NK_LOAD(h);
-                    buf[j] = v;
-                    sum += rms ? (double)(v * v) : (double)v;
+                    buf[j] = NK_LOAD(h);
                 }
             } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) buf[j] = NK_LOAD(xr[j]);
+            }
+            /* separate loops, no select inside: the compiler vectorizes each (a loop-invariant
+             * select made it unswitch into a scalar copy) */
+            if (rms) {
 #pragma omp simd reduction(+ : sum)
-                for (int64_t j = 0; j < N; j++) {
-                    NK_A v = NK_LOAD(xr[j]);
-                    buf[j] = v;
-                    sum += rms ? (double)(v * v) : (double)v;
-                }
+                for (int64_t j = 0; j < N; j++) sum += buf[j] * buf[j];
+            } else {
+                shift = buf[0];
+#pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < N; j++) sum += buf[j] - shift;
             }
             NK_A rstd;
-            double mean_d = rms ? 0.0 : sum / (double)N;
+            double mean_d = rms ? 0.0 : (double)shift + (double)sum / (double)N;
             /* centre by mean = hi + lo: (x - hi) is exact near the mean, lo restores the bits float lost */
             NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean);
             if (rms) {
-                rstd = (NK_A)(1.0 / sqrt(sum / (double)N + eps));
+                rstd = (NK_A)(1.0 / sqrt((double)sum / (double)N + eps));
             } else {
                 NK_A sq = 0;
 #pragma omp simd reduction(+ : sq)
@@ -91,8 +96,17 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
 void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK_A *w, const NK_A *rstd_in,
                          NK_T *dx, double *dw, double *db, int64_t M, int64_t N, int rms, int nt) {
     nt = nk_threads(nt);
-    double *part_w = dw ? (double *)calloc((size_t)nt * (size_t)N + 1, sizeof(double)) : NULL;
-    double *part_b = db ? (double *)calloc((size_t)nt * (size_t)N + 1, sizeof(double)) : NULL;
+    /* every loop below is free of selects (a loop-invariant `w ? ... : ...` or `if (dw)` inside a
+     * simd loop made the compiler unswitch it into scalar code): a missing weight is a vector of
+     * ones, and the column partials are always accumulated */
+    NK_A *ones = NULL;
+    if (!w) {
+        ones = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N > 0 ? N : 1));
+        for (int64_t j = 0; j < N; j++) ones[j] = 1;
+        w = ones;
+    }
+    double *part_w = (double *)calloc((size_t)nt * (size_t)N + 1, sizeof(double));
+    double *part_b = (double *)calloc((size_t)nt * (size_t)N + 1, sizeof(double));
 #pragma omp parallel num_threads(nt)
     {
         int tid = 0;
@@ -110,27 +124,27 @@ void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK
             const NK_T *xr = x + i * N, *dyr = dy + i * N;
             NK_T *dxr = dx + i * N;
             NK_A rstd = rstd_in[i];
-            double sum = 0;
+            NK_A sum = 0, shift = NK_LOAD(xr[0]);
+#pragma omp simd
+            for (int64_t j = 0; j < N; j++) xh[j] = NK_LOAD(xr[j]);
+            if (!rms) {
 #pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < N; j++) {
-                NK_A v = NK_LOAD(xr[j]);
-                xh[j] = v;
-                sum += (double)v;
+                for (int64_t j = 0; j < N; j++) sum += xh[j] - shift;
             }
-            double mean_d = rms ? 0.0 : sum / (double)N;
+            double mean_d = rms ? 0.0 : (double)shift + (double)sum / (double)N;
             NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean);
             NK_A c1 = 0, c2 = 0;
 #pragma omp simd reduction(+ : c1, c2)
             for (int64_t j = 0; j < N; j++) {
                 NK_A xhat = ((xh[j] - mean) - mean_lo) * rstd;
                 NK_A d = NK_LOAD(dyr[j]);
-                NK_A g = w ? d * w[j] : d;
+                NK_A g = d * w[j];
                 xh[j] = xhat;
                 gy[j] = g;
                 c1 += g;
                 c2 += g * xhat;
-                if (dw) acc_w[j] += d * xhat;
-                if (db) acc_b[j] += d;
+                acc_w[j] += d * xhat;
+                acc_b[j] += d;
             }
             c1 = rms ? 0 : c1 / (NK_A)N;
             c2 = c2 / (NK_A)N;
@@ -144,16 +158,12 @@ void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK
             }
             if (++pending == 16) {
                 pending = 0;
-                if (dw)
-                    for (int64_t j = 0; j < N; j++) part_w[tid * N + j] += acc_w[j], acc_w[j] = 0;
-                if (db)
-                    for (int64_t j = 0; j < N; j++) part_b[tid * N + j] += acc_b[j], acc_b[j] = 0;
+                for (int64_t j = 0; j < N; j++) part_w[tid * N + j] += acc_w[j], acc_w[j] = 0;
+                for (int64_t j = 0; j < N; j++) part_b[tid * N + j] += acc_b[j], acc_b[j] = 0;
             }
         }
-        if (dw)
-            for (int64_t j = 0; j < N; j++) part_w[tid * N + j] += acc_w[j];
-        if (db)
-            for (int64_t j = 0; j < N; j++) part_b[tid * N + j] += acc_b[j];
+        for (int64_t j = 0; j < N; j++) part_w[tid * N + j] += acc_w[j];
+        for (int64_t j = 0; j < N; j++) part_b[tid * N + j] += acc_b[j];
         free(xh);
         free(gy);
         free(acc_w);
@@ -162,15 +172,13 @@ void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK
     /* fixed-order reduction over threads: the same result on every run */
     for (int64_t j = 0; j < N; j++) {
         double sw = 0, sb = 0;
-        for (int t = 0; t < nt; t++) {
-            if (dw) sw += part_w[t * N + j];
-            if (db) sb += part_b[t * N + j];
-        }
+        for (int t = 0; t < nt; t++) sw += part_w[t * N + j], sb += part_b[t * N + j];
         if (dw) dw[j] = sw;
         if (db) db[j] = sb;
     }
     free(part_w);
     free(part_b);
+    free(ones);
 }
 
 /* ================================ channel norms ==================================== */
@@ -180,12 +188,10 @@ static void NK_NAME(nk_run_moments)(const NK_T *p, int64_t S, double *mean, doub
     double cnt = 0, m = 0, q = 0;
     for (int64_t s0 = 0; s0 < S; s0 += NK_BLOCK) {
         int64_t len = S - s0 < NK_BLOCK ? S - s0 : NK_BLOCK;
-        double sum = 0;
-        NK_A sq = 0, dm = 0;
+        NK_A sum = 0, sq = 0, dm = 0, shift = NK_LOAD(p[s0]);
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < len; j++) sum += (double)NK_LOAD(p[s0 + j]);
-        double bmd = sum / (double)len;
-        NK_A bm = (NK_A)bmd;
+        for (int64_t j = 0; j < len; j++) sum += NK_LOAD(p[s0 + j]) - shift;
+        NK_A bm = (NK_A)((double)shift + (double)sum / (double)len);
         /* M2 about the rounded block mean, corrected to the exact one: sum (d - e)^2 = sum d^2 - n e^2 */
 #pragma omp simd reduction(+ : sq, dm)
         for (int64_t j = 0; j < len; j++) {
@@ -217,7 +223,7 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
     double *pc = (double *)malloc(sizeof(double) * (size_t)(N * B + 1));
 #pragma omp parallel num_threads(nt)
     {
-        double *bs = (double *)malloc(sizeof(double) * (size_t)C);
+        NK_A *bs = (NK_A *)malloc(sizeof(NK_A) * (size_t)C), *bk = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
         NK_A *bm = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
         NK_A *bq = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
         NK_A *bd = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
@@ -231,14 +237,15 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
             for (int64_t s0 = r0; s0 < r1; s0 += sub) {
                 int64_t s1 = s0 + sub < r1 ? s0 + sub : r1;
                 double len = (double)(s1 - s0);
-                for (int64_t c = 0; c < C; c++) bs[c] = 0, bq[c] = 0, bd[c] = 0;
+                /* shifted by the sub-block's first row, as in nk_run_moments */
+                const NK_T *first = x + (n * S + s0) * C;
+                for (int64_t c = 0; c < C; c++) bs[c] = 0, bq[c] = 0, bd[c] = 0, bk[c] = NK_LOAD(first[c]);
                 for (int64_t s = s0; s < s1; s++) {
                     const NK_T *row = x + (n * S + s) * C;
 #pragma omp simd
-                    for (int64_t c = 0; c < C; c++) bs[c] += (double)NK_LOAD(row[c]);
+                    for (int64_t c = 0; c < C; c++) bs[c] += NK_LOAD(row[c]) - bk[c];
                 }
-#pragma omp simd
-                for (int64_t c = 0; c < C; c++) bm[c] = (NK_A)(bs[c] / len);
+                for (int64_t c = 0; c < C; c++) bm[c] = (NK_A)((double)bk[c] + (double)bs[c] / len);
                 for (int64_t s = s0; s < s1; s++) {
                     const NK_T *row = x + (n * S + s) * C;
 #pragma omp simd
@@ -263,6 +270,7 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
             pc[task] = cnt;
         }
         free(bs);
+        free(bk);
         free(bm);
         free(bq);
         free(bd);
@@ -382,20 +390,75 @@ void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t 
 }
 
 /* dz: the gradient reaching the normalized-affine value z = xhat * w + b (dy itself, or through SiLU) */
-static inline NK_A NK_NAME(nk_dz)(NK_A dy, NK_A xhat, NK_A wc, NK_A bc, int act) {
+static inline __attribute__((always_inline)) NK_A NK_NAME(nk_dz)(NK_A dy, NK_A xhat, NK_A wc, NK_A bc,
+                                                                 const int act) {
     if (!act) return dy;
     NK_A z = xhat * wc + bc;
     NK_A s = NK_NAME(nk_sigmoid)(z);
     return dy * s * ((NK_A)1 + z * ((NK_A)1 - s));
 }
 
+/* The loop bodies of nk_chan_bwd's two passes, inlined once with act = 0 and once with act = 1 so
+ * that no simd loop carries a runtime branch (which would make the compiler emit scalar code). */
+
+/* pass 1 over a channels-first run: sums of x - m, dz and dz (x - m) */
+static inline __attribute__((always_inline)) void NK_NAME(nk_sums_run)(const NK_T *xr, const NK_T *dyr, int64_t S,
+                                                                       NK_A m, NK_A r, NK_A w, NK_A b, const int act,
+                                                                       double *t0, double *t1, double *t2) {
+    double a0 = 0, a1 = 0, a2 = 0;
+    for (int64_t s0 = 0; s0 < S; s0 += NK_BLOCK) {
+        int64_t s1 = s0 + NK_BLOCK < S ? s0 + NK_BLOCK : S;
+        NK_A u0 = 0, u1 = 0, u2 = 0;
+#pragma omp simd reduction(+ : u0, u1, u2)
+        for (int64_t s = s0; s < s1; s++) {
+            NK_A xc = NK_LOAD(xr[s]) - m;
+            NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[s]), xc * r, w, b, act);
+            u0 += xc;
+            u1 += dz;
+            u2 += dz * xc;
+        }
+        a0 += u0, a1 += u1, a2 += u2;
+    }
+    *t0 = a0, *t1 = a1, *t2 = a2;
+}
+
+/* pass 1 over one channels-last row of C channels, into per-channel accumulators */
+static inline __attribute__((always_inline)) void NK_NAME(nk_sums_row)(const NK_T *xr, const NK_T *dyr, int64_t C,
+                                                                       const NK_A *m, const NK_A *r, const NK_A *w,
+                                                                       const NK_A *b, const int act, NK_A *u0,
+                                                                       NK_A *u1, NK_A *u2) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++) {
+        NK_A xc = NK_LOAD(xr[c]) - m[c];
+        NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[c]), xc * r[c], w[c], b[c], act);
+        u0[c] += xc;
+        u1[c] += dz;
+        u2[c] += dz * xc;
+    }
+}
+
+/* pass 2: dx = rstd * (w dz + k2 xhat + k3), over n contiguous elements whose constants advance
+ * by `step` (0: one channels-first run; 1: one channels-last row) */
+static inline __attribute__((always_inline)) void NK_NAME(nk_dx)(const NK_T *xr, const NK_T *dyr, NK_T *dxr, int64_t n,
+                                                                 const int step, const NK_A *m, const NK_A *l,
+                                                                 const NK_A *r, const NK_A *w, const NK_A *b,
+                                                                 const NK_A *k2, const NK_A *k3, const int act) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) {
+        int64_t c = step ? j : 0;
+        NK_A xhat = ((NK_LOAD(xr[j]) - m[c]) - l[c]) * r[c];
+        NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[j]), xhat, w[c], b[c], act);
+        dxr[j] = NK_STORE((dz * w[c] + xhat * k2[c] + k3[c]) * r[c]);
+    }
+}
+
 /* Backward of nk_chan_fwd (same layout for x, dy and dx). train: the statistics came from x (they
  * are differentiated); otherwise they were constants (eval BatchNorm).
  *
  * The forward saves rstd per set in NK_A, and the mean only where pass 1 needs it (SiLU's input,
- * or eval's fixed statistics), so that no more bytes are saved than torch saves. With statistics
- * of x, pass 1 sums x in double and so recovers the exact mean m; it centres by a shift K close to
- * the mean (the saved float mean, or else the set's first element) and corrects afterwards:
+ * or eval's fixed statistics), so that no more bytes are saved than torch saves. Pass 1 centres
+ * by a shift K close to the mean (the saved float mean, or else the set's first element); with
+ * statistics of x it also sums x - K, which recovers the exact mean m, and corrects afterwards:
  *   sum dz (x - m) = sum dz (x - K) - (m - K) sum dz,
  * with no cancellation worth the name since |m - K| is of the order of the spread. (Only SiLU's
  * derivative inside pass 1 sees the float mean instead of the exact one.)
@@ -410,7 +473,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     NK_A *mh = (NK_A *)malloc(sizeof(NK_A) * nc_count), *ml = (NK_A *)calloc(nc_count, sizeof(NK_A));
     NK_A *r = (NK_A *)malloc(sizeof(NK_A) * nc_count);
     NK_A *zw = (NK_A *)malloc(sizeof(NK_A) * nc_count), *zb = (NK_A *)malloc(sizeof(NK_A) * nc_count);
-    double *a0 = (double *)calloc(nc_count, sizeof(double)); /* sum x */
+    double *a0 = (double *)calloc(nc_count, sizeof(double)); /* sum (x - shift) */
     double *a1 = (double *)calloc(nc_count, sizeof(double)); /* sum dz */
     double *a2 = (double *)calloc(nc_count, sizeof(double)); /* sum dz (x - m_hi) */
     for (int64_t n = 0; n < N; n++)
@@ -431,28 +494,10 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t nc = 0; nc < N * C; nc++) {
             const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
-            NK_A s_m = mh[nc], s_r = r[nc], s_w = zw[nc], s_b = zb[nc];
-            double t0 = 0, t1 = 0, t2 = 0;
-            for (int64_t s0 = 0; s0 < S; s0 += NK_BLOCK) {
-                int64_t s1 = s0 + NK_BLOCK < S ? s0 + NK_BLOCK : S;
-                NK_A u1 = 0, u2 = 0;
-                double u0 = 0;
-#pragma omp simd reduction(+ : u0, u1, u2)
-                for (int64_t s = s0; s < s1; s++) {
-                    NK_A xv = NK_LOAD(xr[s]);
-                    NK_A xc = xv - s_m;
-                    NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[s]), xc * s_r, s_w, s_b, act);
-                    u0 += (double)xv;
-                    u1 += dz;
-                    u2 += dz * xc;
-                }
-                t0 += u0;
-                t1 += u1;
-                t2 += u2;
-            }
-            a0[nc] = t0;
-            a1[nc] = t1;
-            a2[nc] = t2;
+            if (act)
+                NK_NAME(nk_sums_run)(xr, dyr, S, mh[nc], r[nc], zw[nc], zb[nc], 1, a0 + nc, a1 + nc, a2 + nc);
+            else
+                NK_NAME(nk_sums_run)(xr, dyr, S, mh[nc], r[nc], zw[nc], zb[nc], 0, a0 + nc, a1 + nc, a2 + nc);
         }
     } else {
         int64_t B = nk_row_blocks(N, S, nt);
@@ -463,7 +508,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         double *p2 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
 #pragma omp parallel num_threads(nt)
         {
-            double *u0 = (double *)malloc(sizeof(double) * (size_t)C);
+            NK_A *u0 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
             NK_A *u1 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C), *u2 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < N * B; task++) {
@@ -475,15 +520,10 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
                     for (int64_t c = 0; c < C; c++) u0[c] = 0, u1[c] = 0, u2[c] = 0;
                     for (int64_t s = s0; s < s1; s++) {
                         const NK_T *xr = x + (n * S + s) * C, *dyr = dy + (n * S + s) * C;
-#pragma omp simd
-                        for (int64_t c = 0; c < C; c++) {
-                            NK_A xv = NK_LOAD(xr[c]);
-                            NK_A xc = xv - cm[c];
-                            NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[c]), xc * cr[c], cw[c], cb[c], act);
-                            u0[c] += (double)xv;
-                            u1[c] += dz;
-                            u2[c] += dz * xc;
-                        }
+                        if (act)
+                            NK_NAME(nk_sums_row)(xr, dyr, C, cm, cr, cw, cb, 1, u0, u1, u2);
+                        else
+                            NK_NAME(nk_sums_row)(xr, dyr, C, cm, cr, cw, cb, 0, u0, u1, u2);
                     }
                     double *q0 = p0 + task * C, *q1 = p1 + task * C, *q2 = p2 + task * C;
                     for (int64_t c = 0; c < C; c++) q0[c] += u0[c], q1[c] += u1[c], q2[c] += u2[c];
@@ -510,7 +550,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     if (train) {
         double *sx = (double *)calloc((size_t)sets + 1, sizeof(double));
         for (int64_t n = 0; n < N; n++)
-            for (int64_t c = 0; c < C; c++) sx[nk_set_of(n, c, C, groups)] += a0[n * C + c];
+            for (int64_t c = 0; c < C; c++) sx[nk_set_of(n, c, C, groups)] += a0[n * C + c] + (double)S * (double)mh[n * C + c];
         for (int64_t n = 0; n < N; n++)
             for (int64_t c = 0; c < C; c++) {
                 int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
@@ -554,28 +594,21 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         for (int64_t nc = 0; nc < N * C; nc++) {
             const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
             NK_T *dxr = dx + nc * S;
-            NK_A c2 = k2[nc], c3 = k3[nc], s_m = mh[nc], s_l = ml[nc], s_r = r[nc], s_w = zw[nc], s_b = zb[nc];
-#pragma omp simd
-            for (int64_t s = 0; s < S; s++) {
-                NK_A xhat = ((NK_LOAD(xr[s]) - s_m) - s_l) * s_r;
-                NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[s]), xhat, s_w, s_b, act);
-                dxr[s] = NK_STORE((dz * s_w + xhat * c2 + c3) * s_r);
-            }
+            if (act)
+                NK_NAME(nk_dx)(xr, dyr, dxr, S, 0, mh + nc, ml + nc, r + nc, zw + nc, zb + nc, k2 + nc, k3 + nc, 1);
+            else
+                NK_NAME(nk_dx)(xr, dyr, dxr, S, 0, mh + nc, ml + nc, r + nc, zw + nc, zb + nc, k2 + nc, k3 + nc, 0);
         }
     } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t ns = 0; ns < N * S; ns++) {
-            int64_t n = ns / S;
+            int64_t o = (ns / S) * C;
             const NK_T *xr = x + ns * C, *dyr = dy + ns * C;
             NK_T *dxr = dx + ns * C;
-            const NK_A *c2 = k2 + n * C, *c3 = k3 + n * C;
-            const NK_A *cm = mh + n * C, *cl = ml + n * C, *cr = r + n * C, *cw = zw + n * C, *cb = zb + n * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                NK_A xhat = ((NK_LOAD(xr[c]) - cm[c]) - cl[c]) * cr[c];
-                NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[c]), xhat, cw[c], cb[c], act);
-                dxr[c] = NK_STORE((dz * cw[c] + xhat * c2[c] + c3[c]) * cr[c]);
-            }
+            if (act)
+                NK_NAME(nk_dx)(xr, dyr, dxr, C, 1, mh + o, ml + o, r + o, zw + o, zb + o, k2 + o, k3 + o, 1);
+            else
+                NK_NAME(nk_dx)(xr, dyr, dxr, C, 1, mh + o, ml + o, r + o, zw + o, zb + o, k2 + o, k3 + o, 0);
         }
     }
     free(mh);
