@@ -1,9 +1,10 @@
-"""The ``normkit`` command line: ``normkit verify`` (the conformance matrix) and ``normkit env``.
+"""The ``normkit`` command line: ``normkit verify`` (the conformance matrix), ``normkit bench`` and ``normkit env``.
 
 ``normkit verify`` runs :mod:`normkit.verify`'s matrix, shows a progress bar on stderr (when it is a
 terminal), a table of results grouped by module × dtype × backend × device, every failing case in
 detail, and a one-line summary; it exits with status 1 when any check fails, 0 otherwise (2 for
-usage errors). ``python -m normkit`` is the same command.
+usage errors). ``normkit bench`` times normkit against torch eager, torch.compile and peer libraries
+(:mod:`normkit.bench`; docs/benchmarks.md). ``python -m normkit`` is the same command.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
@@ -25,6 +27,9 @@ from rich.text import Text
 from . import __version__
 from . import backends as _backends
 from . import verify as _verify
+
+if TYPE_CHECKING:
+    from .bench import runner as _bench_runner
 
 __all__ = ["build_parser", "main"]
 
@@ -79,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar or table: only failures and the summary line")
     v.set_defaults(func=_cmd_verify)
+
+    _add_bench_parser(sub)
 
     e = sub.add_parser("env", help="versions, devices and backends")
     e.set_defaults(func=_cmd_env)
@@ -326,6 +333,185 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     console.print(Text(f"{summary} ({seconds:.1f} s)", style="bold " + ("red" if failures else "green")),
                   soft_wrap=True)
     return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# normkit bench
+# --------------------------------------------------------------------------------------------------
+
+#: what --quick changes (besides the small shapes): torch eager vs normkit only, short timing
+_QUICK_TIMING = {"warmup": 1, "min_reps": 3, "max_reps": 25, "budget_s": 0.15}
+_FULL_TIMING = {"warmup": 2, "min_reps": 5, "max_reps": 200, "budget_s": 2.0}
+
+
+def _shape_arg(value: str) -> tuple[int, ...]:
+    from .bench.matrix import parse_shape
+
+    try:
+        return parse_shape(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from .bench.ops import OP_ALIASES, OPS
+
+    b = sub.add_parser(
+        "bench",
+        help="time normkit against torch eager, torch.compile and peer libraries",
+        description=(
+            "Time every op of the matrix (LayerNorm, RMSNorm, add+RMSNorm, add+LayerNorm, BatchNorm train "
+            "and eval, GroupNorm, InstanceNorm, GroupNorm+SiLU; float32 and bfloat16; contiguous and "
+            "channels_last) forward and forward+backward, for normkit and its peers, called alternately in "
+            "one process; each provider is first checked against torch eager. Prints a table and writes "
+            "bench.csv, bench.json and bench.png into --out. See docs/benchmarks.md. Exit status 1 if "
+            "normkit fails a check."
+        ),
+    )
+    b.add_argument("--quick", action="store_true",
+                   help="small shapes, torch eager vs normkit only, short timing (under a minute on 2 cores)")
+    b.add_argument("--op", action="append", metavar="NAME",
+                   help=f"only this op (repeatable): {', '.join(OPS)}; or an alias: {', '.join(OP_ALIASES)}")
+    b.add_argument("--dtype", action="append", type=_dtype_arg, metavar="DTYPE",
+                   help="input dtype (repeatable; default: float32 and bfloat16)")
+    b.add_argument("--layout", action="append", choices=["contiguous", "channels_last"],
+                   help="only this memory layout (repeatable; channels_last applies to 4-D ops)")
+    b.add_argument("--shape", action="append", type=_shape_arg, metavar="SHAPE",
+                   help="replace the matrix's shapes (repeatable): ROWSxFEATURES for the row ops, NxCxHxW "
+                        "for the others (C divisible by 32 for GroupNorm)")
+    b.add_argument("--pass", dest="passes", action="append", choices=["fwd", "fwdbwd"],
+                   help="forward only, or forward+backward (repeatable; default: both)")
+    b.add_argument("--provider", action="append", metavar="NAME",
+                   help="time this provider besides torch eager (repeatable): normkit, compile, or a peer "
+                        "library (default: every available one; with --quick: normkit)")
+    b.add_argument("--backend", metavar="NAME",
+                   help="run normkit on this backend (normkit.use_backend; default: normkit's own choice)")
+    b.add_argument("--reps", type=_positive_int, metavar="N",
+                   help="timed repetitions per cell and pass (default: as many as fit the --budget)")
+    b.add_argument("--warmup", type=int, metavar="N", help="untimed rotations first (default 2; quick: 1)")
+    b.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="timing time per cell and pass that sets the repetitions, at least 5 and at most 200 "
+                        "(default 2; quick: 0.15, 3 to 25)")
+    b.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch CPU threads (default: torch's, torch.get_num_threads())")
+    b.add_argument("--seed", type=int, default=0, help="seed of the input data (default 0)")
+    b.add_argument("--out", metavar="DIR", default="bench-results",
+                   help="where to write bench.csv, bench.json and bench.png (default: bench-results)")
+    b.add_argument("--no-chart", action="store_true", help="do not draw bench.png")
+    b.add_argument("--list", action="store_true", help="list the cells and providers and exit")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    b.set_defaults(func=_cmd_bench)
+
+
+def _bench_settings(args: argparse.Namespace) -> _bench_runner.Settings:
+    from .bench.runner import Settings
+
+    timing = dict(_QUICK_TIMING if args.quick else _FULL_TIMING)
+    if args.warmup is not None:
+        timing["warmup"] = max(0, args.warmup)
+    if args.budget is not None:
+        timing["budget_s"] = max(0.0, args.budget)
+    providers = args.provider if args.provider else (["normkit"] if args.quick else None)
+    return Settings(
+        passes=list(dict.fromkeys(args.passes)) if args.passes else ["fwd", "fwdbwd"],
+        providers=list(dict.fromkeys(providers)) if providers is not None else None,
+        reps=args.reps, seed=args.seed, backend=args.backend, threads=args.threads, **timing,
+    )
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .bench.peers import select_providers
+    from .bench.report import problems
+
+    console = _stdout_console()
+    err_console = Console(stderr=True, highlight=False)
+
+    def usage(message: str) -> int:
+        err_console.print(Text(f"normkit bench: {message}"))
+        return 2
+
+    if args.backend is not None:
+        try:
+            _backends.get_backend(args.backend)
+        except (ValueError, ImportError) as e:
+            return usage(str(e))
+    try:
+        cells = bench.standard_matrix(quick=args.quick, ops=args.op, dtypes=args.dtype, layouts=args.layout,
+                                      shapes=args.shape)
+        settings = _bench_settings(args)
+        chosen, notes = select_providers(settings.providers)
+    except ValueError as e:
+        return usage(str(e))
+    if not cells:
+        return usage("no cells match the filters")
+    if args.list:
+        for c in cells:
+            console.print(Text(c.id))
+        console.print(Text(f"{len(cells)} cells x {len(settings.passes)} passes; providers: "
+                           f"{', '.join(p.name for p in chosen)}"))
+        for note in notes:
+            console.print(Text(f"note: {note}"))
+        return 0
+
+    machine = bench.machine_info()  # before the run: its load average is the one that matters
+    load = machine.get("load_average")
+    if load and load[0] > 0.5 * (machine.get("usable_cores") or 1):
+        err_console.print(Text(
+            f"normkit bench: warning: load average {load[0]} on {machine.get('usable_cores')} cores: other "
+            "processes compete for the CPU and the timings will be noisy", style="yellow",
+        ))
+    total = len(cells) * len(settings.passes)
+    if not args.quiet and err_console.is_terminal:
+        from rich.markup import escape
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err_console, transient=True) as progress:
+            task = progress.add_task("bench", total=total)
+
+            def on_progress(description: str, advance: int) -> None:
+                progress.update(task, advance=advance, description=escape(description))
+
+            result = bench.run(cells, settings, progress=on_progress)
+    else:
+        result = bench.run(cells, settings)
+
+    machine["load_average_end"] = bench.machine_info().get("load_average")
+    extra = {"quick": bool(args.quick), "cells": len(cells)}
+    written, chart_note = bench.write_outputs(args.out, result, settings, machine, extra, chart=not args.no_chart)
+    if not args.quiet:
+        console.print(bench.results_table(result))
+    for line in problems(result):
+        console.print(Text(line, style="red" if not line.startswith("skipped") else "yellow"), soft_wrap=True)
+    for note in result.notes:
+        console.print(Text(f"note: {note}"), soft_wrap=True)
+    if chart_note:
+        console.print(Text(f"note: {chart_note}"), soft_wrap=True)
+    normkit_failed = [r for r in result.rows if r.provider == "normkit" and r.status in ("wrong", "error")]
+    timed = sum(r.ok for r in result.rows)
+    summary = (
+        f"{len(cells)} cells ({len(result.skipped)} skipped), {timed} timings; normkit backend: "
+        f"{', '.join(result.backends) or '-'}; {result.threads} threads; wrote {', '.join(map(str, written))} "
+        f"({result.seconds:.1f} s)"
+    )
+    console.print(Text(summary, style="bold " + ("red" if normkit_failed else "green")), soft_wrap=True)
+    return 1 if normkit_failed else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
