@@ -43,7 +43,7 @@ static inline nk_bf16 nk_bf16_store(float f) {
     memcpy(&u, &f, sizeof u);
     uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     uint32_t quiet = (u >> 16) | 0x40u;
-    return (nk_bf16)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet : rounded);
+    return (nk_bf16)(f != f ? quiet : rounded); /* a float compare: one instruction per vector */
 }
 
 #if NK_HAVE_F16
@@ -158,7 +158,9 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
     return want;
 }
 
-#define NK_BLOCK 2048 /* elements per exact two-pass block: fits L1 with room to spare */
+#define NK_BLOCK 2048  /* elements per exact two-pass block: fits L1 with room to spare */
+#define NK_ROWS 16384  /* elements per channels-last sub-block (rows x C): its per-channel merge is amortized */
+#define NK_TILE 64     /* positions x channels per tile of the channels-last -> channels-first transpose */
 
 /* ---- instantiate the kernels for each dtype ------------------------------------------------- */
 

@@ -183,11 +183,27 @@ void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK
 
 /* ================================ channel norms ==================================== */
 
-/* exact mean and M2 of a contiguous run, one L1-sized block at a time */
+/* Mean and M2 of a contiguous run, one L1-sized block at a time, merged with Chan's formula.
+ * Each block is read once, as sums of d = x - K and d^2 about a shift K close to the mean (the
+ * running mean so far; the block's first element for the first block): M2 = sum d^2 - n e^2 with
+ * e = mean(d) loses nothing while n e^2 is small against sum d^2. Where it is not (a first
+ * element far out in the tail), the block is redone in two exact passes. */
 static void NK_NAME(nk_run_moments)(const NK_T *p, int64_t S, double *mean, double *m2) {
     double cnt = 0, m = 0, q = 0;
     for (int64_t s0 = 0; s0 < S; s0 += NK_BLOCK) {
         int64_t len = S - s0 < NK_BLOCK ? S - s0 : NK_BLOCK;
+        NK_A k = cnt > 0 ? (NK_A)m : NK_LOAD(p[s0]), sd = 0, sd2 = 0;
+#pragma omp simd reduction(+ : sd, sd2)
+        for (int64_t j = 0; j < len; j++) {
+            NK_A d = NK_LOAD(p[s0 + j]) - k;
+            sd += d;
+            sd2 += d * d;
+        }
+        double e = (double)sd / (double)len;
+        if ((double)len * e * e <= 0.5 * (double)sd2) {
+            nk_merge(&cnt, &m, &q, (double)len, (double)k + e, (double)sd2 - (double)len * e * e);
+            continue;
+        }
         NK_A sum = 0, sq = 0, dm = 0, shift = NK_LOAD(p[s0]);
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < len; j++) sum += NK_LOAD(p[s0 + j]) - shift;
@@ -199,8 +215,8 @@ static void NK_NAME(nk_run_moments)(const NK_T *p, int64_t S, double *mean, doub
             sq += d * d;
             dm += d;
         }
-        double e = (double)dm / (double)len;
-        nk_merge(&cnt, &m, &q, (double)len, (double)bm + e, (double)sq - (double)len * e * e);
+        double e2 = (double)dm / (double)len;
+        nk_merge(&cnt, &m, &q, (double)len, (double)bm + e2, (double)sq - (double)len * e2 * e2);
     }
     *mean = m;
     *m2 = q;
@@ -217,7 +233,7 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
     /* channels-last: each task reduces a block of rows of one sample over all C channels */
     int64_t B = nk_row_blocks(N, S, nt);
     int64_t rows_per_block = (S + B - 1) / B;
-    int64_t sub = NK_BLOCK / C > 0 ? NK_BLOCK / C : 1; /* rows per exact two-pass sub-block */
+    int64_t sub = NK_ROWS / C > 0 ? NK_ROWS / C : 1; /* rows per exact two-pass sub-block */
     double *pm = (double *)malloc(sizeof(double) * (size_t)(N * B * C + 1));
     double *pq = (double *)malloc(sizeof(double) * (size_t)(N * B * C + 1));
     double *pc = (double *)malloc(sizeof(double) * (size_t)(N * B + 1));
@@ -237,8 +253,36 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
             for (int64_t s0 = r0; s0 < r1; s0 += sub) {
                 int64_t s1 = s0 + sub < r1 ? s0 + sub : r1;
                 double len = (double)(s1 - s0);
-                /* shifted by the sub-block's first row, as in nk_run_moments */
+                /* one pass about a shift per channel, as in nk_run_moments */
                 const NK_T *first = x + (n * S + s0) * C;
+                for (int64_t c = 0; c < C; c++) bs[c] = 0, bq[c] = 0, bk[c] = cnt > 0 ? (NK_A)m[c] : NK_LOAD(first[c]);
+                for (int64_t s = s0; s < s1; s++) {
+                    const NK_T *row = x + (n * S + s) * C;
+#pragma omp simd
+                    for (int64_t c = 0; c < C; c++) {
+                        NK_A d = NK_LOAD(row[c]) - bk[c];
+                        bs[c] += d;
+                        bq[c] += d * d;
+                    }
+                }
+                int one_pass = 1;
+                for (int64_t c = 0; c < C; c++) {
+                    double e = (double)bs[c] / len;
+                    one_pass &= len * e * e <= 0.5 * (double)bq[c];
+                }
+                if (one_pass) {
+                    double nb = len, tot = cnt + nb, fa = nb / tot, fq = cnt * nb / tot;
+#pragma omp simd
+                    for (int64_t c = 0; c < C; c++) {
+                        double e = (double)bs[c] / nb;
+                        double d = (double)bk[c] + e - m[c];
+                        m[c] += d * fa;
+                        q[c] += (double)bq[c] - nb * e * e + d * d * fq;
+                    }
+                    cnt = tot;
+                    continue;
+                }
+                /* two exact passes: shifted by the sub-block's first row, then about its mean */
                 for (int64_t c = 0; c < C; c++) bs[c] = 0, bq[c] = 0, bd[c] = 0, bk[c] = NK_LOAD(first[c]);
                 for (int64_t s = s0; s < s1; s++) {
                     const NK_T *row = x + (n * S + s) * C;
@@ -333,17 +377,31 @@ static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int6
             }
         }
     } else {
-        /* channels-last in, channels-first out: walk the input's rows; the C output lines being
-         * filled (one per channel) stay in cache across consecutive positions */
+        /* channels-last in, channels-first out: a transpose, done in tiles of NK_TILE positions x
+         * NK_TILE channels so that reads stay in L1 and every write is a contiguous run */
+        int64_t tiles = (S + NK_TILE - 1) / NK_TILE;
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t ns = 0; ns < N * S; ns++) {
-            int64_t n = ns / S, s = ns % S;
-            const NK_T *xr = x + ns * C;
-            NK_T *yc = y + n * C * S + s;
+        for (int64_t task = 0; task < N * tiles; task++) {
+            int64_t n = task / tiles, s0 = (task % tiles) * NK_TILE;
+            int64_t s1 = s0 + NK_TILE < S ? s0 + NK_TILE : S;
             const NK_A *mh = hi + n * C, *ml = lo + n * C, *a = scale + n * C, *b = shift + n * C;
-            for (int64_t c = 0; c < C; c++) {
-                NK_A z = ((NK_LOAD(xr[c]) - mh[c]) - ml[c]) * a[c] + b[c];
-                yc[c * S] = NK_STORE(act ? z * NK_NAME(nk_sigmoid)(z) : z);
+            for (int64_t c0 = 0; c0 < C; c0 += NK_TILE) {
+                int64_t c1 = c0 + NK_TILE < C ? c0 + NK_TILE : C;
+                for (int64_t c = c0; c < c1; c++) {
+                    const NK_T *xc = x + (n * S) * C + c;
+                    NK_T *yc = y + (n * C + c) * S;
+                    NK_A cm = mh[c], cl = ml[c], ca = a[c], cb = b[c];
+                    if (act) {
+#pragma omp simd
+                        for (int64_t s = s0; s < s1; s++) {
+                            NK_A z = ((NK_LOAD(xc[s * C]) - cm) - cl) * ca + cb;
+                            yc[s] = NK_STORE(z * NK_NAME(nk_sigmoid)(z));
+                        }
+                    } else {
+#pragma omp simd
+                        for (int64_t s = s0; s < s1; s++) yc[s] = NK_STORE(((NK_LOAD(xc[s * C]) - cm) - cl) * ca + cb);
+                    }
+                }
             }
         }
     }
@@ -353,11 +411,10 @@ static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int6
  * InstanceNorm (groups > 0: per (n, group)), with optional SiLU (act == 1).
  * fixed_mean/fixed_var (per channel, groups == 0 only): normalize with these (eval) instead.
  * Writes the statistics used: mean_out and rstd_out (and the biased var_out) per set. */
-void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
-                          int64_t groups, const NK_A *w, const NK_A *b, const double *fixed_mean,
-                          const double *fixed_var, double eps, int act, double *mean_out, double *rstd_out,
-                          double *var_out, int nt) {
-    nt = nk_threads(nt);
+static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc,
+                                     int out_nhwc, int64_t groups, const NK_A *w, const NK_A *b,
+                                     const double *fixed_mean, const double *fixed_var, double eps, int act,
+                                     double *mean_out, double *rstd_out, double *var_out, int nt) {
     int64_t sets = groups > 0 ? N * groups : C;
     if (fixed_mean) {
         for (int64_t c = 0; c < C; c++) mean_out[c] = fixed_mean[c], var_out[c] = fixed_var[c];
@@ -387,6 +444,26 @@ void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t 
     free(lo);
     free(scale);
     free(shift);
+}
+
+void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
+                          int64_t groups, const NK_A *w, const NK_A *b, const double *fixed_mean,
+                          const double *fixed_var, double eps, int act, double *mean_out, double *rstd_out,
+                          double *var_out, int nt) {
+    nt = nk_threads(nt);
+    if (groups > 0 && N >= nt && nt > 1) {
+        /* per-sample statistics: one thread takes a sample, its statistics and then its output
+         * while the sample is still in cache (one read from memory instead of two) */
+        int64_t sample = C * S;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            NK_NAME(nk_chan_fwd_all)(x + n * sample, y + n * sample, 1, C, S, in_nhwc, out_nhwc, groups, w, b, NULL,
+                                     NULL, eps, act, mean_out + n * groups, rstd_out + n * groups,
+                                     var_out + n * groups, 1);
+        return;
+    }
+    NK_NAME(nk_chan_fwd_all)(x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act,
+                             mean_out, rstd_out, var_out, nt);
 }
 
 /* dz: the gradient reaching the normalized-affine value z = xhat * w + b (dy itself, or through SiLU) */
@@ -502,7 +579,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     } else {
         int64_t B = nk_row_blocks(N, S, nt);
         int64_t rows_per_block = (S + B - 1) / B;
-        int64_t sub = NK_BLOCK / C > 0 ? NK_BLOCK / C : 1;
+        int64_t sub = NK_ROWS / C > 0 ? NK_ROWS / C : 1;
         double *p0 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
         double *p1 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
         double *p2 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
