@@ -43,11 +43,13 @@ def test_auto_skips_a_backend_that_cannot_be_built(monkeypatch):
 
     monkeypatch.setitem(backends._factories, "broken", broken)
     monkeypatch.setitem(backends.DEVICE_DEFAULTS, "cpu", ("broken", "cpu"))
+    monkeypatch.setattr(backends, "_auto_cache", {})
     assert backends.resolve(torch.randn(2)).name == "cpu"
     assert "broken" not in normkit.available_backends()
     with pytest.raises(ImportError, match="no compiler here"):
         normkit.get_backend("broken")
     monkeypatch.setitem(backends.DEVICE_DEFAULTS, "cpu", ("broken",))
+    backends._auto_cache.clear()
     assert backends.resolve(torch.randn(2)).name == "reference"
     backends._failures.pop("broken", None)
 

@@ -56,6 +56,7 @@ DEVICE_DEFAULTS: dict[str, tuple[str, ...]] = {"cpu": ("cpu",)}
 _factories: dict[str, Callable[[], Backend]] = {}
 _instances: dict[str, Backend] = {}
 _failures: dict[str, ImportError] = {}  # a backend that could not be built is not retried each call
+_auto_cache: dict[str, Backend] = {}  # device type -> what "auto" picked (cleared on registration)
 _process_choice: str | None = None
 _context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "normkit_backend", default=None
@@ -68,6 +69,7 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     _factories[name] = factory
     _instances.pop(name, None)
     _failures.pop(name, None)
+    _auto_cache.clear()
 
 
 def _lazy(module: str, attr: str) -> Callable[[], Backend]:
@@ -173,7 +175,12 @@ def resolve(x: Tensor) -> Backend:
     """The backend that runs a norm on ``x``: the selected one (per device for ``"auto"``), or the
     reference if it can't."""
     name = current_backend_name()
-    backend = default_backend(x.device.type) if name == AUTO else get_backend(name)
+    if name == AUTO:
+        backend = _auto_cache.get(x.device.type)  # the per-call path: skip the registry walk
+        if backend is None:
+            backend = _auto_cache[x.device.type] = default_backend(x.device.type)
+    else:
+        backend = get_backend(name)
     if backend.supports(x):
         return backend
     return get_backend("reference")

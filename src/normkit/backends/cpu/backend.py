@@ -117,6 +117,17 @@ class _RowNorm(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------
 
 
+def _chan_forward(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first):
+    """The kernel call: ``(y, x as the kernel saw it, mean, rstd, var)``, statistics in float64."""
+    xk, dims, nhwc = _channel_layout(x, per_channel=groups == 0)
+    if nhwc and out_channels_first and x.dim() > 2:  # InstanceNorm's output is channels-first
+        y, out_nhwc = torch.empty(x.shape, dtype=x.dtype), False
+    else:
+        y, out_nhwc = torch.empty_like(xk), nhwc
+    mean, rstd, var = K.chan_forward(xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps, silu)
+    return y, xk, mean, rstd, var
+
+
 class _ChanNorm(torch.autograd.Function):
     """One kernel call for BatchNorm (``groups == 0``) and GroupNorm/InstanceNorm (``groups > 0``).
 
@@ -125,13 +136,8 @@ class _ChanNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first):
-        xk, dims, nhwc = _channel_layout(x, per_channel=groups == 0)
-        if nhwc and out_channels_first and x.dim() > 2:  # InstanceNorm's output is channels-first
-            y, out_nhwc = torch.empty(x.shape, dtype=x.dtype), False
-        else:
-            y, out_nhwc = torch.empty_like(xk), nhwc
-        mean, rstd, var = K.chan_forward(
-            xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps, silu
+        y, xk, mean, rstd, var = _chan_forward(
+            x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first
         )
         ctx.groups, ctx.silu, ctx.eps = groups, silu, eps
         ctx.train = fixed_mean is None
@@ -183,6 +189,28 @@ def _chan_backward_differentiable(ctx, dy, x, weight, bias, mean, rstd):
     return ref.batch_norm_backward(dy, x, weight, mean, rstd, False)
 
 
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _row(x, residual, weight, bias, shape, eps, rms):
+    """A row norm: through autograd when a gradient is wanted, else the kernel alone (inference
+    skips the autograd.Function's overhead, which dominates at small sizes)."""
+    if _needs_grad(x, residual, weight, bias):
+        return _RowNorm.apply(x, residual, weight, bias, shape, eps, rms)
+    rc = residual.contiguous() if residual is not None else None
+    y, h, _ = K.row_forward(x.contiguous(), rc, weight, bias, math.prod(shape), eps, rms)
+    return y if residual is None else (y, h)
+
+
+def _chan(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first):
+    """A channel norm, ``(y, mean, var)``: through autograd only when a gradient is wanted."""
+    if _needs_grad(x, weight, bias):
+        return _ChanNorm.apply(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first)
+    y, _, mean, _, var = _chan_forward(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first)
+    return y, mean, var
+
+
 @torch.no_grad()
 def _update_running(running: Tensor | None, batch_stat: Tensor, momentum: float) -> None:
     if running is not None:
@@ -217,43 +245,41 @@ class CpuBackend(Backend):
     def layer_norm(self, x, normalized_shape, weight, bias, eps):
         if self._fallback(x, weight, bias):
             return self._reference.layer_norm(x, normalized_shape, weight, bias, eps)
-        return _RowNorm.apply(x, None, weight, bias, tuple(normalized_shape), eps, False)
+        return _row(x, None, weight, bias, tuple(normalized_shape), eps, False)
 
     def rms_norm(self, x, normalized_shape, weight, eps):
         if self._fallback(x, weight):
             return self._reference.rms_norm(x, normalized_shape, weight, eps)
-        return _RowNorm.apply(x, None, weight, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True)
+        return _row(x, None, weight, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True)
 
     def fused_add_rms_norm(self, x, residual, normalized_shape, weight, eps):
         if self._fallback(x, residual, weight):
             return self._reference.fused_add_rms_norm(x, residual, normalized_shape, weight, eps)
-        return _RowNorm.apply(
-            x, residual, weight, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True
-        )
+        return _row(x, residual, weight, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True)
 
     def fused_add_layer_norm(self, x, residual, normalized_shape, weight, bias, eps):
         if self._fallback(x, residual, weight, bias):
             return self._reference.fused_add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
-        return _RowNorm.apply(x, residual, weight, bias, tuple(normalized_shape), eps, False)
+        return _row(x, residual, weight, bias, tuple(normalized_shape), eps, False)
 
     # channel norms
 
     def group_norm(self, x, num_groups, weight, bias, eps):
         if self._fallback(x, weight, bias):
             return self._reference.group_norm(x, num_groups, weight, bias, eps)
-        return _ChanNorm.apply(x, weight, bias, num_groups, None, None, eps, False, False)[0]
+        return _chan(x, weight, bias, num_groups, None, None, eps, False, False)[0]
 
     def group_norm_silu(self, x, num_groups, weight, bias, eps):
         if self._fallback(x, weight, bias):
             return self._reference.group_norm_silu(x, num_groups, weight, bias, eps)
-        return _ChanNorm.apply(x, weight, bias, num_groups, None, None, eps, True, False)[0]
+        return _chan(x, weight, bias, num_groups, None, None, eps, True, False)[0]
 
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
         if self._fallback(x, weight, bias, running_mean, running_var):
             return self._reference.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         if not training:
             return self._fixed_stats(x, running_mean, running_var, weight, bias, eps)
-        y, mean, var = _ChanNorm.apply(x, weight, bias, 0, None, None, eps, False, False)
+        y, mean, var = _chan(x, weight, bias, 0, None, None, eps, False, False)
         count = x.numel() // x.shape[1]
         _update_running(running_mean, mean, momentum)
         _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
@@ -267,7 +293,7 @@ class CpuBackend(Backend):
         if not use_input_stats:
             return self._fixed_stats(x, running_mean, running_var, weight, bias, eps)
         n, c = x.shape[0], x.shape[1]
-        y, mean, var = _ChanNorm.apply(x, weight, bias, c, None, None, eps, False, True)
+        y, mean, var = _chan(x, weight, bias, c, None, None, eps, False, True)
         count = x.numel() // (n * c)
         _update_running(running_mean, mean.view(n, c).mean(0), momentum)
         _update_running(running_var, (var * (count / max(count - 1, 1))).view(n, c).mean(0), momentum)
@@ -277,4 +303,4 @@ class CpuBackend(Backend):
         """Normalize with the running statistics (copied now: a later training step updates them in place)."""
         mean = running_mean.detach().to(torch.float64, copy=True)
         var = running_var.detach().to(torch.float64, copy=True)
-        return _ChanNorm.apply(x, weight, bias, 0, mean, var, eps, False, False)[0]
+        return _chan(x, weight, bias, 0, mean, var, eps, False, False)[0]

@@ -57,7 +57,7 @@ def ensure_loaded() -> None:
 
 #: elements per thread below which a kernel runs on fewer threads: waking a thread costs more than
 #: it saves on small tensors (torch's own grain size is of the same order)
-GRAIN = 32768
+GRAIN = 16384
 
 
 def _threads(numel: int) -> int:
@@ -76,7 +76,10 @@ def _param(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A parameter as a contiguous vector of the arithmetic dtype (no copy when it already is one)."""
     if p is None:
         return None
-    return p.detach().reshape(-1).to(arithmetic_dtype(dtype)).contiguous()
+    acc = arithmetic_dtype(dtype)
+    if p.dtype == acc and p.dim() == 1 and p.is_contiguous():  # the common case, without a copy
+        return p
+    return p.detach().reshape(-1).to(acc).contiguous()
 
 
 def row_forward(
