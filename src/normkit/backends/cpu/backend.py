@@ -1,10 +1,11 @@
 """The ``cpu`` backend: normkit's C kernels (:mod:`.kernels`) under autograd.
 
 Each norm is one :class:`torch.autograd.Function` whose forward runs one kernel and saves only what
-the backward kernel needs: the input (for the fused add, the sum ``h`` instead) and per-row or
-per-group statistics in float32 (float64 for float64 data) — never a float32 copy of a bfloat16
-activation, never the output. Running statistics are updated in place from the batch statistics
-the kernel returns.
+the backward kernel needs: the input (for the fused add, the sum ``h`` instead) and ``rstd`` per row
+or per set in float32 (float64 for float64 data), plus the mean where the backward needs it before it
+can recompute it — never a float32 copy of a bfloat16 activation, never the output. Without a
+gradient to compute, the kernel runs without the Function. Running statistics are updated in place
+from the batch statistics the kernel returns.
 
 What the kernels do not cover goes to the reference backend, unchanged in meaning: empty tensors,
 tensors under torch.func transforms (vmap/grad wrappers have no data pointer), and double backward
@@ -124,7 +125,9 @@ def _chan_forward(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out
         y, out_nhwc = torch.empty(x.shape, dtype=x.dtype), False
     else:
         y, out_nhwc = torch.empty_like(xk), nhwc
-    mean, rstd, var = K.chan_forward(xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps, silu)
+    mean, rstd, var = K.chan_forward(
+        xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps, silu
+    )
     return y, xk, mean, rstd, var
 
 
