@@ -344,3 +344,11 @@ def test_python_dash_m():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1].endswith(" cases")
+
+
+def test_env_says_what_auto_runs(capsys, monkeypatch):
+    monkeypatch.delenv("NORMKIT_BACKEND", raising=False)
+    code, out, _ = _run_cli(capsys, "env")
+    lines = {line.split("  ", 1)[0].strip(): line.split("  ", 1)[1].strip()
+             for line in out.splitlines() if "  " in line}
+    assert code == 0 and lines["current backend"] == f"auto (cpu tensors: {backends.default_backend('cpu').name})"

@@ -106,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+def _devices_in_use() -> list[str]:
+    """The device types this machine can run tensors on (for what ``auto`` picks on each)."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def _devices_description() -> list[str]:
     lines = ["cpu" + (f" ({torch.get_num_threads()} threads)")]
     if torch.cuda.is_available():
@@ -129,7 +134,12 @@ def _cmd_env(args: argparse.Namespace) -> int:
     available = _backends.available_backends()
     registered = _backends.registered_backends()
     current = _backends.current_backend_name()
-    if current not in registered:
+    if current == _backends.AUTO:
+        picks = ", ".join(
+            f"{device} tensors: {_backends.default_backend(device).name}" for device in _devices_in_use()
+        )
+        current += f" ({picks})"
+    elif current not in registered:
         current += " (not registered: normkit's norms will raise ValueError)"
     rows = [
         ("normkit", __version__),
