@@ -11,6 +11,53 @@
 /* silu(z) and its derivative, d silu / dz = s(z) (1 + z (1 - s(z))) */
 static inline __attribute__((always_inline)) NK_A NK_NAME(nk_sigmoid)(NK_A z) { return (NK_A)1 / ((NK_A)1 + NK_EXP(-z)); }
 
+/* ============================ reductions over L1 =================================== */
+
+/* Sums over a buffer already in L1 are bound by the latency of one accumulator chain (a
+ * `#pragma omp simd reduction` keeps a single vector accumulator); four independent vector
+ * accumulators (GCC/Clang vector extensions) run about three times faster on the rows of a norm. */
+typedef NK_A NK_NAME(nk_vec) __attribute__((vector_size(32)));
+#define NK_LANES ((int64_t)(32 / sizeof(NK_A)))
+
+static inline NK_A NK_NAME(nk_hsum)(const NK_NAME(nk_vec) *v) {
+    NK_A r = 0;
+    for (int64_t i = 0; i < NK_LANES; i++) r += (*v)[i];
+    return r;
+}
+
+/* sum of (a[j] - k) */
+static inline NK_A NK_NAME(nk_sum_sub)(const NK_A *a, int64_t n, NK_A k) {
+    NK_NAME(nk_vec) s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, v0, v1, v2, v3, kk;
+    for (int64_t i = 0; i < NK_LANES; i++) kk[i] = k;
+    int64_t j = 0;
+    for (; j + 4 * NK_LANES <= n; j += 4 * NK_LANES) {
+        memcpy(&v0, a + j, 32), memcpy(&v1, a + j + NK_LANES, 32);
+        memcpy(&v2, a + j + 2 * NK_LANES, 32), memcpy(&v3, a + j + 3 * NK_LANES, 32);
+        s0 += v0 - kk, s1 += v1 - kk, s2 += v2 - kk, s3 += v3 - kk;
+    }
+    NK_NAME(nk_vec) total = (s0 + s1) + (s2 + s3);
+    NK_A r = NK_NAME(nk_hsum)(&total);
+    for (; j < n; j++) r += a[j] - k;
+    return r;
+}
+
+/* sum of a[j] * b[j] */
+static inline NK_A NK_NAME(nk_dot)(const NK_A *a, const NK_A *b, int64_t n) {
+    NK_NAME(nk_vec) s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, a0, a1, a2, a3, b0, b1, b2, b3;
+    int64_t j = 0;
+    for (; j + 4 * NK_LANES <= n; j += 4 * NK_LANES) {
+        memcpy(&a0, a + j, 32), memcpy(&a1, a + j + NK_LANES, 32);
+        memcpy(&a2, a + j + 2 * NK_LANES, 32), memcpy(&a3, a + j + 3 * NK_LANES, 32);
+        memcpy(&b0, b + j, 32), memcpy(&b1, b + j + NK_LANES, 32);
+        memcpy(&b2, b + j + 2 * NK_LANES, 32), memcpy(&b3, b + j + 3 * NK_LANES, 32);
+        s0 += a0 * b0, s1 += a1 * b1, s2 += a2 * b2, s3 += a3 * b3;
+    }
+    NK_NAME(nk_vec) total = (s0 + s1) + (s2 + s3);
+    NK_A r = NK_NAME(nk_hsum)(&total);
+    for (; j < n; j++) r += a[j] * b[j];
+    return r;
+}
+
 /* ================================ row norms ======================================== */
 
 /* LayerNorm (rms = 0) or RMSNorm (rms = 1) over rows of length N; with res != NULL, the row is
@@ -41,15 +88,11 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
 #pragma omp simd
                 for (int64_t j = 0; j < N; j++) buf[j] = NK_LOAD(xr[j]);
             }
-            /* separate loops, no select inside: the compiler vectorizes each (a loop-invariant
-             * select made it unswitch into a scalar copy) */
             if (rms) {
-#pragma omp simd reduction(+ : sum)
-                for (int64_t j = 0; j < N; j++) sum += buf[j] * buf[j];
+                sum = NK_NAME(nk_dot)(buf, buf, N);
             } else {
                 shift = buf[0];
-#pragma omp simd reduction(+ : sum)
-                for (int64_t j = 0; j < N; j++) sum += buf[j] - shift;
+                sum = NK_NAME(nk_sum_sub)(buf, N, shift);
             }
             NK_A rstd;
             double mean_d = rms ? 0.0 : (double)shift + (double)sum / (double)N;
@@ -58,13 +101,9 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
             if (rms) {
                 rstd = (NK_A)(1.0 / sqrt((double)sum / (double)N + eps));
             } else {
-                NK_A sq = 0;
-#pragma omp simd reduction(+ : sq)
-                for (int64_t j = 0; j < N; j++) {
-                    NK_A d = (buf[j] - mean) - mean_lo;
-                    buf[j] = d;
-                    sq += d * d;
-                }
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) buf[j] = (buf[j] - mean) - mean_lo;
+                NK_A sq = NK_NAME(nk_dot)(buf, buf, N);
                 rstd = (NK_A)(1.0 / sqrt((double)(sq / (NK_A)N) + eps));
                 mean = 0; /* buf now holds x - mean */
             }
@@ -127,25 +166,19 @@ void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK
             NK_A sum = 0, shift = NK_LOAD(xr[0]);
 #pragma omp simd
             for (int64_t j = 0; j < N; j++) xh[j] = NK_LOAD(xr[j]);
-            if (!rms) {
-#pragma omp simd reduction(+ : sum)
-                for (int64_t j = 0; j < N; j++) sum += xh[j] - shift;
-            }
+            if (!rms) sum = NK_NAME(nk_sum_sub)(xh, N, shift);
             double mean_d = rms ? 0.0 : (double)shift + (double)sum / (double)N;
             NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean);
-            NK_A c1 = 0, c2 = 0;
-#pragma omp simd reduction(+ : c1, c2)
+#pragma omp simd
             for (int64_t j = 0; j < N; j++) {
                 NK_A xhat = ((xh[j] - mean) - mean_lo) * rstd;
                 NK_A d = NK_LOAD(dyr[j]);
-                NK_A g = d * w[j];
                 xh[j] = xhat;
-                gy[j] = g;
-                c1 += g;
-                c2 += g * xhat;
+                gy[j] = d * w[j];
                 acc_w[j] += d * xhat;
                 acc_b[j] += d;
             }
+            NK_A c1 = NK_NAME(nk_sum_sub)(gy, N, 0), c2 = NK_NAME(nk_dot)(gy, xh, N);
             c1 = rms ? 0 : c1 / (NK_A)N;
             c2 = c2 / (NK_A)N;
             if (dh) {
@@ -708,3 +741,4 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
 #undef NK_STORE
 #undef NK_NAME
 #undef NK_EXP
+#undef NK_LANES
