@@ -176,9 +176,10 @@ def resolve(x: Tensor) -> Backend:
     reference if it can't."""
     name = current_backend_name()
     if name == AUTO:
-        backend = _auto_cache.get(x.device.type)  # the per-call path: skip the registry walk
+        device = "cpu" if x.is_cpu else x.device.type  # is_cpu: no torch.device object per call
+        backend = _auto_cache.get(device)  # the per-call path: skip the registry walk
         if backend is None:
-            backend = _auto_cache[x.device.type] = default_backend(x.device.type)
+            backend = _auto_cache[device] = default_backend(device)
     else:
         backend = get_backend(name)
     if backend.supports(x):

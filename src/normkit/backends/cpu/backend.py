@@ -237,7 +237,7 @@ class CpuBackend(Backend):
         self._reference = ReferenceBackend()
 
     def supports(self, x: Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype in K.SUPPORTED_DTYPES
+        return x.is_cpu and x.dtype in K.SUPPORTED_DTYPES
 
     def _fallback(self, *tensors: Tensor | None) -> bool:
         x = tensors[0]
