@@ -367,28 +367,28 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
     free(pc);
 }
 
-/* y = (x - center[n, c]) * scale[n, c] + shift[n, c], then SiLU when act == 1. The centre is the
- * mean as hi + lo: x - hi is exact near the mean and lo restores what rounding the mean to NK_A lost,
- * so a large mean neither cancels nor shifts the output. Input and output layouts may differ only
- * as (channels-last in, channels-first out), which InstanceNorm needs. */
+/* y = (x - hi[n, c]) * scale[n, c] + shift[n, c], then SiLU when act == 1. hi is the mean rounded
+ * to NK_A, so x - hi is exact near the mean and a large mean neither cancels nor shifts the output;
+ * what the rounding lost (lo = mean - hi) is folded into the shift, shift = b - lo * scale. Input
+ * and output layouts may differ only as (channels-last in, channels-first out), which InstanceNorm
+ * needs. */
 static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
-                              const NK_A *hi, const NK_A *lo, const NK_A *scale, const NK_A *shift, int act,
-                              int nt) {
+                              const NK_A *hi, const NK_A *scale, const NK_A *shift, int act, int nt) {
     if (!in_nhwc) {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t nc = 0; nc < N * C; nc++) {
             const NK_T *xr = x + nc * S;
             NK_T *yr = y + nc * S;
-            NK_A mh = hi[nc], ml = lo[nc], a = scale[nc], b = shift[nc];
+            NK_A mh = hi[nc], a = scale[nc], b = shift[nc];
             if (act) {
 #pragma omp simd
                 for (int64_t s = 0; s < S; s++) {
-                    NK_A z = ((NK_LOAD(xr[s]) - mh) - ml) * a + b;
+                    NK_A z = (NK_LOAD(xr[s]) - mh) * a + b;
                     yr[s] = NK_STORE(z * NK_NAME(nk_sigmoid)(z));
                 }
             } else {
 #pragma omp simd
-                for (int64_t s = 0; s < S; s++) yr[s] = NK_STORE(((NK_LOAD(xr[s]) - mh) - ml) * a + b);
+                for (int64_t s = 0; s < S; s++) yr[s] = NK_STORE((NK_LOAD(xr[s]) - mh) * a + b);
             }
         }
     } else if (out_nhwc) {
@@ -397,16 +397,16 @@ static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int6
             int64_t n = ns / S;
             const NK_T *xr = x + ns * C;
             NK_T *yr = y + ns * C;
-            const NK_A *mh = hi + n * C, *ml = lo + n * C, *a = scale + n * C, *b = shift + n * C;
+            const NK_A *mh = hi + n * C, *a = scale + n * C, *b = shift + n * C;
             if (act) {
 #pragma omp simd
                 for (int64_t c = 0; c < C; c++) {
-                    NK_A z = ((NK_LOAD(xr[c]) - mh[c]) - ml[c]) * a[c] + b[c];
+                    NK_A z = (NK_LOAD(xr[c]) - mh[c]) * a[c] + b[c];
                     yr[c] = NK_STORE(z * NK_NAME(nk_sigmoid)(z));
                 }
             } else {
 #pragma omp simd
-                for (int64_t c = 0; c < C; c++) yr[c] = NK_STORE(((NK_LOAD(xr[c]) - mh[c]) - ml[c]) * a[c] + b[c]);
+                for (int64_t c = 0; c < C; c++) yr[c] = NK_STORE((NK_LOAD(xr[c]) - mh[c]) * a[c] + b[c]);
             }
         }
     } else {
@@ -417,22 +417,22 @@ static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int6
         for (int64_t task = 0; task < N * tiles; task++) {
             int64_t n = task / tiles, s0 = (task % tiles) * NK_TILE;
             int64_t s1 = s0 + NK_TILE < S ? s0 + NK_TILE : S;
-            const NK_A *mh = hi + n * C, *ml = lo + n * C, *a = scale + n * C, *b = shift + n * C;
+            const NK_A *mh = hi + n * C, *a = scale + n * C, *b = shift + n * C;
             for (int64_t c0 = 0; c0 < C; c0 += NK_TILE) {
                 int64_t c1 = c0 + NK_TILE < C ? c0 + NK_TILE : C;
                 for (int64_t c = c0; c < c1; c++) {
                     const NK_T *xc = x + (n * S) * C + c;
                     NK_T *yc = y + (n * C + c) * S;
-                    NK_A cm = mh[c], cl = ml[c], ca = a[c], cb = b[c];
+                    NK_A cm = mh[c], ca = a[c], cb = b[c];
                     if (act) {
 #pragma omp simd
                         for (int64_t s = s0; s < s1; s++) {
-                            NK_A z = ((NK_LOAD(xc[s * C]) - cm) - cl) * ca + cb;
+                            NK_A z = (NK_LOAD(xc[s * C]) - cm) * ca + cb;
                             yc[s] = NK_STORE(z * NK_NAME(nk_sigmoid)(z));
                         }
                     } else {
 #pragma omp simd
-                        for (int64_t s = s0; s < s1; s++) yc[s] = NK_STORE(((NK_LOAD(xc[s * C]) - cm) - cl) * ca + cb);
+                        for (int64_t s = s0; s < s1; s++) yc[s] = NK_STORE((NK_LOAD(xc[s * C]) - cm) * ca + cb);
                     }
                 }
             }
@@ -461,20 +461,18 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
     }
     for (int64_t k = 0; k < sets; k++) rstd_out[k] = 1.0 / sqrt(var_out[k] + eps);
     NK_A *hi = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
-    NK_A *lo = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
     NK_A *scale = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
     NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
             int64_t k = nk_set_of(n, c, C, groups);
+            double a = rstd_out[k] * (w ? (double)w[c] : 1.0);
             hi[n * C + c] = (NK_A)mean_out[k];
-            lo[n * C + c] = (NK_A)(mean_out[k] - (double)hi[n * C + c]);
-            scale[n * C + c] = (NK_A)(rstd_out[k] * (w ? (double)w[c] : 1.0));
-            shift[n * C + c] = (NK_A)(b ? (double)b[c] : 0.0);
+            scale[n * C + c] = (NK_A)a;
+            shift[n * C + c] = (NK_A)((b ? (double)b[c] : 0.0) - (mean_out[k] - (double)hi[n * C + c]) * a);
         }
-    NK_NAME(nk_apply)(x, y, N, C, S, in_nhwc, out_nhwc, hi, lo, scale, shift, act, nt);
+    NK_NAME(nk_apply)(x, y, N, C, S, in_nhwc, out_nhwc, hi, scale, shift, act, nt);
     free(hi);
-    free(lo);
     free(scale);
     free(shift);
 }
