@@ -107,6 +107,21 @@ static inline __attribute__((always_inline)) float nk_expf(float x) {
     return p * scale;
 }
 
+/* 1/d for d >= 1 without a divide (vdivps is the slowest vector instruction on many x86 cores):
+ * a bit-pattern first guess, good to about 12%, then three Newton steps r <- r (2 - d r), each
+ * doubling the correct bits: within 4e-7 relative over [1, 1e38]. */
+static inline __attribute__((always_inline)) float nk_rcpf(float d) {
+    int32_t i;
+    memcpy(&i, &d, sizeof i);
+    i = 0x7ef311c7 - i;
+    float r;
+    memcpy(&r, &i, sizeof r);
+    r = r * (2.0f - d * r);
+    r = r * (2.0f - d * r);
+    r = r * (2.0f - d * r);
+    return r;
+}
+
 static inline int nk_threads(int requested) { return requested > 0 ? requested : 1; }
 
 /* Chan, Golub & LeVeque: merge (nb, mb, m2b) into (*na, *ma, *m2a). */
@@ -169,6 +184,7 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 #define NK_LOAD(v) (v)
 #define NK_STORE(v) (v)
 #define NK_NAME(base) base##_f32
+#define NK_RCP(v) nk_rcpf(v)
 #define NK_EXP(v) nk_expf(v)
 #include "kernels_impl.h"
 
@@ -177,6 +193,7 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 #define NK_LOAD(v) (v)
 #define NK_STORE(v) (v)
 #define NK_NAME(base) base##_f64
+#define NK_RCP(v) (1.0 / (v))
 #define NK_EXP(v) exp(v)
 #include "kernels_impl.h"
 
@@ -185,6 +202,7 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 #define NK_LOAD(v) nk_bf16_load(v)
 #define NK_STORE(v) nk_bf16_store(v)
 #define NK_NAME(base) base##_bf16
+#define NK_RCP(v) nk_rcpf(v)
 #define NK_EXP(v) nk_expf(v)
 #include "kernels_impl.h"
 
@@ -193,6 +211,7 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 #define NK_LOAD(v) nk_f16_load(v)
 #define NK_STORE(v) nk_f16_store(v)
 #define NK_NAME(base) base##_f16
+#define NK_RCP(v) nk_rcpf(v)
 #define NK_EXP(v) nk_expf(v)
 #include "kernels_impl.h"
 

@@ -4,12 +4,13 @@
  *   NK_LOAD   NK_T -> NK_A,  NK_STORE  NK_A -> NK_T (round to nearest even)
  *   NK_NAME   appends the dtype suffix to a function name
  *   NK_EXP    exp in NK_A
+ *   NK_RCP    1 / v in NK_A, for v >= 1
  * Statistics of the channel norms and every cross-row reduction (parameter gradients) are
  * accumulated in double; per-row and per-block work runs in NK_A, vectorized by the compiler.
  */
 
 /* silu(z) and its derivative, d silu / dz = s(z) (1 + z (1 - s(z))) */
-static inline __attribute__((always_inline)) NK_A NK_NAME(nk_sigmoid)(NK_A z) { return (NK_A)1 / ((NK_A)1 + NK_EXP(-z)); }
+static inline __attribute__((always_inline)) NK_A NK_NAME(nk_sigmoid)(NK_A z) { return NK_RCP((NK_A)1 + NK_EXP(-z)); }
 
 /* ============================ reductions over L1 =================================== */
 
@@ -739,4 +740,5 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
 #undef NK_STORE
 #undef NK_NAME
 #undef NK_EXP
+#undef NK_RCP
 #undef NK_LANES
