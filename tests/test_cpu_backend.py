@@ -380,3 +380,113 @@ def test_auto_falls_back_to_the_reference_without_a_compiler(tmp_path):
 
 def test_backend_name_is_recorded_by_resolve():
     assert backends.resolve(torch.randn(3)).name == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# found in review
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_of_very_negative_values_is_finite(dtype):
+    x = (torch.randn(1, 1, 4096) * 1e-3).to(dtype)
+    x[0, 0, :4] = torch.tensor([-1.0, -2.0, 3.0, -5.0])  # normalized to about -100 ... -500
+    x.requires_grad_()
+    with normkit.use_backend("cpu"):
+        y = NF.group_norm_silu(x, 1)
+    y.backward(torch.ones_like(y))
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    ref = F.silu(F.group_norm(x.detach().double(), 1))
+    assert_close(y, ref, dtype)
+
+
+def _second_order(fn, x, *params):
+    g = torch.randn_like(x)
+    y = fn(x, *params)
+    (dx,) = torch.autograd.grad((y * y).sum() + (y * g).sum(), x, create_graph=True)
+    return torch.autograd.grad((dx**2).sum(), [x, *params])
+
+
+@pytest.mark.parametrize(
+    "name", ["layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", "group_norm_silu"]
+)
+def test_double_backward_of_a_non_contiguous_input(name):
+    torch.manual_seed(0)
+    base = torch.randn(6, 4, 5, dtype=torch.float64).transpose(0, 2)  # (5, 4, 6), neither layout
+    w = torch.randn(4 if name not in ("layer_norm", "rms_norm") else 6, dtype=torch.float64, requires_grad=True)
+    calls = {
+        "layer_norm": lambda m, x, w: m.layer_norm(x, (6,), w),
+        "rms_norm": lambda m, x, w: m.rms_norm(x, (6,), w),
+        "group_norm": lambda m, x, w: m.group_norm(x, 2, w),
+        "batch_norm": lambda m, x, w: m.batch_norm(x, None, None, w, None, True),
+        "instance_norm": lambda m, x, w: m.instance_norm(x, None, None, w),
+        "group_norm_silu": lambda m, x, w: m.group_norm_silu(x, 2, w),
+    }
+    x = base.clone().requires_grad_()
+    torch.manual_seed(1)
+    with normkit.use_backend("cpu"):
+        ours = _second_order(lambda x, w: calls[name](NF, x, w), x, w)
+    x2 = base.clone().requires_grad_()
+    torch.manual_seed(1)
+    theirs = _second_order(lambda x, w: calls[name](_TorchOps(), x, w), x2, w)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_batched_gradients():
+    x = torch.randn(3, 5, requires_grad=True)
+    w = torch.randn(5, requires_grad=True)
+    img = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with normkit.use_backend("cpu"):
+        y, z = NF.layer_norm(x, (5,), w), NF.batch_norm(img, None, None, None, None, True)
+    grads = torch.randn(4, 3, 5)
+    (ours,) = torch.autograd.grad(y, x, grads, is_grads_batched=True)
+    (theirs,) = torch.autograd.grad(F.layer_norm(x, (5,), w), x, grads, is_grads_batched=True)
+    torch.testing.assert_close(ours, theirs)
+    grads = torch.randn(2, *img.shape)
+    (ours,) = torch.autograd.grad(z, img, grads, is_grads_batched=True)
+    (theirs,) = torch.autograd.grad(F.batch_norm(img, None, None, training=True), img, grads, is_grads_batched=True)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_parameters_on_another_device_raise_like_torch():
+    x = torch.randn(2, 3)
+    with normkit.use_backend("cpu"), pytest.raises(RuntimeError):
+        NF.layer_norm(x, (3,), torch.ones(3, device="meta"))
+
+
+@pytest.mark.parametrize("where", ["row", "batch_norm", "group_norm", "batch_norm_channels_last"])
+def test_an_outlier_in_first_place_costs_no_accuracy(where):
+    torch.manual_seed(0)
+    if where == "row":
+        x = torch.randn(4, 65536)
+        x[:, 0] = 1e4
+        op = lambda m, x: m.layer_norm(x, (65536,))  # noqa: E731
+    else:
+        x = torch.randn(8, 4, 64, 64)
+        x[0, :, 0, 0] = 1e4
+        if where.endswith("channels_last"):
+            x = x.to(memory_format=torch.channels_last)
+        op = (  # noqa: E731
+            (lambda m, x: m.group_norm(x, 1)) if where == "group_norm"
+            else (lambda m, x: m.batch_norm(x, None, None, None, None, True))
+        )
+    _check(op, [x], torch.float32, msg=where)
+
+
+def test_an_unusable_cache_directory_is_a_build_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("NORMKIT_CACHE_DIR", str(blocker / "sub"))
+    with pytest.raises(build.BuildError, match="could not be built or loaded"):
+        build.load_library()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="Linux only")
+def test_cache_key_includes_the_instruction_set():
+    info = build._cpu_model()
+    with open("/proc/cpuinfo") as f:
+        text = f.read()
+    for key in ("flags", "Features"):
+        if f"\n{key}" in "\n" + text:
+            assert info.count(key) == 1

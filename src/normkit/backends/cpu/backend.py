@@ -57,9 +57,13 @@ def _like_layout(t: Tensor, x: Tensor, nhwc: bool) -> Tensor:
 
 
 def _wrapped(*tensors: Tensor | None) -> bool:
-    """Whether any tensor is a torch.func wrapper (no storage of its own for a kernel to read)."""
-    check = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(t is not None and check(t) for t in tensors)
+    """Whether any tensor is a torch.func wrapper or a legacy batched tensor (``is_grads_batched``):
+    neither has storage of its own for a kernel to read."""
+    functorch = torch._C._functorch
+    return any(
+        t is not None and (functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t))
+        for t in tensors
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,7 +92,9 @@ class _RowNorm(torch.autograd.Function):
         y, h, rstd = K.row_forward(xc, rc, weight, bias, n, eps, rms)
         ctx.shape, ctx.eps, ctx.rms, ctx.fused = shape, eps, rms, residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(h if h is not None else xc, weight, rstd)
+        # the input itself, not a contiguous copy of it: a copy made here has no grad_fn, and the
+        # differentiable backward (create_graph) must reach x through it
+        ctx.save_for_backward(h if h is not None else x, weight, rstd)
         if h is None:
             return y
         return y, h
@@ -97,17 +103,20 @@ class _RowNorm(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         h, weight, rstd = ctx.saved_tensors
         need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
-        if torch.is_grad_enabled():  # create_graph: a differentiable backward
+        # create_graph needs a differentiable backward; batched gradients (is_grads_batched, vmap'd
+        # jacobians) arrive as functorch wrappers with no storage for the kernel: both take torch ops
+        if torch.is_grad_enabled() or _wrapped(dy, dh):
             dx, dw, db = _row_backward_differentiable(dy, h, weight, ctx.shape, ctx.eps, ctx.rms)
             if dh is not None:
                 dx = dx + dh
         else:
             dx, dw, db = K.row_backward(
-                dy.contiguous(), h, None if dh is None else dh.contiguous(), weight, rstd,
+                dy.contiguous(), h.contiguous(), None if dh is None else dh.contiguous(), weight, rstd,
                 math.prod(ctx.shape), ctx.rms, need_w, need_b and not ctx.rms,
             )
         dw = dw.view(weight.shape).to(weight.dtype) if need_w else None
         db = db.view(ctx.shape).to(ctx.bias_dtype) if need_b else None
+        dx = dx.view(h.shape)
         dx_out = dx if need_x else None
         dres = dx if (ctx.fused and need_r) else None
         return dx_out, dres, dw, db, None, None, None
@@ -151,21 +160,23 @@ class _ChanNorm(torch.autograd.Function):
         # more bytes than torch saves. The bias is needed only to recompute SiLU's input.
         acc = K.arithmetic_dtype(x.dtype)
         keep_mean = silu or not ctx.train
-        ctx.save_for_backward(xk, weight, bias if silu else None, mean.to(acc) if keep_mean else None, rstd.to(acc))
+        # x itself, not the layout copy the kernel may have read (see _RowNorm.forward)
+        ctx.save_for_backward(x, weight, bias if silu else None, mean.to(acc) if keep_mean else None, rstd.to(acc))
         return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        xk, weight, bias, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            dx, dw, db = _chan_backward_differentiable(ctx, dy, xk, weight, bias, mean, rstd)
+        if torch.is_grad_enabled() or _wrapped(dy):  # as in _RowNorm.backward
+            dx, dw, db = _chan_backward_differentiable(ctx, dy, x, weight, bias, mean, rstd)
         else:
-            xk2, dims, nhwc = _channel_layout(xk, per_channel=ctx.groups == 0)
+            xk, dims, nhwc = _channel_layout(x, per_channel=ctx.groups == 0)
             dx, dw, db = K.chan_backward(
-                _like_layout(dy, xk2, nhwc), xk2, dims, nhwc, ctx.groups, weight, bias, mean, rstd,
+                _like_layout(dy, xk, nhwc), xk, dims, nhwc, ctx.groups, weight, bias, mean, rstd,
                 ctx.train, ctx.silu, need_w, need_b,
             )
+            dx = dx.view(x.shape)
         return (
             dx if need_x else None,
             dw.to(weight.dtype) if need_w else None,
@@ -189,7 +200,7 @@ def _chan_backward_differentiable(ctx, dy, x, weight, bias, mean, rstd):
     if ctx.train:
         _, m, r = ref.batch_norm(x, None, None, weight, None, True, 0.0, ctx.eps)
         return ref.batch_norm_backward(dy, x, weight, m, r, True)
-    return ref.batch_norm_backward(dy, x, weight, mean, rstd, False)
+    return ref.batch_norm_backward(dy, x, weight, mean.double(), rstd.double(), False)
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -240,8 +251,14 @@ class CpuBackend(Backend):
         return x.is_cpu and x.dtype in K.SUPPORTED_DTYPES
 
     def _fallback(self, *tensors: Tensor | None) -> bool:
+        """Hand the call to the reference: empty input, torch.func wrappers, or a parameter or running
+        statistic not on the CPU (the reference's torch ops raise torch's device error for it)."""
         x = tensors[0]
-        return x.numel() == 0 or _wrapped(*tensors)
+        return (
+            x.numel() == 0
+            or _wrapped(*tensors)
+            or any(t is not None and not t.is_cpu for t in tensors[1:])
+        )
 
     # row norms
 

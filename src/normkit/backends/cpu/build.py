@@ -53,14 +53,18 @@ def _compiler() -> str:
 
 
 def _cpu_model() -> str:
+    """The CPU's model and instruction-set flags: a -march=native build must not be shared by two
+    machines whose model strings agree but whose vector extensions differ (SIGILL)."""
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("model name", "flags", "Features")):
-                    return line
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part") and key not in found:
+                    found[key] = line
     except OSError:
         pass
-    return platform.processor()
+    return "".join(found.values()) or platform.processor()
 
 
 def _fingerprint(cc: str, flags: list[str]) -> str:
@@ -97,6 +101,7 @@ def library_path() -> Path:
         try:
             result = _compile(cc, flags, Path(tmp))
             if result.returncode == 0:
+                os.chmod(tmp, 0o755)  # mkstemp makes it private; a shared cache must be readable
                 os.replace(tmp, target)
                 return target
             last_error = result.stderr
@@ -111,4 +116,7 @@ def load_library() -> ctypes.CDLL:
     that the library binds to the OpenMP runtime torch already loaded."""
     import torch  # noqa: F401  (torch's libgomp first)
 
-    return ctypes.CDLL(str(library_path()))
+    try:
+        return ctypes.CDLL(str(library_path()))
+    except OSError as exc:  # an unwritable cache directory, a truncated library, a noexec mount
+        raise BuildError(f"normkit's cpu kernels could not be built or loaded: {exc}") from exc

@@ -91,7 +91,7 @@ static inline nk_f16 nk_f16_store(float f) {
  * k = round(x / ln 2), |r| <= ln(2) / 2, and a degree-6 polynomial for exp(r) (Cephes' coefficients);
  * about 2 ulp over the clamped range, which covers every input where SiLU is not already 0 or x. */
 static inline __attribute__((always_inline)) float nk_expf(float x) {
-    x = x > 88.0f ? 88.0f : (x < -87.0f ? -87.0f : x);
+    x = x > 87.0f ? 87.0f : (x < -87.0f ? -87.0f : x); /* 1 + e^87 stays where nk_rcpf is exact */
     float k = floorf(x * 1.44269504088896341f + 0.5f);
     float r = x - k * 0.693359375f + k * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -109,7 +109,8 @@ static inline __attribute__((always_inline)) float nk_expf(float x) {
 
 /* 1/d for d >= 1 without a divide (vdivps is the slowest vector instruction on many x86 cores):
  * a bit-pattern first guess, good to about 12%, then three Newton steps r <- r (2 - d r), each
- * doubling the correct bits: within 4e-7 relative over [1, 1e38]. */
+ * doubling the correct bits: within 4e-7 relative over [1, 1e38] (above ~1.3e38 the guess goes
+ * negative, which is why nk_expf clamps its argument at 87). */
 static inline __attribute__((always_inline)) float nk_rcpf(float d) {
     int32_t i;
     memcpy(&i, &d, sizeof i);

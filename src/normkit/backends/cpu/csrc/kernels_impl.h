@@ -59,6 +59,16 @@ static inline NK_A NK_NAME(nk_dot)(const NK_A *a, const NK_A *b, int64_t n) {
     return r;
 }
 
+/* The mean of a row in L1, in double: a sum of x - K about the first element K, then one
+ * refinement about that estimate, so that an outlier in first place costs no accuracy (both sums
+ * are cheap from L1). Forward and backward call this same function and so agree bit for bit. */
+static inline double NK_NAME(nk_row_mean)(const NK_A *buf, int64_t n) {
+    NK_A k = buf[0];
+    double m = (double)k + (double)NK_NAME(nk_sum_sub)(buf, n, k) / (double)n;
+    NK_A hi = (NK_A)m;
+    return (double)hi + (double)NK_NAME(nk_sum_sub)(buf, n, hi) / (double)n;
+}
+
 /* ================================ row norms ======================================== */
 
 /* LayerNorm (rms = 0) or RMSNorm (rms = 1) over rows of length N; with res != NULL, the row is
@@ -73,9 +83,9 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
         for (int64_t i = 0; i < M; i++) {
             const NK_T *xr = x + i * N;
             NK_T *yr = y + i * N;
-            /* LayerNorm sums x - K with K the row's first element (shifted data): the float sum then
-             * carries errors relative to the row's spread, not to its mean. RMSNorm sums x^2. */
-            NK_A sum = 0, shift = 0;
+            /* LayerNorm's mean: nk_row_mean (shifted sums, so float rounding is relative to the
+             * row's spread, not to its mean). RMSNorm sums x^2. */
+            NK_A sum = 0;
             if (res) { /* h = round(x + residual) is written out and normalized */
                 const NK_T *rr = res + i * N;
                 NK_T *hr = hout + i * N;
@@ -89,14 +99,9 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
 #pragma omp simd
                 for (int64_t j = 0; j < N; j++) buf[j] = NK_LOAD(xr[j]);
             }
-            if (rms) {
-                sum = NK_NAME(nk_dot)(buf, buf, N);
-            } else {
-                shift = buf[0];
-                sum = NK_NAME(nk_sum_sub)(buf, N, shift);
-            }
+            if (rms) sum = NK_NAME(nk_dot)(buf, buf, N);
             NK_A rstd;
-            double mean_d = rms ? 0.0 : (double)shift + (double)sum / (double)N;
+            double mean_d = rms ? 0.0 : NK_NAME(nk_row_mean)(buf, N);
             /* centre by mean = hi + lo: (x - hi) is exact near the mean, lo restores the bits float lost */
             NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean);
             if (rms) {
@@ -164,11 +169,9 @@ void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK
             const NK_T *xr = x + i * N, *dyr = dy + i * N;
             NK_T *dxr = dx + i * N;
             NK_A rstd = rstd_in[i];
-            NK_A sum = 0, shift = NK_LOAD(xr[0]);
 #pragma omp simd
             for (int64_t j = 0; j < N; j++) xh[j] = NK_LOAD(xr[j]);
-            if (!rms) sum = NK_NAME(nk_sum_sub)(xh, N, shift);
-            double mean_d = rms ? 0.0 : (double)shift + (double)sum / (double)N;
+            double mean_d = rms ? 0.0 : NK_NAME(nk_row_mean)(xh, N);
             NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean);
 #pragma omp simd
             for (int64_t j = 0; j < N; j++) {
@@ -590,9 +593,17 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
             int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
             if (mean) {
                 mh[i] = mean[k];
-            } else { /* the first element of the set: sample 0 (BatchNorm) or n, its first channel */
-                int64_t n0 = groups > 0 ? n : 0, c0 = groups > 0 ? (c / (C / groups)) * (C / groups) : c;
-                mh[i] = NK_LOAD(x[nhwc ? n0 * S * C + c0 : (n0 * C + c0) * S]);
+            } else {
+                /* the median of three elements of the set (its first, middle and last): a shift
+                 * inside the bulk of the data even when one of them is an outlier */
+                int64_t D = groups > 0 ? C / groups : 1, c0 = groups > 0 ? (c / D) * D : c;
+                int64_t nn[3] = {groups > 0 ? n : 0, groups > 0 ? n : (N - 1) / 2, groups > 0 ? n : N - 1};
+                int64_t cc[3] = {c0, c0 + (D - 1) / 2, c0 + D - 1}, ss[3] = {0, (S - 1) / 2, S - 1};
+                NK_A v[3];
+                for (int t = 0; t < 3; t++)
+                    v[t] = NK_LOAD(x[nhwc ? (nn[t] * S + ss[t]) * C + cc[t] : (nn[t] * C + cc[t]) * S + ss[t]]);
+                NK_A lo = v[0] < v[1] ? v[0] : v[1], hi = v[0] < v[1] ? v[1] : v[0];
+                mh[i] = v[2] < lo ? lo : (v[2] > hi ? hi : v[2]);
             }
             r[i] = rstd[k];
             zw[i] = w ? w[c] : (NK_A)1;
