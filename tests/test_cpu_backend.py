@@ -490,3 +490,12 @@ def test_cache_key_includes_the_instruction_set():
     for key in ("flags", "Features"):
         if f"\n{key}" in "\n" + text:
             assert info.count(key) == 1
+
+
+def test_forward_mode_ad_is_an_error_not_a_lost_tangent():
+    import torch.autograd.forward_ad as fwAD
+
+    with normkit.use_backend("cpu"), fwAD.dual_level():
+        x = fwAD.make_dual(torch.randn(2, 3), torch.randn(2, 3))
+        with pytest.raises(RuntimeError):
+            NF.layer_norm(x, (3,))

@@ -19,6 +19,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from ... import reference as ref
 from ..base import Backend
@@ -204,6 +205,10 @@ def _chan_backward_differentiable(ctx, dy, x, weight, bias, mean, rstd):
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether the call must go through autograd: a gradient is wanted, or forward-mode AD is active
+    (where the Function raises that it has no jvp, instead of silently dropping the tangent)."""
+    if forward_ad._current_level >= 0:
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
