@@ -380,7 +380,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
             "Time every op of the matrix (LayerNorm, RMSNorm, add+RMSNorm, add+LayerNorm, BatchNorm train "
             "and eval, GroupNorm, InstanceNorm, GroupNorm+SiLU; float32 and bfloat16; contiguous and "
             "channels_last) forward and forward+backward, for normkit and its peers, called alternately in "
-            "one process; each provider is first checked against torch eager. Prints a table and writes "
+            "one process; each provider is first checked against a float64 truth. Prints a table and writes "
             "bench.csv, bench.json and bench.png into --out. See docs/benchmarks.md. Exit status 1 if "
             "normkit fails a check."
         ),

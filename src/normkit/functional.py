@@ -49,6 +49,23 @@ def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(int(s) for s in normalized_shape)
 
 
+def _layer_norm_checks(input: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None) -> None:
+    _checks.normalized_shape(input, shape, weight, bias)
+    _checks.floating(input, "LayerNormKernelImpl")
+    _checks.parameter_dtypes(input, weight, bias)
+
+
+def _rms_norm_checks(input: Tensor, shape: tuple[int, ...], weight: Tensor | None) -> None:
+    _checks.normalized_shape(input, shape, weight, None, rms=True)
+    _checks.floating(input, "rms_norm")
+
+
+def _group_norm_checks(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> None:
+    _checks.group_norm_args(input, num_groups, weight, bias)
+    _checks.floating(input, "GroupNormKernelImpl")
+    _checks.parameter_dtypes(input, weight, bias)
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -146,9 +163,7 @@ def layer_norm(
             layer_norm, (input, weight, bias), input, normalized_shape, weight=weight, bias=bias, eps=eps
         )
     shape = _as_shape(normalized_shape)
-    _checks.normalized_shape(input, shape, weight, bias)
-    _checks.floating(input, "LayerNormKernelImpl")
-    _checks.parameter_dtypes(input, weight, bias)
+    _layer_norm_checks(input, shape, weight, bias)
     return resolve(input).layer_norm(input, shape, weight, bias, eps).contiguous()
 
 
@@ -167,9 +182,7 @@ def group_norm(
         return handle_torch_function(
             group_norm, (input, weight, bias), input, num_groups, weight=weight, bias=bias, eps=eps
         )
-    _checks.group_norm_args(input, num_groups, weight, bias)
-    _checks.floating(input, "GroupNormKernelImpl")
-    _checks.parameter_dtypes(input, weight, bias)
+    _group_norm_checks(input, num_groups, weight, bias)
     y = resolve(input).group_norm(input, num_groups, weight, bias, eps)
     return y.contiguous(memory_format=_suggested_format(input))
 
@@ -188,8 +201,7 @@ def rms_norm(
     if has_torch_function_variadic(input, weight):
         return handle_torch_function(rms_norm, (input, weight), input, normalized_shape, weight=weight, eps=eps)
     shape = _as_shape(normalized_shape)
-    _checks.normalized_shape(input, shape, weight, None, rms=True)
-    _checks.floating(input, "rms_norm")
+    _rms_norm_checks(input, shape, weight)
     y = resolve(input).rms_norm(input, shape, weight, eps)
     return y.contiguous(memory_format=_suggested_format(input))
 
@@ -269,8 +281,7 @@ def fused_add_rms_norm(
         )
     _check_residual("fused_add_rms_norm", x, residual)
     shape = _as_shape(normalized_shape)
-    _checks.normalized_shape(x, shape, weight, None, rms=True)
-    _checks.floating(x, "rms_norm")
+    _rms_norm_checks(x, shape, weight)
     y, h = resolve(x).fused_add_rms_norm(x, residual, shape, weight, eps)
     fmt = _suggested_format(x)
     return y.contiguous(memory_format=fmt), h.contiguous(memory_format=fmt)
@@ -322,9 +333,7 @@ def fused_add_layer_norm(
         )
     _check_residual("fused_add_layer_norm", x, residual)
     shape = _as_shape(normalized_shape)
-    _checks.normalized_shape(x, shape, weight, bias)
-    _checks.floating(x, "LayerNormKernelImpl")
-    _checks.parameter_dtypes(x, weight, bias)
+    _layer_norm_checks(x, shape, weight, bias)
     y, h = resolve(x).fused_add_layer_norm(x, residual, shape, weight, bias, eps)
     return y.contiguous(), h.contiguous(memory_format=_suggested_format(x))
 
@@ -370,8 +379,6 @@ def group_norm_silu(
         return handle_torch_function(
             group_norm_silu, (x, weight, bias), x, num_groups, weight=weight, bias=bias, eps=eps
         )
-    _checks.group_norm_args(x, num_groups, weight, bias)
-    _checks.floating(x, "GroupNormKernelImpl")
-    _checks.parameter_dtypes(x, weight, bias)
+    _group_norm_checks(x, num_groups, weight, bias)
     y = resolve(x).group_norm_silu(x, num_groups, weight, bias, eps)
     return y.contiguous(memory_format=_suggested_format(x))

@@ -303,13 +303,26 @@ def group_norm(
 
     Returns ``(y, mean, rstd)``; ``mean`` and ``rstd`` have shape (N, G).
     """
-    acc = accumulation_dtype(x)
-    xg = _grouped(x.to(acc), num_groups)
-    mean, var = _moments(xg, (2,))  # one (mean, var) per (sample, group)
-    rstd = torch.rsqrt(var + eps)
-    xhat = ((xg - mean) * rstd).reshape(x.shape)
-    y = _affine(xhat, _channel_view(weight, x.dim(), acc), _channel_view(bias, x.dim(), acc))
+    mean, rstd = _group_stats(x, num_groups, eps)
+    y = _group_norm_affine(x, num_groups, weight, bias, mean, rstd)
     return y.to(x.dtype), mean.reshape(x.shape[0], num_groups), rstd.reshape(x.shape[0], num_groups)
+
+
+def _group_stats(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Mean and rstd of each (sample, group), shaped (N, G, 1), in the accumulation dtype."""
+    mean, var = _moments(_grouped(x.to(accumulation_dtype(x)), num_groups), (2,))
+    return mean, torch.rsqrt(var + eps)
+
+
+def _group_norm_affine(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor
+) -> Tensor:
+    """GroupNorm's output before rounding, ``z = xhat * weight + bias``, in the accumulation dtype,
+    from the (N, G) statistics."""
+    acc = accumulation_dtype(x)
+    mean, rstd = mean.reshape(x.shape[0], num_groups, 1), rstd.reshape(x.shape[0], num_groups, 1)
+    xhat = ((_grouped(x.to(acc), num_groups) - mean) * rstd).reshape(x.shape)
+    return _affine(xhat, _channel_view(weight, x.dim(), acc), _channel_view(bias, x.dim(), acc))
 
 
 def _channel_sum(t: Tensor) -> Tensor:
@@ -343,17 +356,6 @@ def group_norm_backward(
 # --------------------------------------------------------------------------------------------------
 
 
-def _group_norm_affine(
-    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor
-) -> Tensor:
-    """GroupNorm's output before rounding, ``z = xhat * weight + bias``, in the accumulation dtype,
-    from the (N, G) statistics."""
-    acc = accumulation_dtype(x)
-    mean, rstd = mean.reshape(x.shape[0], num_groups, 1), rstd.reshape(x.shape[0], num_groups, 1)
-    xhat = ((_grouped(x.to(acc), num_groups) - mean) * rstd).reshape(x.shape)
-    return _affine(xhat, _channel_view(weight, x.dim(), acc), _channel_view(bias, x.dim(), acc))
-
-
 def group_norm_silu(
     x: Tensor,
     num_groups: int,
@@ -372,9 +374,7 @@ def group_norm_silu(
     dtype first). Returns ``(y, mean, rstd)`` with (N, G) statistics, as :func:`group_norm` does:
     they and x are all that :func:`group_norm_silu_backward` needs.
     """
-    acc = accumulation_dtype(x)
-    mean, var = _moments(_grouped(x.to(acc), num_groups), (2,))  # one (mean, var) per (sample, group)
-    rstd = torch.rsqrt(var + eps)
+    mean, rstd = _group_stats(x, num_groups, eps)
     z = _group_norm_affine(x, num_groups, weight, bias, mean, rstd)
     y = z * torch.sigmoid(z)
     return y.to(x.dtype), mean.reshape(x.shape[0], num_groups), rstd.reshape(x.shape[0], num_groups)

@@ -173,7 +173,7 @@ def select_providers(names: Sequence[str] | None, candidates: Sequence[Provider]
 
 
 # Intel Extension for PyTorch: fused CPU kernels for the LLM norms (inference API: forward only).
-# The outputs are checked against torch eager before any timing, like every provider's.
+# The outputs are checked against the float64 truth before any timing, like every provider's.
 register_peer(
     "ipex", "intel_extension_for_pytorch",
     {

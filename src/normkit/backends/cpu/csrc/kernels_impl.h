@@ -224,36 +224,26 @@ void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK
  * Each block is read once, as sums of d = x - K and d^2 about a shift K close to the mean (the
  * running mean so far; the block's first element for the first block): M2 = sum d^2 - n e^2 with
  * e = mean(d) loses nothing while n e^2 is small against sum d^2. Where it is not (a first
- * element far out in the tail), the block is redone in two exact passes. */
+ * element far out in the tail), the block is summed once more about its own mean. */
 static void NK_NAME(nk_run_moments)(const NK_T *p, int64_t S, double *mean, double *m2) {
     double cnt = 0, m = 0, q = 0;
     for (int64_t s0 = 0; s0 < S; s0 += NK_BLOCK) {
         int64_t len = S - s0 < NK_BLOCK ? S - s0 : NK_BLOCK;
-        NK_A k = cnt > 0 ? (NK_A)m : NK_LOAD(p[s0]), sd = 0, sd2 = 0;
+        NK_A k = cnt > 0 ? (NK_A)m : NK_LOAD(p[s0]), sd, sd2;
+        double e;
+        for (int pass = 0;; pass++) { /* a second pass only when the shift was far off */
+            sd = 0, sd2 = 0;
 #pragma omp simd reduction(+ : sd, sd2)
-        for (int64_t j = 0; j < len; j++) {
-            NK_A d = NK_LOAD(p[s0 + j]) - k;
-            sd += d;
-            sd2 += d * d;
+            for (int64_t j = 0; j < len; j++) {
+                NK_A d = NK_LOAD(p[s0 + j]) - k;
+                sd += d;
+                sd2 += d * d;
+            }
+            e = (double)sd / (double)len;
+            if (pass == 1 || (double)len * e * e <= 0.5 * (double)sd2) break;
+            k = (NK_A)((double)k + e);
         }
-        double e = (double)sd / (double)len;
-        if ((double)len * e * e <= 0.5 * (double)sd2) {
-            nk_merge(&cnt, &m, &q, (double)len, (double)k + e, (double)sd2 - (double)len * e * e);
-            continue;
-        }
-        NK_A sum = 0, sq = 0, dm = 0, shift = NK_LOAD(p[s0]);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < len; j++) sum += NK_LOAD(p[s0 + j]) - shift;
-        NK_A bm = (NK_A)((double)shift + (double)sum / (double)len);
-        /* M2 about the rounded block mean, corrected to the exact one: sum (d - e)^2 = sum d^2 - n e^2 */
-#pragma omp simd reduction(+ : sq, dm)
-        for (int64_t j = 0; j < len; j++) {
-            NK_A d = NK_LOAD(p[s0 + j]) - bm;
-            sq += d * d;
-            dm += d;
-        }
-        double e2 = (double)dm / (double)len;
-        nk_merge(&cnt, &m, &q, (double)len, (double)bm + e2, (double)sq - (double)len * e2 * e2);
+        nk_merge(&cnt, &m, &q, (double)len, (double)k + e, (double)sd2 - (double)len * e * e);
     }
     *mean = m;
     *m2 = q;
@@ -270,16 +260,14 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
     /* channels-last: each task reduces a block of rows of one sample over all C channels */
     int64_t B = nk_row_blocks(N, S, nt);
     int64_t rows_per_block = (S + B - 1) / B;
-    int64_t sub = NK_ROWS / C > 0 ? NK_ROWS / C : 1; /* rows per exact two-pass sub-block */
+    int64_t sub = NK_ROWS / C > 0 ? NK_ROWS / C : 1; /* rows per sub-block (about NK_ROWS elements) */
     double *pm = (double *)malloc(sizeof(double) * (size_t)(N * B * C + 1));
     double *pq = (double *)malloc(sizeof(double) * (size_t)(N * B * C + 1));
     double *pc = (double *)malloc(sizeof(double) * (size_t)(N * B + 1));
 #pragma omp parallel num_threads(nt)
     {
         NK_A *bs = (NK_A *)malloc(sizeof(NK_A) * (size_t)C), *bk = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
-        NK_A *bm = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
         NK_A *bq = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
-        NK_A *bd = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < N * B; task++) {
             int64_t n = task / B, b = task % B;
@@ -290,59 +278,36 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
             for (int64_t s0 = r0; s0 < r1; s0 += sub) {
                 int64_t s1 = s0 + sub < r1 ? s0 + sub : r1;
                 double len = (double)(s1 - s0);
-                /* one pass about a shift per channel, as in nk_run_moments */
+                /* about a shift per channel, as in nk_run_moments: the running mean (the
+                 * sub-block's first row at first), and once more about the sub-block's own mean
+                 * when that was far off for any channel */
                 const NK_T *first = x + (n * S + s0) * C;
-                for (int64_t c = 0; c < C; c++) bs[c] = 0, bq[c] = 0, bk[c] = cnt > 0 ? (NK_A)m[c] : NK_LOAD(first[c]);
-                for (int64_t s = s0; s < s1; s++) {
-                    const NK_T *row = x + (n * S + s) * C;
+                for (int64_t c = 0; c < C; c++) bk[c] = cnt > 0 ? (NK_A)m[c] : NK_LOAD(first[c]);
+                for (int pass = 0;; pass++) {
+                    for (int64_t c = 0; c < C; c++) bs[c] = 0, bq[c] = 0;
+                    for (int64_t s = s0; s < s1; s++) {
+                        const NK_T *row = x + (n * S + s) * C;
 #pragma omp simd
-                    for (int64_t c = 0; c < C; c++) {
-                        NK_A d = NK_LOAD(row[c]) - bk[c];
-                        bs[c] += d;
-                        bq[c] += d * d;
+                        for (int64_t c = 0; c < C; c++) {
+                            NK_A d = NK_LOAD(row[c]) - bk[c];
+                            bs[c] += d;
+                            bq[c] += d * d;
+                        }
                     }
-                }
-                int one_pass = 1;
-                for (int64_t c = 0; c < C; c++) {
-                    double e = (double)bs[c] / len;
-                    one_pass &= len * e * e <= 0.5 * (double)bq[c];
-                }
-                if (one_pass) {
-                    double nb = len, tot = cnt + nb, fa = nb / tot, fq = cnt * nb / tot;
-#pragma omp simd
+                    int far = 0;
                     for (int64_t c = 0; c < C; c++) {
-                        double e = (double)bs[c] / nb;
-                        double d = (double)bk[c] + e - m[c];
-                        m[c] += d * fa;
-                        q[c] += (double)bq[c] - nb * e * e + d * d * fq;
+                        double e = (double)bs[c] / len;
+                        far |= len * e * e > 0.5 * (double)bq[c];
                     }
-                    cnt = tot;
-                    continue;
+                    if (pass == 1 || !far) break;
+                    for (int64_t c = 0; c < C; c++) bk[c] = (NK_A)((double)bk[c] + (double)bs[c] / len);
                 }
-                /* two exact passes: shifted by the sub-block's first row, then about its mean */
-                for (int64_t c = 0; c < C; c++) bs[c] = 0, bq[c] = 0, bd[c] = 0, bk[c] = NK_LOAD(first[c]);
-                for (int64_t s = s0; s < s1; s++) {
-                    const NK_T *row = x + (n * S + s) * C;
-#pragma omp simd
-                    for (int64_t c = 0; c < C; c++) bs[c] += NK_LOAD(row[c]) - bk[c];
-                }
-                for (int64_t c = 0; c < C; c++) bm[c] = (NK_A)((double)bk[c] + (double)bs[c] / len);
-                for (int64_t s = s0; s < s1; s++) {
-                    const NK_T *row = x + (n * S + s) * C;
-#pragma omp simd
-                    for (int64_t c = 0; c < C; c++) {
-                        NK_A d = NK_LOAD(row[c]) - bm[c];
-                        bq[c] += d * d;
-                        bd[c] += d;
-                    }
-                }
-                /* Chan's merge (the counts are the same for every channel), with the block's M2
-                 * corrected from its rounded mean bm to the exact one bm + e */
+                /* Chan's merge; the counts are the same for every channel */
                 double nb = len, tot = cnt + nb, fa = nb / tot, fq = cnt * nb / tot;
 #pragma omp simd
                 for (int64_t c = 0; c < C; c++) {
-                    double e = (double)bd[c] / nb;
-                    double d = (double)bm[c] + e - m[c];
+                    double e = (double)bs[c] / nb;
+                    double d = (double)bk[c] + e - m[c];
                     m[c] += d * fa;
                     q[c] += (double)bq[c] - nb * e * e + d * d * fq;
                 }
@@ -352,9 +317,7 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
         }
         free(bs);
         free(bk);
-        free(bm);
         free(bq);
-        free(bd);
     }
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
