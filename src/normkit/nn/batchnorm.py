@@ -31,26 +31,29 @@ class _BatchNormMixin(BiasKwargMixin):
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
         )
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+    def _step(self) -> tuple[Tensor | None, Tensor | None, bool, float]:
+        """Advance ``num_batches_tracked`` as torch does, and give ``F.batch_norm``'s arguments.
+
+        Returns ``(running_mean, running_var, use_batch_stats, momentum)``: the buffers are passed
+        when they are updated (training and tracked) or used (eval); batch statistics are used in
+        training, and in eval when there are no running ones.
+        """
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             # momentum=None: cumulative moving average over every batch seen so far
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        # batch statistics in training, and in eval when there are no running ones to use
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # buffers are passed when they are updated (training and tracked) or used (eval)
         pass_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if pass_buffers else None
+        running_var = self.running_var if pass_buffers else None
+        return running_mean, running_var, use_batch_stats, factor
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        running_mean, running_var, use_batch_stats, factor = self._step()
         return F.batch_norm(
-            input,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
         )
 
 
