@@ -32,7 +32,6 @@ This works over any :mod:`torch.distributed` backend: gloo on CPU, NCCL on GPU, 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -64,38 +63,44 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view(1, -1, *([1] * (ndim - 2)))
 
 
+def _shifted(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d, shift)`` with ``d = x - shift`` in the compute dtype and ``shift`` the per-channel float32
+    (float64) mean of ``x``, rounded. Statistics and the normalization work on ``d``: its values are
+    small where the data are, so a mean that dwarfs the spread costs no precision, and ``mean(d)``
+    is a small correction that float64 adds back to ``shift`` exactly."""
+    dims = _reduce_dims(x)
+    acc = _compute_dtype(x)
+    shift = x.mean(dim=dims, keepdim=True, dtype=acc)
+    return torch.sub(x, shift), shift.flatten()
+
+
+def _moments_of_shifted(d: Tensor, shift: Tensor, stats_dtype: torch.dtype) -> Tensor:
+    channels = d.size(1)
+    count = d.numel() // channels
+    dims = _reduce_dims(d)
+    # reductions in the compute dtype (torch's are cascaded sums: accurate; float64 ones are 5x slower)
+    mean_d = d.mean(dim=dims).to(stats_dtype)
+    stats = torch.empty(2 * channels + 1, dtype=stats_dtype, device=d.device)
+    stats[0] = count
+    stats[1 : channels + 1] = shift.to(stats_dtype) + mean_d
+    # M2 = sum((d - mean(d))^2) = sum(d^2) - n mean(d)^2; mean(d) is rounding-sized, so no cancellation
+    stats[channels + 1 :] = d.square().sum(dim=dims).to(stats_dtype) - count * mean_d.square()
+    return stats
+
+
 def local_moments(x: Tensor) -> Tensor:
     """This rank's per-channel ``[count, mean_0..mean_{C-1}, M2_0..M2_{C-1}]`` of ``x`` (N, C, *).
 
     One flat tensor (2C + 1 values, float64) so that one collective moves it. The data are first
-    shifted by their float32 mean, so that a mean far larger than the spread survives in full: the
+    shifted by their rounded mean, so that a mean far larger than the spread survives in full: the
     mean is the shift plus the (small, accurately computed) mean of the shifted data. An empty slice
     gives all zeros.
     """
     channels = x.size(1)
-    count = x.numel() // channels if channels else 0
-    stats = torch.zeros(2 * channels + 1, dtype=_stats_dtype(x.device), device=x.device)
-    if count == 0:
-        return stats
-    dims = _reduce_dims(x)
-    xa = x.to(_compute_dtype(x))
-    shift = xa.mean(dim=dims, keepdim=True)
-    var, mean = torch.var_mean(xa - shift, dim=dims, correction=0)
-    stats[0] = count
-    stats[1 : channels + 1] = shift.flatten().to(stats.dtype) + mean.to(stats.dtype)
-    stats[channels + 1 :] = var.to(stats.dtype) * count
-    return stats
-
-
-def _centered(x: Tensor, mean: Tensor) -> Tensor:
-    """``x - mean`` in the compute dtype, with the float64 mean split into a rounded part and its rest,
-    so the subtraction loses nothing even when the mean dwarfs the spread (float32 data)."""
-    acc = _compute_dtype(x)
-    hi = mean.to(acc)
-    out = x.to(acc) - _channel_view(hi, x.dim())
-    if acc != mean.dtype:
-        out.sub_(_channel_view((mean - hi.to(mean.dtype)).to(acc), x.dim()))
-    return out
+    if x.numel() == 0:
+        return torch.zeros(2 * channels + 1, dtype=_stats_dtype(x.device), device=x.device)
+    d, shift = _shifted(x)
+    return _moments_of_shifted(d, shift, _stats_dtype(x.device))
 
 
 def combine_moments(gathered: Tensor) -> tuple[float, Tensor, Tensor]:
@@ -152,11 +157,17 @@ class _SyncBatchNorm(torch.autograd.Function):
         group: Any,
         world_size: int,
     ) -> Tensor:
-        n, mean, m2 = combine_moments(_all_gather(local_moments(x), group, world_size))
-        per_sample = math.prod(x.shape[2:])
+        stats_dtype = _stats_dtype(x.device)
+        if x.numel() > 0:
+            d, shift = _shifted(x)
+            local = _moments_of_shifted(d, shift, stats_dtype)
+        else:
+            d, shift = None, torch.zeros(x.size(1), dtype=_compute_dtype(x), device=x.device)
+            local = torch.zeros(2 * x.size(1) + 1, dtype=stats_dtype, device=x.device)
+        n, mean, m2 = combine_moments(_all_gather(local, group, world_size))
         if n == 1:
             # what BatchNorm says of the concatenated batch; every rank sees the same n, so all raise
-            size = torch.Size([int(n) // max(per_sample, 1), *x.shape[1:]])
+            size = torch.Size([1, *x.shape[1:]])
             _checks.more_than_one_value_per_channel(size)
         var = m2 / n if n > 0 else m2
         if n > 0:
@@ -164,33 +175,36 @@ class _SyncBatchNorm(torch.autograd.Function):
             _update_running(running_mean, mean, momentum)
             _update_running(running_var, m2 / (n - 1), momentum)
         rstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_backward(x, weight, shift, mean, rstd)
         ctx.count = n
         ctx.group = group
         ctx.bias_dtype = None if bias is None else bias.dtype
-        if x.numel() == 0:
+        if d is None:
             return torch.empty_like(x)
-        acc = _compute_dtype(x)
+        # y = (x - mean) * scale + bias = d * scale + (bias - (mean - shift) * scale): one pass over d
         scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-        scaled = _centered(x, mean).mul_(_channel_view(scale.to(acc), x.dim()))
+        offset = -(mean - shift.to(mean.dtype)) * scale
         if bias is not None:
-            scaled.add_(_channel_view(bias.to(acc), x.dim()))
-        return scaled.to(x.dtype)
+            offset = offset + bias.to(offset.dtype)
+        acc = d.dtype
+        y = torch.addcmul(_channel_view(offset.to(acc), x.dim()), d, _channel_view(scale.to(acc), x.dim()))
+        return y.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, shift, mean, rstd = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         dx = dweight = dbias = None
         dims = _reduce_dims(x)
-        acc = _compute_dtype(x)
         channels = x.size(1)
+        delta = mean - shift.to(mean.dtype)  # x - mean = d - delta
         if x.numel() > 0:
+            acc = _compute_dtype(x)
+            d = torch.sub(x, _channel_view(shift, x.dim()))
             g = grad_output.to(acc)
-            xmu = _centered(x, mean)
-            sum_g = g.sum(dims).to(mean.dtype)
-            sum_g_xmu = (g * xmu).sum(dims).to(mean.dtype)
+            sum_g = g.sum(dim=dims).to(mean.dtype)
+            sum_g_xmu = (g * d).sum(dim=dims).to(mean.dtype) - delta * sum_g
         else:
             sum_g = sum_g_xmu = torch.zeros(channels, dtype=mean.dtype, device=x.device)
         if needs_w and weight is not None:
@@ -204,12 +218,16 @@ class _SyncBatchNorm(torch.autograd.Function):
             if x.numel() == 0:
                 dx = torch.zeros_like(x)
             else:
+                # dx = scale (g - sum(g)/n - (x - mean) rstd^2 sum(g (x - mean))/n), with x - mean = d - delta:
+                # dx = scale g - scale k d + scale (delta k - sum(g)/n), k = rstd^2 sum(g (x - mean)) / n
                 n = ctx.count
                 total_g, total_g_xmu = sums[:channels], sums[channels:]
                 scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-                dx = g.sub_(_channel_view((total_g / n).to(acc), x.dim()))
-                dx.sub_(xmu.mul_(_channel_view((rstd.square() * total_g_xmu / n).to(acc), x.dim())))
-                dx = dx.mul_(_channel_view(scale.to(acc), x.dim())).to(x.dtype)
+                k = rstd.square() * total_g_xmu / n
+                const = scale * (delta * k - total_g / n)
+                dx = torch.addcmul(_channel_view(const.to(acc), x.dim()), g, _channel_view(scale.to(acc), x.dim()))
+                dx.addcmul_(d, _channel_view((-scale * k).to(acc), x.dim()))
+                dx = dx.to(x.dtype)
         return dx, dweight, dbias, None, None, None, None, None, None
 
 
