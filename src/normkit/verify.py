@@ -105,6 +105,7 @@ _DISTRIBUTIONS = {
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype's name as used on the command line and in results (``float32``, ...)."""
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
@@ -173,6 +174,7 @@ class Case:
         return self.id
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         return {
             "id": self.id,
             "module": self.module,
@@ -223,6 +225,7 @@ class Check:
         return s + ("" if self.ok else "  FAIL")
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         return {
             "quantity": self.quantity,
             "max_error": _json_number(self.max_error),
@@ -267,6 +270,7 @@ class CaseResult:
         return 0.0 if w is None else w.ratio
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         return {
             **self.case.to_dict(),
             "ok": self.ok,
@@ -767,6 +771,7 @@ class GroupSummary:
         return self.failed_cases == 0
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         d = dict(self.__dict__)
         for k in ("worst_ratio", "worst_error"):
             d[k] = _json_number(d[k])

@@ -21,6 +21,8 @@ from torch import Tensor
 from .. import reference as ref
 from .base import Backend
 
+__all__ = ["ReferenceBackend"]
+
 
 def _same(args: tuple) -> tuple:
     return args

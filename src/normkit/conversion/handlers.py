@@ -42,6 +42,7 @@ class Handler:
 
 
 def qualified_name(cls: type) -> str:
+    """A class's import path, e.g. ``torch.nn.modules.normalization.LayerNorm``."""
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
