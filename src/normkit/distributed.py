@@ -187,7 +187,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         if bias is not None:
             offset = offset + bias.to(offset.dtype)
         acc = d.dtype
-        y = torch.addcmul(_channel_view(offset.to(acc), x.dim()), d, _channel_view(scale.to(acc), x.dim()))
+        # in place: d is this function's own temporary, and a fresh output would cost page faults
+        y = d.mul_(_channel_view(scale.to(acc), x.dim())).add_(_channel_view(offset.to(acc), x.dim()))
         return y.to(x.dtype)
 
     @staticmethod
@@ -225,9 +226,9 @@ class _SyncBatchNorm(torch.autograd.Function):
                 scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
                 k = rstd.square() * total_g_xmu / n
                 const = scale * (delta * k - total_g / n)
-                dx = torch.addcmul(_channel_view(const.to(acc), x.dim()), g, _channel_view(scale.to(acc), x.dim()))
-                dx.addcmul_(d, _channel_view((-scale * k).to(acc), x.dim()))
-                dx = dx.to(x.dtype)
+                # in place into d (this function's own temporary)
+                dx = d.mul_(_channel_view((-scale * k).to(acc), x.dim())).add_(_channel_view(const.to(acc), x.dim()))
+                dx = dx.addcmul_(g, _channel_view(scale.to(acc), x.dim())).to(x.dtype)
         return dx, dweight, dbias, None, None, None, None, None, None
 
 
