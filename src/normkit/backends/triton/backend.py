@@ -1,8 +1,10 @@
 """The ``triton`` backend: every norm through the custom ops of :mod:`.ops` (Triton kernels underneath).
 
-Forward ops return the output and the float32 statistics; autograd saves only the input (for the fused
-adds, the sum ``h``, which the op returns anyway), the weight (and for GroupNorm+SiLU the bias, to
-recompute SiLU's input) and the statistics: never the output, never a float32 copy of a 16-bit input.
+Forward ops return the output and the float32 statistics (the mean as a pair, a shift and the mean
+relative to it, which together hold it to more bits than one float32: see :mod:`.kernels.rows`).
+Autograd saves only the input (for the fused adds, the sum ``h``, which the op returns anyway), the
+weight (and for GroupNorm+SiLU the bias, to recompute SiLU's input) and the statistics: never the
+output, never a float32 copy of a 16-bit input.
 Running statistics are updated in place by a small kernel from the batch statistics, with the unbiased
 variance and :func:`normkit.reference.batch_norm`'s momentum rule.
 
@@ -106,7 +108,7 @@ class TritonBackend(Backend):
         y, mean, _, var = ops.batch_forward(x, _flat(weight), _flat(bias), None, None, eps)
         if running_mean is not None:
             count = x.numel() // x.shape[1]
-            ops.update_running_stats(running_mean, running_var, mean.detach(), var.detach(), momentum, count)
+            ops.update_running_stats(running_mean, running_var, mean.detach().sum(0), var.detach(), momentum, count)
         return y
 
     def instance_norm(self, x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
@@ -121,6 +123,6 @@ class TritonBackend(Backend):
             # the batch averages of the per-instance statistics; the update makes the variance unbiased
             count = x.numel() // (x.shape[0] * x.shape[1])
             ops.update_running_stats(
-                running_mean, running_var, mean.detach().mean(0), var.detach().mean(0), momentum, count
+                running_mean, running_var, mean.detach().sum(0).mean(0), var.detach().mean(0), momentum, count
             )
         return y

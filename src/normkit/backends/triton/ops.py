@@ -64,7 +64,8 @@ def _param_dtype(t: Tensor | None) -> torch.dtype | None:
 def rows_forward(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Row norm over the last ``n`` elements: ``(y, h, mean, rstd)`` (h and mean empty when absent)."""
+    """Row norm over the last ``n`` elements: ``(y, h, mean, rstd)`` (h and mean empty when absent; the
+    mean as a (2, M) pair whose sum is the mean, see :func:`.kernels.rows.row_forward`)."""
     y, h, mean, rstd = rows.row_forward(x, residual, weight, bias, n, eps, rms)
     return y.view(x.shape), (h.view(x.shape) if h is not None else _empty(x)), (
         mean if mean is not None else _empty(x)), rstd
@@ -73,10 +74,9 @@ def rows_forward(
 @rows_forward.register_fake
 def _(x, residual, weight, bias, n, eps, rms):
     m = x.numel() // n
-    stat = x.new_empty((m,), dtype=torch.float32)
     return (
         x.new_empty(x.shape), x.new_empty(x.shape) if residual is not None else _empty(x),
-        _empty(x) if rms else stat.clone(), stat,
+        _empty(x) if rms else x.new_empty((2, m), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32),
     )
 
 
@@ -155,14 +155,15 @@ def _out_like(x: Tensor) -> Tensor:
 def sets_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float, silu: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """GroupNorm (+ SiLU): ``(y, mean, rstd, var)`` with float32 (N, groups) statistics."""
+    """GroupNorm (+ SiLU): ``(y, mean, rstd, var)`` with float32 (N, groups) statistics (the mean as a
+    (2, N, groups) pair whose sum is the mean)."""
     return sets.set_forward(x, groups, weight, bias, eps, silu)
 
 
 @sets_forward.register_fake
 def _(x, weight, bias, groups, eps, silu):
     stat = x.new_empty((x.shape[0], groups), dtype=torch.float32)
-    return _out_like(x), stat, stat.clone(), stat.clone()
+    return _out_like(x), x.new_empty((2, x.shape[0], groups), dtype=torch.float32), stat, stat.clone()
 
 
 @torch.library.custom_op(f"{_NS}::sets_backward", mutates_args=())
@@ -220,14 +221,15 @@ def batch_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, fixed_mean: Tensor | None, fixed_var: Tensor | None,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """BatchNorm: ``(y, mean, rstd, var)``, float32 (C,) statistics (the batch's, or the fixed ones)."""
+    """BatchNorm: ``(y, mean, rstd, var)``, float32 (C,) statistics (the batch's, or the fixed ones; the
+    mean as a (2, C) pair whose sum is the mean)."""
     return batch.batch_forward(x, weight, bias, fixed_mean, fixed_var, eps)
 
 
 @batch_forward.register_fake
 def _(x, weight, bias, fixed_mean, fixed_var, eps):
     stat = x.new_empty((x.shape[1],), dtype=torch.float32)
-    return _out_like(x), stat, stat.clone(), stat.clone()
+    return _out_like(x), x.new_empty((2, x.shape[1]), dtype=torch.float32), stat, stat.clone()
 
 
 @torch.library.custom_op(f"{_NS}::batch_backward", mutates_args=())
@@ -263,7 +265,7 @@ def _batch_backward(ctx, dy, _dmean, _drstd, _dvar):
             _, m, r = ref.batch_norm(x, None, None, weight, None, True, 0.0, ctx.eps)
             dx, dw, db = ref.batch_norm_backward(dy, x, weight, m, r, True)
         else:
-            dx, dw, db = ref.batch_norm_backward(dy, x, weight, mean.double(), rstd.double(), False)
+            dx, dw, db = ref.batch_norm_backward(dy, x, weight, mean.double().sum(0), rstd.double(), False)
     else:
         dx, dw, db = batch_backward(dy, x, weight, mean, rstd, ctx.training, need_w, need_b)
     db = db.to(ctx.bias_dtype) if need_b else None

@@ -45,18 +45,24 @@ def _item_tile(item, c, C, S, sN, sC, sS, s_blocks, BLOCK_S: tl.constexpr):
 
 @triton.jit
 def _partial_stats_kernel(
-    X, PART_MEAN, PART_M2, PART_COUNT, C, S, sN, sC, sS, s_blocks, items, items_per_split,
+    X, MEAN, PART_MEAN, PART_M2, PART_COUNT, C, S, sN, sC, sS, s_blocks, items, items_per_split,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
+    # every split works on x - shift, the same shift for all (the channel's first tile's mean), so that
+    # a large mean keeps its bits; the first split writes it as the first half of the mean
+    offs, mask, valid = _item_tile(0, c, C, S, sN, sC, sS, s_blocks, BLOCK_S)
+    shift = tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), axis=1) / valid
+    if split == 0:
+        tl.store(MEAN + c, shift, mask=c < C)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     first = split * items_per_split
     for item in range(first, tl.minimum(first + items_per_split, items)):
         offs, mask, valid = _item_tile(item, c, C, S, sN, sC, sS, s_blocks, BLOCK_S)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - shift[:, None], 0.0)
         tile_mean = tl.sum(x, axis=1) / valid
         xc = tl.where(mask, x - tile_mean[:, None], 0.0)
         mean, m2, count = chan_merge(mean, m2, count, tile_mean, tl.sum(xc * xc, axis=1), valid)
@@ -83,7 +89,7 @@ def _finalize_stats_kernel(
             tl.load(PART_COUNT + part, mask=mask, other=0.0),
         )
     var = m2 / tl.maximum(count, 1.0)
-    tl.store(MEAN + c, mean, mask=mask)
+    tl.store(MEAN + C + c, mean, mask=mask)
     tl.store(RSTD + c, tl.math.rsqrt(var + eps), mask=mask)
     tl.store(VAR + c, var, mask=mask)
 
@@ -96,12 +102,13 @@ def _apply_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs, mask, _ = _item_tile(tl.program_id(0), c, C, S, sN, sC, sS, s_blocks, BLOCK_S)
     c_mask = c < C
-    mean = tl.load(MEAN + c, mask=c_mask, other=0.0)
+    shift = tl.load(MEAN + c, mask=c_mask, other=0.0)
+    mean = tl.load(MEAN + C + c, mask=c_mask, other=0.0)
     scale = tl.load(RSTD + c, mask=c_mask, other=0.0)
     if HAS_WEIGHT:
         scale = scale * tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    y = (x - mean[:, None]) * scale[:, None]
+    y = ((x - shift[:, None]) - mean[:, None]) * scale[:, None]
     if HAS_BIAS:
         y = y + tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32)[:, None]
     tl.store(Y + offs, rounded(y, Y.dtype.element_ty), mask=mask)
@@ -114,7 +121,8 @@ def _partial_grads_kernel(
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
-    mean = tl.load(MEAN + c, mask=c < C, other=0.0)
+    shift = tl.load(MEAN + c, mask=c < C, other=0.0)
+    mean = tl.load(MEAN + C + c, mask=c < C, other=0.0)
     rstd = tl.load(RSTD + c, mask=c < C, other=0.0)
     sum_dy = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     sum_dy_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
@@ -124,7 +132,7 @@ def _partial_grads_kernel(
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         sum_dy += dy
-        sum_dy_xhat += dy * tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        sum_dy_xhat += dy * tl.where(mask, ((x - shift[:, None]) - mean[:, None]) * rstd[:, None], 0.0)
     part = split.to(tl.int64) * C + c
     tl.store(PART_DW + part, tl.sum(sum_dy_xhat, axis=1), mask=c < C)
     tl.store(PART_DB + part, tl.sum(sum_dy, axis=1), mask=c < C)
@@ -142,11 +150,12 @@ def _apply_grad_kernel(
     w = tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_WEIGHT else tl.where(c_mask, 1.0, 0.0)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     if TRAINING:
-        mean = tl.load(MEAN + c, mask=c_mask, other=0.0)
+        shift = tl.load(MEAN + c, mask=c_mask, other=0.0)
+        mean = tl.load(MEAN + C + c, mask=c_mask, other=0.0)
         c1 = tl.load(SUM_DY + c, mask=c_mask, other=0.0) / count
         c2 = tl.load(SUM_DY_XHAT + c, mask=c_mask, other=0.0) / count
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - mean[:, None]) * rstd[:, None]
+        xhat = ((x - shift[:, None]) - mean[:, None]) * rstd[:, None]
         dx = (dy - c1[:, None] - xhat * c2[:, None]) * (w * rstd)[:, None]
     else:
         dx = dy * (w * rstd)[:, None]
@@ -200,18 +209,20 @@ def batch_forward(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """BatchNorm of x (N, C, *): ``(y, mean, rstd, var)``, y in x's layout and dtype, float32 (C,)
-    statistics. With ``fixed_mean``/``fixed_var`` (eval) those are used instead of the batch's."""
+    statistics, the mean as (2, C): a shift and the mean relative to it (their sum is the mean). With
+    ``fixed_mean``/``fixed_var`` (eval) those are used instead of the batch's."""
     lay = _Layout(x)
     dev = x.device
     if fixed_mean is not None:
-        mean = fixed_mean.to(torch.float32, copy=True)
+        mean = torch.stack([fixed_mean.to(torch.float32), torch.zeros_like(fixed_mean, dtype=torch.float32)])
         var = fixed_var.to(torch.float32, copy=True)
         rstd = torch.rsqrt(var + eps)
     else:
         part = [torch.empty((lay.splits, lay.c), dtype=torch.float32, device=dev) for _ in range(3)]
-        mean, rstd, var = (torch.empty(lay.c, dtype=torch.float32, device=dev) for _ in range(3))
+        mean = torch.empty((2, lay.c), dtype=torch.float32, device=dev)
+        rstd, var = (torch.empty(lay.c, dtype=torch.float32, device=dev) for _ in range(2))
         _partial_stats_kernel[lay.split_grid](
-            lay.x, *part, *lay.dims, lay.items, lay.items_per_split,
+            lay.x, mean, *part, *lay.dims, lay.items, lay.items_per_split,
             BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, num_warps=lay.warps,
         )
         block = min(1024, triton.next_power_of_2(lay.c))

@@ -59,11 +59,14 @@ def _row_forward_kernel(
             rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
             xhat = x * rstd[:, None]
         else:
-            mean = tl.sum(x, axis=1) / N
-            xc = tl.where(mask, x - mean[:, None], 0.0)
+            shift = tl.sum(x, axis=1) / N
+            d = tl.where(mask, x - shift[:, None], 0.0)  # exact where x is near its mean (Sterbenz)
+            mean_d = tl.sum(d, axis=1) / N  # what float32 rounding took from the mean
+            xc = tl.where(mask, d - mean_d[:, None], 0.0)
             rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
             xhat = xc * rstd[:, None]
-            tl.store(MEAN + rows, mean, mask=row_mask)
+            tl.store(MEAN + rows, shift, mask=row_mask)
+            tl.store(MEAN + M + rows, mean_d, mask=row_mask)
         tl.store(RSTD + rows, rstd, mask=row_mask)
         y = xhat
         if HAS_WEIGHT:
@@ -72,10 +75,18 @@ def _row_forward_kernel(
             y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_rows + cols[None, :], rounded(y, Y.dtype.element_ty), mask=mask)
     else:
-        # pass 1: statistics over column blocks (and h = x + residual, stored for pass 2 to read)
+        # pass 1: statistics over column blocks (and h = x + residual, stored for pass 2 to read). LayerNorm
+        # works on x - shift, the shift being the first block's mean, so that a large mean keeps its bits
         sumsq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if not RMS:
+            first = row_mask[:, None] & (cols < N)[None, :]
+            x = tl.load(x_rows + cols[None, :], mask=first, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                x = rounded(x + tl.load(r_rows + cols[None, :], mask=first, other=0.0).to(tl.float32),
+                            H.dtype.element_ty).to(tl.float32)
+            shift = tl.sum(x, axis=1) / BLOCK_N
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c < N)[None, :]
@@ -88,6 +99,7 @@ def _row_forward_kernel(
                 sumsq += x * x
             else:
                 count = tl.cast(tl.minimum(N - start, BLOCK_N), tl.float32)
+                x = tl.where(mask, x - shift[:, None], 0.0)
                 block_mean = tl.sum(x, axis=1) / count
                 xc = tl.where(mask, x - block_mean[:, None], 0.0)
                 block_m2 = tl.sum(xc * xc, axis=1)
@@ -96,7 +108,8 @@ def _row_forward_kernel(
             rstd = tl.math.rsqrt(tl.sum(sumsq, axis=1) / N + eps)
         else:
             rstd = tl.math.rsqrt(m2 / N + eps)
-            tl.store(MEAN + rows, mean, mask=row_mask)
+            tl.store(MEAN + rows, shift, mask=row_mask)
+            tl.store(MEAN + M + rows, mean, mask=row_mask)
         tl.store(RSTD + rows, rstd, mask=row_mask)
         if HAS_RESIDUAL:
             tl.debug_barrier()  # h written by other threads of this program is read back below
@@ -111,7 +124,7 @@ def _row_forward_kernel(
             if RMS:
                 y = x * rstd[:, None]
             else:
-                y = (x - mean[:, None]) * rstd[:, None]
+                y = ((x - shift[:, None]) - mean[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
                 y = y * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
             if HAS_BIAS:
@@ -147,8 +160,9 @@ def _row_backward_kernel(
             if RMS:
                 xhat = x * rstd[:, None]
             else:
-                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+                mean_d = tl.load(MEAN + M + rows, mask=row_mask, other=0.0)
+                xhat = tl.where(mask, ((x - shift[:, None]) - mean_d[:, None]) * rstd[:, None], 0.0)
             g = dy * w if HAS_WEIGHT else dy
             c2 = tl.sum(g * xhat, axis=1) / N
             if RMS:
@@ -175,7 +189,8 @@ def _row_backward_kernel(
             dy_row = DY + row * stride_dy
             rstd = tl.load(RSTD + row)
             if not RMS:
-                mean = tl.load(MEAN + row)
+                shift = tl.load(MEAN + row)
+                mean_d = tl.load(MEAN + M + row)
             c1_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             c2_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):  # pass 1: c1 and c2
@@ -183,7 +198,7 @@ def _row_backward_kernel(
                 mask = c < N
                 x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_row + c, mask=mask, other=0.0).to(tl.float32)
-                xhat = x * rstd if RMS else tl.where(mask, (x - mean) * rstd, 0.0)
+                xhat = x * rstd if RMS else tl.where(mask, ((x - shift) - mean_d) * rstd, 0.0)
                 g = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else dy
                 c1_acc += g
                 c2_acc += g * xhat
@@ -194,7 +209,7 @@ def _row_backward_kernel(
                 mask = c < N
                 x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_row + c, mask=mask, other=0.0).to(tl.float32)
-                xhat = x * rstd if RMS else tl.where(mask, (x - mean) * rstd, 0.0)
+                xhat = x * rstd if RMS else tl.where(mask, ((x - shift) - mean_d) * rstd, 0.0)
                 g = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else dy
                 dx = (g - xhat * c2) * rstd if RMS else (g - c1 - xhat * c2) * rstd
                 if HAS_DH:
@@ -218,13 +233,14 @@ def row_forward(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """Normalize each row of n elements: ``(y, h, mean, rstd)`` with y and h (x + residual, or None) of
-    shape (M, n) in x's dtype, and float32 statistics of shape (M,) (mean is None for RMSNorm)."""
+    shape (M, n) in x's dtype, rstd float32 (M,) and mean float32 (2, M) (None for RMSNorm): a shift and
+    the mean relative to it, whose sum is the mean to more bits than one float32 holds."""
     x2 = _rows(x, n)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     r2 = _rows(residual, n) if residual is not None else None
     h = torch.empty_like(y) if residual is not None else None
-    mean = None if rms else torch.empty(m, dtype=torch.float32, device=x.device)
+    mean = None if rms else torch.empty((2, m), dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     block_m, block_n, one_tile = config.row_config(n, x.dtype)
     grid = (triton.cdiv(m, block_m),)

@@ -47,20 +47,24 @@ def _tile(n, g, c0, s0, G, S, sN, sC, sS, CG: tl.constexpr, BLOCK_C: tl.constexp
 @triton.jit
 def _set_forward_kernel(
     X, Y, W, B, MEAN, RSTD, VAR,
-    G, S, sN, sC, sS, eps, group_blocks,
+    G, S, sN, sC, sS, eps, group_blocks, num_stats,
     CG: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = (pid // group_blocks).to(tl.int64)
     g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
+    # statistics of x - shift, the shift being the first tile's mean: a large mean keeps its bits
+    offs, c, c_mask, mask = _tile(n, g, 0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+    first = tl.sum(tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), axis=2), axis=1)
+    shift = first / tl.cast(tl.minimum(S, BLOCK_S) * tl.minimum(CG, BLOCK_C), tl.float32)
     mean = tl.zeros([GROUPS], dtype=tl.float32)
     m2 = tl.zeros([GROUPS], dtype=tl.float32)
     seen = tl.zeros([GROUPS], dtype=tl.float32)
     for c0 in range(0, CG, BLOCK_C):
         for s0 in range(0, S, BLOCK_S):
             offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - shift[:, None, None], 0.0)
             count = tl.cast(tl.minimum(S - s0, BLOCK_S) * tl.minimum(CG - c0, BLOCK_C), tl.float32)
             tile_mean = tl.sum(tl.sum(x, axis=2), axis=1) / count
             xc = tl.where(mask, x - tile_mean[:, None, None], 0.0)
@@ -68,7 +72,8 @@ def _set_forward_kernel(
     var = m2 / (S * CG)
     rstd = tl.math.rsqrt(var + eps)
     stat = n * G + g
-    tl.store(MEAN + stat, mean, mask=g < G)
+    tl.store(MEAN + stat, shift, mask=g < G)
+    tl.store(MEAN + num_stats + stat, mean, mask=g < G)
     tl.store(RSTD + stat, rstd, mask=g < G)
     tl.store(VAR + stat, var, mask=g < G)
     for c0 in range(0, CG, BLOCK_C):
@@ -77,13 +82,13 @@ def _set_forward_kernel(
         if HAS_WEIGHT:
             scale = scale * tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            shift = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32)
+            beta = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32)
         for s0 in range(0, S, BLOCK_S):
             offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            y = (x - mean[:, None, None]) * scale[:, :, None]
+            y = ((x - shift[:, None, None]) - mean[:, None, None]) * scale[:, :, None]
             if HAS_BIAS:
-                y = y + shift[:, :, None]
+                y = y + beta[:, :, None]
             if SILU:
                 y, _ = silu_and_slope(y)
             tl.store(Y + offs, rounded(y, Y.dtype.element_ty), mask=mask)
@@ -92,7 +97,7 @@ def _set_forward_kernel(
 @triton.jit
 def _set_backward_kernel(
     DY, X, DX, W, B, MEAN, RSTD, DW_PART, DB_PART,
-    G, C, S, sN, sC, sS, group_blocks,
+    G, C, S, sN, sC, sS, group_blocks, num_stats,
     CG: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
@@ -100,7 +105,8 @@ def _set_backward_kernel(
     pid = tl.program_id(0)
     n = (pid // group_blocks).to(tl.int64)
     g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
-    mean = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
+    shift = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
+    mean = tl.load(MEAN + num_stats + n * G + g, mask=g < G, other=0.0)
     rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
     c1 = tl.zeros([GROUPS], dtype=tl.float32)
     c2 = tl.zeros([GROUPS], dtype=tl.float32)
@@ -115,7 +121,8 @@ def _set_backward_kernel(
             offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = tl.where(mask, (x - mean[:, None, None]) * rstd[:, None, None], 0.0)
+            xc = (x - shift[:, None, None]) - mean[:, None, None]
+            xhat = tl.where(mask, xc * rstd[:, None, None], 0.0)
             if SILU:
                 _, slope = silu_and_slope(xhat * w[:, :, None] + b[:, :, None])
                 dz = dz * slope
@@ -139,7 +146,7 @@ def _set_backward_kernel(
             offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = (x - mean[:, None, None]) * rstd[:, None, None]
+            xhat = ((x - shift[:, None, None]) - mean[:, None, None]) * rstd[:, None, None]
             if SILU:
                 _, slope = silu_and_slope(xhat * w[:, :, None] + b[:, :, None])
                 dz = dz * slope
@@ -190,16 +197,18 @@ def set_forward(
     x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float, silu: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """GroupNorm (+ SiLU) of x (N, C, *) with ``groups`` groups: ``(y, mean, rstd, var)``, y in x's
-    layout and dtype, the statistics float32 of shape (N, groups) (var: biased)."""
+    layout and dtype, the statistics float32 of shape (N, groups) (var: biased), the mean as (2, N, groups):
+    a shift and the mean relative to it (their sum is the mean)."""
     xk, (n, c, s), strides = ncs_view(x)
     y = torch.empty_like(xk)
-    stats = [torch.empty((n, groups), dtype=torch.float32, device=x.device) for _ in range(3)]
+    stats = [torch.empty(shape, dtype=torch.float32, device=x.device) for shape in ((2, n, groups), (n, groups))]
+    stats.append(torch.empty_like(stats[1]))
     cg = c // groups
     per_program, block_c, block_s = _set_config(cg, groups, s, strides[1] == 1 and s > 1)
     group_blocks = triton.cdiv(groups, per_program)
     _set_forward_kernel[(n * group_blocks,)](
         xk, y, weight if weight is not None else xk, bias if bias is not None else xk, *stats,
-        groups, s, *strides, eps, group_blocks,
+        groups, s, *strides, eps, group_blocks, n * groups,
         CG=cg, GROUPS=per_program, BLOCK_C=block_c, BLOCK_S=block_s,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu,
         num_warps=config.warps_for(per_program * block_c * block_s),
@@ -225,7 +234,7 @@ def set_backward(
     _set_backward_kernel[(n * group_blocks,)](
         dyk, xk, dx, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd,
         dw_part if dw_part is not None else mean, db_part if db_part is not None else mean,
-        groups, c, s, *strides, group_blocks,
+        groups, c, s, *strides, group_blocks, n * groups,
         CG=cg, GROUPS=per_program, BLOCK_C=block_c, BLOCK_S=block_s,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, NEED_DW=need_dw, NEED_DB=need_db,
         num_warps=config.warps_for(per_program * block_c * block_s),
