@@ -439,3 +439,29 @@ def test_torch_compile_fullgraph_matches_eager(compiler, device):
     torch.testing.assert_close(bn_c.running_var, bn_e.running_var)
     assert int(bn_c.num_batches_tracked) == 2
     assert math.isfinite(float(y_c.sum()))
+
+
+# --------------------------------------------------------------------------------------------------
+# the GPU benchmark script
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or a GPU")
+def test_gpu_benchmark_runs_tiny(tmp_path, capsys):
+    """``python -m normkit.bench.gpu --tiny``: every cell checked and timed for normkit, torch eager and
+    torch.compile; the CSV and the markdown table name the device."""
+    import csv
+
+    from normkit.bench import gpu
+
+    rc = gpu.main(["--tiny", "--out", str(tmp_path), "--reps", "1", "--providers", "normkit", "torch", "compile"])
+    assert rc == 0
+    rows = list(csv.DictReader((tmp_path / "gpu.csv").open()))
+    expected = {(c.op, c.shape_str, p) for c in gpu.TINY_CELLS for p in gpu.PASSES}
+    for provider in ("normkit", "torch", "compile"):
+        done = {(r["op"], r["shape"], r["pass"]) for r in rows if r["provider"] == provider and r["status"] == "ok"}
+        assert done == expected, provider
+    assert all(float(r["ms"]) > 0 and float(r["check"]) <= 1 for r in rows)
+    markdown = (tmp_path / "gpu.md").read_text()
+    assert markdown.startswith("# normkit GPU benchmark: ") and "| group_norm_silu | 2x64x4x4 |" in markdown
+    assert float(rows[0]["copy_gbps"]) > 0

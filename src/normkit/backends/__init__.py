@@ -26,7 +26,6 @@ import importlib
 import os
 from collections.abc import Callable, Iterator
 
-import torch
 from torch import Tensor
 
 from .base import Backend
@@ -144,7 +143,15 @@ def available_backends() -> list[str]:
     return names
 
 
-@torch.compiler.assume_constant_result
+def _constant_while_compiling(fn: Callable[[], str]) -> Callable[[], str]:
+    """Mark ``fn`` as :func:`torch.compiler.assume_constant_result` does (dynamo calls it once while
+    tracing and bakes the result in), without importing ``torch._dynamo`` at import time: that takes a
+    second and imports triton. The decorator only sets this attribute (checked by the test suite)."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_constant_while_compiling
 def current_backend_name() -> str:
     """The name selected by context, process setting, environment or default (in that order);
     ``"auto"`` when nothing was selected.

@@ -323,7 +323,7 @@ def _fields(r: GpuRow) -> list[str]:
         return "" if v is None or math.isnan(v) else format(v, fmt)
 
     return [r.cell.op, r.cell.shape_str, r.cell.dtype, r.cell.layout, r.pass_, r.provider, r.status,
-            num(r.ms, ".4g"), num(r.gbps, ".0f"), num(r.of_copy, ".2f"), num(r.vs_torch, ".2f"),
+            num(r.ms, ".4g"), num(r.gbps, ".4g"), num(r.of_copy, ".2f"), num(r.vs_torch, ".2f"),
             num(r.check, ".2g"), r.note]
 
 
@@ -348,12 +348,12 @@ def write(result: GpuResult, out_dir: Path) -> tuple[Path, Path]:
         w = csv.writer(f)
         w.writerow(["device", "copy_gbps", *_COLUMNS])
         for r in result.rows:
-            w.writerow([result.device_name, f"{result.copy_gbps:.0f}", *_fields(r)])
+            w.writerow([result.device_name, f"{result.copy_gbps:.4g}", *_fields(r)])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"# normkit GPU benchmark: {result.device_name}",
         "",
-        f"{date}; {_versions()}; device-to-device copy {result.copy_gbps:.0f} GB/s (read + write).",
+        f"{date}; {_versions()}; device-to-device copy {result.copy_gbps:.4g} GB/s (read + write).",
         "Times are medians of L2-cold repetitions; GB/s counts the op's minimal traffic; \"of copy\" is that "
         "over the copy bandwidth; \"check\" is the worst error against a float64 truth over what is allowed "
         f"(passes at or below 1). Run took {result.seconds:.0f} s.",
