@@ -44,8 +44,8 @@ class TritonBackend(Backend):
     def __init__(self) -> None:
         if not (config.INTERPRET or torch.cuda.is_available()):
             raise ImportError(
-                "the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 set before normkit loads it, "
-                "which runs its kernels on CPU tensors in Triton's interpreter)"
+                "the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 set before it loads (its kernels "
+                "then run on CPU tensors in Triton's interpreter)"
             )
         from ..reference import ReferenceBackend
 
