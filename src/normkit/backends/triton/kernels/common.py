@@ -22,10 +22,16 @@ def chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 
 @triton.jit
-def silu_and_slope(z):
-    """``(silu(z), silu'(z))`` with ``silu(z) = z * s(z)`` and ``silu'(z) = s * (1 + z * (1 - s))``."""
+def silu(z):
+    """``silu(z) = z * s(z)``, s the logistic sigmoid."""
+    return z * tl.sigmoid(z)
+
+
+@triton.jit
+def silu_slope(z):
+    """``silu'(z) = s + z * s * (1 - s) = s * (1 + z * (1 - s))`` (docs/fused.md)."""
     s = tl.sigmoid(z)
-    return z * s, s * (1.0 + z * (1.0 - s))
+    return s * (1.0 + z * (1.0 - s))
 
 
 # The interpreter (TRITON_INTERPRET=1) rounds float32 -> bfloat16 toward zero, where GPUs round to

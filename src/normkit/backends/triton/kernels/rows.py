@@ -183,8 +183,8 @@ def _row_backward_kernel(
             tl.store(DB_PART + part_row + cols, db_acc, mask=col_mask)
     else:
         # one row per tile; the partial sums live in this program's row of the (G, N) buffers
-        for row in range(pid, M, programs):
-            row = tl.cast(row, tl.int64)
+        for r in range(pid, M, programs):
+            row = tl.cast(r, tl.int64)  # a new name: the loop variable itself stays int32
             x_row = X + row * stride_x
             dy_row = DY + row * stride_dy
             rstd = tl.load(RSTD + row)

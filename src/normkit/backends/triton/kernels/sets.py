@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import config
-from .common import chan_merge, rounded, silu_and_slope
+from .common import chan_merge, rounded, silu, silu_slope
 from .reduce import sum_partials
 
 __all__ = ["set_forward", "set_backward", "ncs_view"]
@@ -77,7 +77,7 @@ def _set_forward_kernel(
     tl.store(RSTD + stat, rstd, mask=g < G)
     tl.store(VAR + stat, var, mask=g < G)
     for c0 in range(0, CG, BLOCK_C):
-        _, c, c_mask, _ = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+        offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
         scale = tl.broadcast_to(rstd[:, None], [GROUPS, BLOCK_C])
         if HAS_WEIGHT:
             scale = scale * tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32)
@@ -90,7 +90,7 @@ def _set_forward_kernel(
             if HAS_BIAS:
                 y = y + beta[:, :, None]
             if SILU:
-                y, _ = silu_and_slope(y)
+                y = silu(y)
             tl.store(Y + offs, rounded(y, Y.dtype.element_ty), mask=mask)
 
 
@@ -112,7 +112,7 @@ def _set_backward_kernel(
     c2 = tl.zeros([GROUPS], dtype=tl.float32)
     # pass 1: per-channel sums of dz and dz * xhat (the parameter-gradient partials), and c1, c2
     for c0 in range(0, CG, BLOCK_C):
-        _, c, c_mask, _ = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+        offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
         w = tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_WEIGHT else tl.where(c_mask, 1.0, 0.0)
         b = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros_like(w)
         sum_dz = tl.zeros([GROUPS, BLOCK_C], dtype=tl.float32)
@@ -124,8 +124,7 @@ def _set_backward_kernel(
             xc = (x - shift[:, None, None]) - mean[:, None, None]
             xhat = tl.where(mask, xc * rstd[:, None, None], 0.0)
             if SILU:
-                _, slope = silu_and_slope(xhat * w[:, :, None] + b[:, :, None])
-                dz = dz * slope
+                dz = dz * silu_slope(xhat * w[:, :, None] + b[:, :, None])
             sum_dz += tl.sum(dz, axis=2)
             sum_dz_xhat += tl.sum(dz * xhat, axis=2)
         part = n * C + c
@@ -139,7 +138,7 @@ def _set_backward_kernel(
     c2 = c2 / (S * CG)
     # pass 2: dx
     for c0 in range(0, CG, BLOCK_C):
-        _, c, c_mask, _ = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+        offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
         w = tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_WEIGHT else tl.where(c_mask, 1.0, 0.0)
         b = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros_like(w)
         for s0 in range(0, S, BLOCK_S):
@@ -148,8 +147,7 @@ def _set_backward_kernel(
             dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
             xhat = ((x - shift[:, None, None]) - mean[:, None, None]) * rstd[:, None, None]
             if SILU:
-                _, slope = silu_and_slope(xhat * w[:, :, None] + b[:, :, None])
-                dz = dz * slope
+                dz = dz * silu_slope(xhat * w[:, :, None] + b[:, :, None])
             dx = (dz * w[:, :, None] - c1[:, None, None] - xhat * c2[:, None, None]) * rstd[:, None, None]
             tl.store(DX + offs, rounded(dx, DX.dtype.element_ty), mask=mask)
 
