@@ -13,8 +13,7 @@ differentiated too) and batched gradients (``is_grads_batched``, vmapped jacobia
 wrappers have no storage for a kernel to read.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: torch.library infers each op's schema from real annotations
 import torch
 from torch import Tensor
 
