@@ -170,7 +170,7 @@ ROW_CASES = [
 ]
 
 
-def _row_call(op, shape, k, has_w, has_b):
+def _row_call(op, shape, k):
     ns = tuple(shape[len(shape) - k:])
     if op == "layer_norm":
         return lambda f, x, w, b: f.layer_norm(x, ns, w, b), 1
@@ -188,10 +188,10 @@ def _row_call(op, shape, k, has_w, has_b):
 def test_row_kernels_match_truth(op, shape, k, dtype, block, has_w, has_b, device):
     torch.manual_seed(0)
     ns = shape[len(shape) - k:]
-    w = rand(ns, FP32 if dtype != FP32 else dtype, device, 0.5, 1.0) if has_w else None
+    w = rand(ns, FP32, device, 0.5, 1.0) if has_w else None
     b = rand(ns, FP32, device, 0.5) if has_b else None
     x = rand(shape, dtype, device, 2.0, 1.0)
-    call, n_out = _row_call(op, shape, k, has_w, has_b)
+    call, n_out = _row_call(op, shape, k)
     tensors = [x, w, b] if n_out == 1 else [x, rand(shape, dtype, device), w, b]
     with cap(block):
         out, leaves = check(call, tensors, dtype, n_out, msg=op)

@@ -4,10 +4,15 @@ residual add in front (``h = x + residual``, rounded to x's dtype, is normalized
 Forward, one program per tile of ``BLOCK_M`` rows:
 
 * ``ONE_TILE`` (N fits :func:`~normkit.backends.triton.config.max_block`): the tile is loaded once and
-  kept in registers; mean, then the variance about it (two passes over registers, not over memory).
+  kept in registers; mean, then the variance about it (passes over registers, not over memory).
 * otherwise one row per program, two passes over memory in column blocks: statistics (RMSNorm: a
   vector of float32 sums of squares; LayerNorm: each block's mean and M2, merged with Chan's formula),
   then the output. The second pass reads the row again, from L2 for rows of up to a few hundred KB.
+
+LayerNorm's mean is kept as a pair, ``shift`` (a float32 mean: of the row, or of its first block) and
+the mean of ``x - shift``, stored as a (2, M) tensor; ``x - shift`` is exact for x near its mean, so
+``((x - shift) - mean_d) * rstd`` keeps the bits that one float32 mean would lose when |mean| >> std
+(1e4 + N(0, 0.01): an error of 0.1 in the output otherwise).
 
 Backward (``docs/backward.md``), with :math:`g = dy \cdot w`, :math:`c_1 = \overline{g}`,
 :math:`c_2 = \overline{g \hat x}`: :math:`dx = \mathrm{rstd}\,(g - c_1 - \hat x c_2)` (RMSNorm: no
