@@ -265,10 +265,10 @@ def _matrix(full: bool) -> list[verify.Case]:
 
 @pytest.mark.skipif(not TORCH_HAS_BIAS_KWARG, reason="the documented sizes include bias=False variants")
 def test_matrix_sizes_as_documented():
-    # verify's module docstring: per backend and device, 392 cases by default and 8336 with full
-    assert len(_matrix(False)) == 392
-    assert len(_matrix(True)) == 8336
-    assert "392 cases by default, 8336 with ``full=True``" in verify.__doc__
+    # verify's module docstring: per backend and device, 440 cases by default and 9056 with full
+    assert len(_matrix(False)) == 440
+    assert len(_matrix(True)) == 9056
+    assert "440 cases by default, 9056 with ``full=True``" in verify.__doc__
 
 
 def test_matrix_coverage():
@@ -292,7 +292,7 @@ def test_matrix_coverage():
         # channels_last only for 4-D input
         assert all(len(c.shape) == 4 for c in cases if c.memory_format == "channels_last")
     # default: eval only where running statistics make it differ from train; full: everywhere
-    assert all(c.module.startswith(("BatchNorm", "InstanceNorm")) for c in default if not c.train)
+    assert all(c.module.startswith(("BatchNorm", "SyncBatchNorm", "InstanceNorm")) for c in default if not c.train)
     assert any(c.module == "LayerNorm" and not c.train for c in full)
     assert {c.key for c in default} <= {c.key for c in full}  # full is a superset
     # backends and devices multiply the matrix

@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _checks
-from .functional import _suggested_format
+from .functional import _laid_out, _suggested_format
 
 __all__ = ["combine_moments", "local_moments", "sync_batch_norm"]
 
@@ -271,4 +271,4 @@ def sync_batch_norm(
         input, weight, bias, running_mean, running_var, check_order=(weight, running_mean, running_var, bias)
     )
     y = _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps, group, world_size)
-    return y.contiguous(memory_format=_suggested_format(input))
+    return _laid_out(y, _suggested_format(input))

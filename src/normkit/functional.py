@@ -43,6 +43,11 @@ def _suggested_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _laid_out(y: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """``y`` in ``memory_format``, untouched when it already is (no alias op for torch.compile to trace)."""
+    return y if y.is_contiguous(memory_format=memory_format) else y.contiguous(memory_format=memory_format)
+
+
 def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
@@ -101,7 +106,7 @@ def batch_norm(
     order = (weight, running_mean, running_var, bias) if training else None
     _checks.parameter_dtypes(input, weight, bias, running_mean, running_var, check_order=order)
     y = resolve(input).batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return y.contiguous(memory_format=_suggested_format(input))
+    return _laid_out(y, _suggested_format(input))
 
 
 def instance_norm(
@@ -144,7 +149,7 @@ def instance_norm(
     y = resolve(input).instance_norm(
         input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
     )
-    return y.contiguous()
+    return _laid_out(y)
 
 
 def layer_norm(
@@ -164,7 +169,7 @@ def layer_norm(
         )
     shape = _as_shape(normalized_shape)
     _layer_norm_checks(input, shape, weight, bias)
-    return resolve(input).layer_norm(input, shape, weight, bias, eps).contiguous()
+    return _laid_out(resolve(input).layer_norm(input, shape, weight, bias, eps))
 
 
 def group_norm(
@@ -184,7 +189,7 @@ def group_norm(
         )
     _group_norm_checks(input, num_groups, weight, bias)
     y = resolve(input).group_norm(input, num_groups, weight, bias, eps)
-    return y.contiguous(memory_format=_suggested_format(input))
+    return _laid_out(y, _suggested_format(input))
 
 
 def rms_norm(
@@ -203,7 +208,7 @@ def rms_norm(
     shape = _as_shape(normalized_shape)
     _rms_norm_checks(input, shape, weight)
     y = resolve(input).rms_norm(input, shape, weight, eps)
-    return y.contiguous(memory_format=_suggested_format(input))
+    return _laid_out(y, _suggested_format(input))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,7 +340,7 @@ def fused_add_layer_norm(
     shape = _as_shape(normalized_shape)
     _layer_norm_checks(x, shape, weight, bias)
     y, h = resolve(x).fused_add_layer_norm(x, residual, shape, weight, bias, eps)
-    return y.contiguous(), h.contiguous(memory_format=_suggested_format(x))
+    return _laid_out(y), _laid_out(h, _suggested_format(x))
 
 
 def group_norm_silu(
@@ -381,4 +386,4 @@ def group_norm_silu(
         )
     _group_norm_checks(x, num_groups, weight, bias)
     y = resolve(x).group_norm_silu(x, num_groups, weight, bias, eps)
-    return y.contiguous(memory_format=_suggested_format(x))
+    return _laid_out(y, _suggested_format(x))

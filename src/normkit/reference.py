@@ -113,7 +113,7 @@ def _moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
 
 
 def _count(x: Tensor, dims: Sequence[int]) -> int:
-    return math.prod(x.shape[d] for d in dims)
+    return math.prod([x.shape[d] for d in dims])
 
 
 def _normalize_backward(g: Tensor, xhat: Tensor, rstd: Tensor, dims: Sequence[int], center: bool) -> Tensor:
@@ -159,7 +159,7 @@ def _update_running(running: Tensor | None, batch_stat: Tensor, momentum: float)
     """running <- (1 - momentum) * running + momentum * batch_stat, in place and outside autograd."""
     if running is None:
         return
-    updated = running.to(batch_stat.dtype) * (1.0 - momentum) + batch_stat * momentum
+    updated = running.to(batch_stat.dtype) * (1.0 - momentum) + batch_stat.detach() * momentum
     running.copy_(updated)
 
 

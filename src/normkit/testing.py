@@ -38,6 +38,7 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 
 
 def tolerance(dtype: torch.dtype) -> Tolerance:
+    """The tolerance of ``dtype`` from :data:`TOLERANCES`."""
     return TOLERANCES[dtype]
 
 

@@ -18,9 +18,9 @@ may be as inexact as torch is on the same input (twice over) but not more.
 Low-precision inputs (float16, bfloat16) run with float32 parameters and buffers, as in mixed-precision
 training; the full matrix adds parameters in the input's own dtype.
 
-Sizes, per backend and device (torch 2.13): 392 cases by default, 8336 with ``full=True`` (a superset
-of the default). With the two built-in backends on 2 CPU cores the default matrix (784 cases) runs in
-5 to 8 seconds, the full one (16672 cases) in 1.5 to 2 minutes.
+Sizes, per backend and device (torch 2.13): 440 cases by default, 9056 with ``full=True`` (a superset
+of the default). With the three built-in backends on 2 CPU cores the default matrix (1320 cases) runs
+in about 13 seconds.
 
 Python use::
 
@@ -78,6 +78,7 @@ MODULES: tuple[str, ...] = (
     "InstanceNorm3d",
     "GroupNorm",
     "RMSNorm",
+    "SyncBatchNorm",  # in one process: BatchNorm (the multi-process checks are in the test suite)
 )
 
 #: input dtypes, by the names used on the command line and in results
@@ -104,6 +105,7 @@ _DISTRIBUTIONS = {
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype's name as used on the command line and in results (``float32``, ...)."""
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
@@ -172,6 +174,7 @@ class Case:
         return self.id
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         return {
             "id": self.id,
             "module": self.module,
@@ -222,6 +225,7 @@ class Check:
         return s + ("" if self.ok else "  FAIL")
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         return {
             "quantity": self.quantity,
             "max_error": _json_number(self.max_error),
@@ -266,6 +270,7 @@ class CaseResult:
         return 0.0 if w is None else w.ratio
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         return {
             **self.case.to_dict(),
             "ok": self.ok,
@@ -329,6 +334,7 @@ def _default_specs() -> list[_Spec]:
         _spec("BatchNorm2d", (3,), [_kw(eps=1e-3, momentum=0.3), *_bias_off()], [(2, 3, 11, 13)]),
         _spec("BatchNorm2d", (32,), [_kw()], [(8, 32, 4, 4)]),
         _spec("BatchNorm3d", (4,), [_kw()], [(2, 4, 3, 5, 7)]),
+        _spec("SyncBatchNorm", (6,), [_kw(), _kw(momentum=None)], [(4, 6, 5, 7), (16, 6)]),
         _spec("LayerNorm", (64,), [_kw()], [(4, 13, 64)], **both),
         _spec("LayerNorm", (17,), [_kw(), _kw(elementwise_affine=False), _kw(bias=False)], [(5, 17)]),
         _spec("LayerNorm", ((7, 11),), [_kw()], [(3, 5, 7, 11)]),
@@ -380,6 +386,7 @@ def _full_specs() -> list[_Spec]:
         _spec("BatchNorm2d", (32,), bn, [(8, 32, 4, 4)]),
         _spec("BatchNorm3d", (4,), bn, [(2, 4, 3, 5, 7), (1, 4, 2, 2, 2)]),
         _spec("BatchNorm3d", (5,), bn, [(3, 5, 2, 3, 11)]),
+        _spec("SyncBatchNorm", (6,), bn, [(4, 6, 5, 7), (16, 6), (2, 6, 3, 4, 5)]),
         _spec("LayerNorm", (64,), ln, [(4, 13, 64)]),
         _spec("LayerNorm", (17,), ln, [(5, 17), (17,), (2, 3, 5, 17)]),
         _spec("LayerNorm", ((7, 11),), ln, [(3, 5, 7, 11), (7, 11)]),
@@ -413,11 +420,15 @@ def _formats(shape: tuple[int, ...]) -> list[str]:
     return ["contiguous"]
 
 
+def _is_batch_norm(module: str) -> bool:
+    return module.startswith("BatchNorm") or module == "SyncBatchNorm"
+
+
 def _modes(module: str, kwargs: tuple, full: bool) -> list[bool]:
     if full:
         return [True, False]
     kw = dict(kwargs)
-    if module.startswith("BatchNorm") and kw.get("track_running_stats", True):
+    if _is_batch_norm(module) and kw.get("track_running_stats", True):
         return [True, False]
     if module.startswith("InstanceNorm") and kw.get("track_running_stats", False):
         return [True, False]
@@ -427,7 +438,7 @@ def _modes(module: str, kwargs: tuple, full: bool) -> list[bool]:
 def _has_state(module: str, kwargs: tuple) -> bool:
     """Whether the module holds any floating parameter or buffer (else the param dtype is moot)."""
     kw = dict(kwargs)
-    if module.startswith("BatchNorm"):
+    if _is_batch_norm(module):
         return kw.get("affine", True) or kw.get("track_running_stats", True)
     if module.startswith("InstanceNorm"):
         return kw.get("affine", False) or kw.get("track_running_stats", False)
@@ -760,6 +771,7 @@ class GroupSummary:
         return self.failed_cases == 0
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         d = dict(self.__dict__)
         for k in ("worst_ratio", "worst_error"):
             d[k] = _json_number(d[k])

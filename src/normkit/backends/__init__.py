@@ -26,6 +26,7 @@ import importlib
 import os
 from collections.abc import Callable, Iterator
 
+import torch
 from torch import Tensor
 
 from .base import Backend
@@ -185,9 +186,24 @@ def use_backend(name: str) -> Iterator[Backend]:
         _context_choice.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _compiled_choice(device: str) -> str:
+    """The backend name for ``device`` while torch.compile traces: evaluated once, at trace time, and
+    baked into the graph as a constant (dynamo cannot trace the context variable behind the choice)."""
+    get_backend("reference")  # built, for what the chosen backend does not support
+    name = current_backend_name()
+    if name == AUTO:
+        return default_backend(device).name
+    get_backend(name)  # fail at trace time, with the usual error, for an unknown or broken backend
+    return name
+
+
 def resolve(x: Tensor) -> Backend:
     """The backend that runs a norm on ``x``: the selected one (per device for ``"auto"``), or the
-    reference if it can't."""
+    reference if it can't. Under torch.compile the choice is made once, when the model is traced."""
+    if torch.compiler.is_compiling():
+        backend = _instances[_compiled_choice(x.device.type)]
+        return backend if backend.supports(x) else _instances["reference"]
     name = current_backend_name()
     if name == AUTO:
         device = "cpu" if x.is_cpu else x.device.type  # is_cpu: no torch.device object per call

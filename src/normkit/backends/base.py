@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+__all__ = ["Backend"]
+
 
 class Backend:
     """Base class of normkit backends.
@@ -27,16 +29,19 @@ class Backend:
     def layer_norm(
         self, x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> Tensor:
+        """LayerNorm over the trailing ``normalized_shape`` dims (``torch.layer_norm``'s arguments)."""
         raise NotImplementedError
 
     def rms_norm(
         self, x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float | None
     ) -> Tensor:
+        """RMSNorm over the trailing ``normalized_shape`` dims; ``eps=None`` means the dtype's epsilon."""
         raise NotImplementedError
 
     def group_norm(
         self, x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> Tensor:
+        """GroupNorm of (N, C, *) with ``num_groups`` groups of channels and per-channel affine."""
         raise NotImplementedError
 
     def batch_norm(
@@ -50,6 +55,8 @@ class Backend:
         momentum: float,
         eps: float,
     ) -> Tensor:
+        """BatchNorm of (N, C, *): batch statistics when ``training`` (updating the running ones in place
+        with ``momentum`` and the unbiased variance), the running statistics otherwise."""
         raise NotImplementedError
 
     def instance_norm(
@@ -63,6 +70,8 @@ class Backend:
         momentum: float,
         eps: float,
     ) -> Tensor:
+        """InstanceNorm of (N, C, *): per-(sample, channel) statistics when ``use_input_stats`` (their
+        batch average updating the running ones), the running statistics otherwise."""
         raise NotImplementedError
 
     # Fused ops. The defaults compose the norms above (one extra pass over memory each); a backend

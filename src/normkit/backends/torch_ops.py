@@ -6,6 +6,8 @@ import torch
 
 from .base import Backend
 
+__all__ = ["TorchBackend"]
+
 
 class TorchBackend(Backend):
     """Calls ``torch.layer_norm``, ``torch.batch_norm``, ... (the ops under ``torch.nn.functional``)."""

@@ -34,6 +34,7 @@ def _load_average() -> list[float] | None:
 
 
 def machine_info() -> dict[str, object]:
+    """CPU, cores and threads, load, versions (Python, torch, normkit) and date, for result files."""
     from .. import __version__
 
     try:

@@ -48,6 +48,7 @@ STANDARD_DTYPES = ("float32", "bfloat16")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype's short name as used in cell ids (``fp32``, ``bf16``, ...)."""
     return str(dtype).removeprefix("torch.")
 
 

@@ -33,6 +33,7 @@ class SavedBytes:
 
 
 def storage_key(t: Tensor) -> tuple[str, int]:
+    """Identifies a tensor's storage (device, address), so that views of one storage count once."""
     storage = t.untyped_storage()
     return (str(t.device), storage.data_ptr())
 

@@ -184,6 +184,7 @@ class OpSpec:
         return tuple(a for a in self.args if a in ("x", "residual", "weight", "bias"))
 
     def formula_call(self, *args: Tensor) -> Outputs:
+        """The op written as its plain torch formula (what torch.compile is given)."""
         return _tuple(self.formula(*args))
 
 

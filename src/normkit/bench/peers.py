@@ -84,6 +84,7 @@ def _compile_build(spec: OpSpec) -> Callable[..., tuple]:
 
 
 def builtin_providers() -> list[Provider]:
+    """normkit, torch eager and torch.compile: the providers every run has."""
     return [
         Provider(BASELINE, "torch eager: torch.nn.functional (compositions for the fused ops)",
                  _eager_build, kind="eager"),
@@ -133,6 +134,7 @@ def register_peer(
 
 
 def unregister_peer(name: str) -> None:
+    """Remove a peer registered with :func:`register_peer`."""
     _PEERS.pop(name, None)
 
 
@@ -142,6 +144,7 @@ def peers() -> list[Provider]:
 
 
 def all_providers() -> list[Provider]:
+    """The built-in providers followed by every registered peer."""
     return builtin_providers() + peers()
 
 

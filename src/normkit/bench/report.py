@@ -57,6 +57,7 @@ _PASS_LABEL = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
 
 
 def fmt_time(seconds: float) -> str:
+    """A duration with a unit that keeps three significant digits readable (µs, ms, s)."""
     if seconds is None or math.isnan(seconds):
         return "–"
     if seconds < 1e-3:
@@ -92,6 +93,7 @@ def _short_cell(row: Row) -> str:
 
 
 def results_table(result: RunResult) -> Table:
+    """The run as a rich table: one row per cell and pass, ratios against torch and the floor."""
     providers = result.providers
     focus = _focus(providers)
     others = [p for p in providers if p != BASELINE]
@@ -171,6 +173,7 @@ def _skipped_rows(result: RunResult, settings: Settings) -> list[dict[str, objec
 
 
 def write_csv(path: Path, result: RunResult, settings: Settings) -> None:
+    """Every row of the run as CSV."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
@@ -182,6 +185,7 @@ def write_csv(path: Path, result: RunResult, settings: Settings) -> None:
 
 def write_json(path: Path, result: RunResult, settings: Settings, machine: dict[str, object],
                extra: dict[str, object] | None = None) -> None:
+    """The run as JSON: settings, machine and versions, and every row."""
     doc = {
         "machine": {**machine, "torch_threads": result.threads,
                     "backend": ", ".join(result.backends) or None},

@@ -69,6 +69,7 @@ class Settings:
     threads: int | None = None  # torch.set_num_threads while running; None: leave as is
 
     def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict of the fields."""
         return {
             "passes": list(self.passes), "providers": None if self.providers is None else list(self.providers),
             "reps": self.reps, "warmup": self.warmup, "min_reps": self.min_reps, "max_reps": self.max_reps,
@@ -158,6 +159,7 @@ class Row:
         return n * self.cell.torch_dtype.itemsize
 
     def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict of the fields."""
         def num(v: float | None, digits: int = 4) -> float | None:
             """``v`` to ``digits`` significant digits; None for NaN/inf (JSON has neither)."""
             return None if v is None or math.isnan(v) or math.isinf(v) else float(f"{v:.{digits}g}")

@@ -88,6 +88,7 @@ def run(workers: int = 2, shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES, reps
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m normkit.bench.sync``: time, print a table, optionally write JSON."""
     parser = argparse.ArgumentParser(prog="python -m normkit.bench.sync", description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--reps", type=int, default=40)

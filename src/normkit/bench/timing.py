@@ -40,6 +40,7 @@ class Timings:
     warmup: int = 0
 
     def median(self, name: str) -> float:
+        """The median of ``name``'s timed repetitions (NaN if it has none)."""
         t = self.times.get(name)
         return statistics.median(t) if t else math.nan
 

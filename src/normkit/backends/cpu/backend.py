@@ -24,6 +24,7 @@ from torch.autograd import forward_ad
 from ... import reference as ref
 from ..base import Backend
 from . import kernels as K
+from . import ops
 
 __all__ = ["CpuBackend"]
 
@@ -214,7 +215,11 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 def _row(x, residual, weight, bias, shape, eps, rms):
     """A row norm: through autograd when a gradient is wanted, else the kernel alone (inference
-    skips the autograd.Function's overhead, which dominates at small sizes)."""
+    skips the autograd.Function's overhead, which dominates at small sizes); under torch.compile, the
+    same kernels as custom ops."""
+    if torch.compiler.is_compiling():
+        y, h, _ = ops.row_forward(x, residual, weight, bias, math.prod(shape), eps, rms)
+        return y if residual is None else (y, h)
     if _needs_grad(x, residual, weight, bias):
         return _RowNorm.apply(x, residual, weight, bias, shape, eps, rms)
     rc = residual.contiguous() if residual is not None else None
@@ -223,7 +228,12 @@ def _row(x, residual, weight, bias, shape, eps, rms):
 
 
 def _chan(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first):
-    """A channel norm, ``(y, mean, var)``: through autograd only when a gradient is wanted."""
+    """A channel norm, ``(y, mean, var)``: through autograd only when a gradient is wanted (custom ops
+    under torch.compile)."""
+    if torch.compiler.is_compiling():
+        y, mean, _, var = ops.chan_forward(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu,
+                                           out_channels_first)
+        return y, mean, var
     if _needs_grad(x, weight, bias):
         return _ChanNorm.apply(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first)
     y, _, mean, _, var = _chan_forward(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first)
@@ -261,7 +271,7 @@ class CpuBackend(Backend):
         x = tensors[0]
         return (
             x.numel() == 0
-            or _wrapped(*tensors)
+            or (not torch.compiler.is_compiling() and _wrapped(*tensors))  # dynamo unwraps torch.func itself
             or any(t is not None and not t.is_cpu for t in tensors[1:])
         )
 

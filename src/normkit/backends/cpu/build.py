@@ -38,6 +38,7 @@ class BuildError(ImportError):
 
 
 def cache_dir() -> Path:
+    """Where compiled kernels are cached: ``$NORMKIT_CACHE_DIR``, else ``~/.cache/normkit``."""
     env = os.environ.get("NORMKIT_CACHE_DIR")
     if env:
         return Path(env)

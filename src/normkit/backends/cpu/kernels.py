@@ -65,6 +65,7 @@ def _threads(numel: int) -> int:
 
 
 def arithmetic_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' arithmetic (and saved-statistics) dtype for data of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

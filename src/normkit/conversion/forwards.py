@@ -1,0 +1,179 @@
+"""Forwards for third-party norm classes, computed by :mod:`normkit.functional`.
+
+Each class below is a mixin placed in front of a Hugging Face or timm norm class (see
+:mod:`normkit.conversion.handlers`): the module keeps its class's attributes, parameters and buffers,
+and only ``forward`` changes. Each forward reproduces its original's dtype handling exactly (where
+it upcasts, where it rounds back to the input's dtype, before or after the weight), so a converted
+model gives the same outputs up to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from ..nn.batchnorm import _BatchNormMixin
+
+__all__ = [
+    "LlamaStyleRMSNorm",
+    "GemmaStyleRMSNorm",
+    "T5StyleLayerNorm",
+    "TimmLayerNorm",
+    "TimmLayerNorm2d",
+    "TimmGroupNorm",
+    "TimmRmsNorm",
+    "TimmRmsNorm2d",
+    "TimmBatchNormAct2d",
+    "TimmGroupNormAct",
+    "TimmLayerNormAct",
+    "TimmLayerNormAct2d",
+]
+
+
+def _to_last(x: Tensor) -> Tensor:
+    return x.permute(0, *range(2, x.dim()), 1)
+
+
+def _to_first(x: Tensor) -> Tensor:
+    return x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face transformers
+# --------------------------------------------------------------------------------------------------
+
+
+class LlamaStyleRMSNorm:
+    """Llama, Mistral, Qwen2, Qwen3: statistics in float32, the normalized value rounded to the input's
+    dtype, *then* multiplied by the weight (``weight * normalize(x.float()).to(x.dtype)``)."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        x = hidden_states
+        # the original computes in float32 whatever the input: so does normkit for float16/bfloat16
+        normalized = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), None,
+                                self.variance_epsilon)
+        return self.weight * normalized.to(x.dtype)
+
+
+class GemmaStyleRMSNorm:
+    """Gemma, Gemma2, Gemma3: the weight is stored as an offset from 1 and applied in float32 before
+    the single rounding to the input's dtype (``(normalize(x.float()) * (1 + w.float())).type_as(x)``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = 1.0 + self.weight.float()
+        y = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), scale, self.eps)
+        return y.type_as(x)
+
+
+class T5StyleLayerNorm:
+    """T5: RMSNorm with float32 statistics; the result stays float32 unless the weight is float16 or
+    bfloat16, in which case it is rounded to the weight's dtype; then multiplied by the weight."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        x = hidden_states
+        half_weight = self.weight.dtype in (torch.float16, torch.bfloat16)
+        if half_weight and x.dtype == self.weight.dtype:
+            # float32 result rounded to the weight's dtype: what normkit's kernel returns for this dtype
+            normalized = F.rms_norm(x, (x.shape[-1],), None, self.variance_epsilon)
+        else:
+            # promotes to float32 (float64 stays float64), as x * rsqrt(float32 variance) does
+            work = x.float() if x.dtype != torch.float64 else x
+            normalized = F.rms_norm(work, (x.shape[-1],), None, self.variance_epsilon)
+            if half_weight:
+                normalized = normalized.to(self.weight.dtype)
+        return self.weight * normalized
+
+
+# --------------------------------------------------------------------------------------------------
+# timm (its "fast norm" path, an apex/autocast option, is replaced too: normkit computes in float32)
+# --------------------------------------------------------------------------------------------------
+
+
+class TimmLayerNorm:
+    """timm.layers.LayerNorm: LayerNorm over the trailing ``normalized_shape``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class TimmLayerNorm2d:
+    """timm.layers.LayerNorm2d: LayerNorm over the channels of (N, C, H, W), per position."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _to_first(F.layer_norm(_to_last(x), self.normalized_shape, self.weight, self.bias, self.eps))
+
+
+class TimmGroupNorm:
+    """timm.layers.GroupNorm and GroupNorm1 (one group: LayerNorm over (C, H, W) with per-channel affine)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class TimmRmsNorm:
+    """timm.layers.RmsNorm: RMSNorm over the trailing ``normalized_shape`` (normkit computes float16/
+    bfloat16 input in float32, where timm's eager path stays in the input's dtype)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class TimmRmsNorm2d:
+    """timm.layers.RmsNorm2d: RMSNorm over the channels of (N, C, H, W), per position."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _to_first(F.rms_norm(_to_last(x), self.normalized_shape, self.weight, self.eps))
+
+
+class _ActMixin:
+    """The ``drop`` then ``act`` that timm's *Act norms apply after the norm; GroupNorm followed by a
+    plain SiLU (and no dropout) runs as normkit's fused GroupNorm+SiLU when conversion asked for it."""
+
+    _normkit_fused: bool = False
+
+    def _post(self, y: Tensor) -> Tensor:
+        return self.act(self.drop(y))
+
+    def _silu_fusable(self) -> bool:
+        return (
+            self._normkit_fused
+            and type(self.act) is torch.nn.SiLU
+            and type(self.drop) is torch.nn.Identity
+        )
+
+
+class TimmBatchNormAct2d(_ActMixin):
+    """timm.layers.BatchNormAct2d: BatchNorm2d (torch's bookkeeping of momentum and buffers), then
+    drop and act."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4:
+            raise AssertionError(f"expected 4D input (got {x.ndim}D input)")
+        running_mean, running_var, use_batch_stats, factor = _BatchNormMixin._step(self)
+        y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps)
+        return self._post(y)
+
+
+class TimmGroupNormAct(_ActMixin):
+    """timm.layers.GroupNormAct and GroupNorm1Act: GroupNorm, then drop and act (fused with SiLU)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._silu_fusable():
+            return F.group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
+        return self._post(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class TimmLayerNormAct(_ActMixin):
+    """timm.layers.LayerNormAct: LayerNorm, then drop and act."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._post(F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
+
+
+class TimmLayerNormAct2d(_ActMixin):
+    """timm.layers.LayerNormAct2d: LayerNorm over the channels of (N, C, H, W), then drop and act."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _to_first(F.layer_norm(_to_last(x), self.normalized_shape, self.weight, self.bias, self.eps))
+        return self._post(y)

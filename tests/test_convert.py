@@ -1,0 +1,392 @@
+"""normkit.convert / normkit.revert on torch.nn models, and on Hugging Face and timm models built from
+their configs (random weights, no downloads; skipped where transformers or timm is not installed).
+
+Outputs and gradients after conversion are compared with the original model's: in float32 under the
+float32 tolerance; in bfloat16 with the three-way bound of :mod:`normkit.testing`, taking the
+original model in float32 as the truth and the original model in bfloat16 as the baseline (the
+converted model may be as far from float32 as the original is in bfloat16, twice over, not more).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import normkit
+from normkit import conversion
+from normkit.conversion import handlers
+from normkit.testing import assert_close
+
+# torch's own F.rms_norm warns that its fused kernel cannot take mixed dtypes
+pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight:UserWarning")
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial norm parameters and running statistics (a fresh model's are ones and zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if "norm" in name or ".bn" in name or "ln" in name or t.dim() == 1:
+                t.copy_(torch.rand(t.shape, generator=gen) * 0.5 + 0.75)
+        for name, t in model.named_buffers():
+            if name.endswith("running_mean"):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+            elif name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+    return model
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _run(model, inputs, grad: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = _output(model(**inputs) if isinstance(inputs, dict) else model(inputs))
+    grads = {}
+    if grad:
+        gen = torch.Generator().manual_seed(1)
+        proj = torch.randn(out.shape, generator=gen).to(out.dtype)
+        (out.float() * proj.float()).sum().backward()
+        grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def check_equivalent(make_model, inputs, *, train: bool, expect: dict[str, int], fused: bool = False) -> None:
+    """Original vs converted: float32 outputs and gradients, bfloat16 outputs, state_dict, revert."""
+    model = _randomize(make_model())
+    model.train(train)
+    before = _snapshot(model)
+    types_before = [type(m) for m in model.modules()]
+    repr_before = repr(model)
+    params = dict(model.named_parameters())
+    ref = copy.deepcopy(model)
+
+    report = conversion.plan(model, fused=fused)
+    assert report.counts() == expect, report
+    assert not report.left, report
+    assert normkit.convert(model, fused=fused) is model
+
+    # state_dict: same keys, same values, the same parameter objects
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(p is params[k] for k, p in model.named_parameters())
+
+    out_ref, g_ref = _run(ref, inputs, grad=train)
+    out, g = _run(model, inputs, grad=train)
+    assert_close(out, out_ref.double(), torch.float32, msg="float32 output")
+    assert g.keys() == g_ref.keys()
+    # relative to the largest gradient: a norm right before another norm has a zero gradient in exact
+    # arithmetic (the second undoes its scale and shift), so its own scale is rounding noise
+    scale = max((float(v.abs().max()) for v in g_ref.values()), default=1.0)
+    for k in g_ref:
+        assert_close(g[k] / scale, g_ref[k].double() / scale, torch.float32, msg=f"gradient of {k}")
+    if train:  # running statistics updated the same way
+        for k, v in ref.state_dict().items():
+            if v.is_floating_point():
+                assert_close(model.state_dict()[k], v.double(), torch.float32, msg=k)
+            else:
+                assert torch.equal(model.state_dict()[k], v), k
+
+    # bfloat16: no further from the float32 model than the original in bfloat16 (twice over)
+    if not train:
+        lo_ref, lo = copy.deepcopy(ref).to(torch.bfloat16), copy.deepcopy(model).to(torch.bfloat16)
+        lo_inputs = _lower(inputs)
+        out_lo_ref, _ = _run(lo_ref, lo_inputs, grad=False)
+        out_lo, _ = _run(lo, lo_inputs, grad=False)
+        assert out_lo.dtype == out_lo_ref.dtype
+        assert_no_worse(out_lo, out_ref, out_lo_ref)
+
+    # revert: the original classes, the same objects, the same repr
+    normkit.revert(model)
+    assert [type(m) for m in model.modules()] == types_before
+    assert repr(model) == repr_before
+    assert all(p is params[k] for k, p in model.named_parameters())
+    assert not any(hasattr(m, conversion._ORIGINAL) for m in model.modules())
+
+
+def assert_no_worse(ours: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor) -> None:
+    """A whole model's low-precision output: no further from the truth than the baseline, twice over,
+    measured over the whole output (rounding differences take different paths through a deep model,
+    so an elementwise bound would compare luck, not accuracy)."""
+    ours, truth, baseline = ours.double(), truth.double(), baseline.double()
+    err, base = (ours - truth).norm(), (baseline - truth).norm()
+    allowed = 2 * base + 1e-3 * truth.norm()
+    assert err <= allowed, f"|ours - truth| = {err:.4g} > {allowed:.4g} (baseline's {base:.4g})"
+
+
+def _lower(inputs):
+    if isinstance(inputs, dict):
+        return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    return inputs.to(torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.nn
+# --------------------------------------------------------------------------------------------------
+
+
+class Every(torch.nn.Module):
+    """One of every torch.nn norm class, on (N, C, L) / (N, C, H, W) / (N, C, D, H, W) inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1 = torch.nn.BatchNorm1d(4)
+        self.in1 = torch.nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
+        self.ln = torch.nn.LayerNorm(6)
+        self.rms = torch.nn.RMSNorm([4, 6])
+        self.up = torch.nn.Conv1d(4, 8, 1)
+        self.bn2 = torch.nn.BatchNorm2d(8, momentum=None)
+        self.gn = torch.nn.GroupNorm(4, 8)
+        self.in2 = torch.nn.InstanceNorm2d(8)
+        self.bn3 = torch.nn.BatchNorm3d(8, affine=False)
+        self.in3 = torch.nn.InstanceNorm3d(8, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.rms(self.ln(self.in1(self.bn1(x))))  # (N, 4, 6)
+        h = self.up(h).unsqueeze(-1).expand(-1, -1, -1, 3)  # (N, 8, 6, 3)
+        h = self.in2(self.gn(self.bn2(h)))
+        h = self.in3(self.bn3(h.unsqueeze(2).expand(-1, -1, 2, -1, -1)))
+        return h
+
+
+EVERY = {"BatchNorm1d": 1, "InstanceNorm1d": 1, "LayerNorm": 1, "RMSNorm": 1, "BatchNorm2d": 1, "GroupNorm": 1,
+         "InstanceNorm2d": 1, "BatchNorm3d": 1, "InstanceNorm3d": 1}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_every_torch_norm(train):
+    torch.manual_seed(0)
+    check_equivalent(Every, torch.randn(5, 4, 6), train=train, expect=EVERY)
+
+
+def test_converted_modules_are_normkits_and_isinstance_of_torchs():
+    model = normkit.convert(Every())
+    assert type(model.ln) is normkit.nn.LayerNorm and isinstance(model.ln, torch.nn.LayerNorm)
+    assert type(model.bn2) is normkit.nn.BatchNorm2d and type(model.in3) is normkit.nn.InstanceNorm3d
+    assert type(model.up) is torch.nn.Conv1d
+
+
+def test_a_norm_as_the_root_and_sync_batchnorm():
+    ln = torch.nn.LayerNorm(3)
+    assert normkit.convert(ln) is ln and type(ln) is normkit.nn.LayerNorm
+    sbn = torch.nn.SyncBatchNorm(3)
+    normkit.convert(sbn)
+    assert type(sbn) is normkit.nn.SyncBatchNorm
+    assert type(normkit.revert(sbn)) is torch.nn.SyncBatchNorm
+
+
+def test_kinds_not_inplace_and_twice():
+    model = Every()
+    copy_ = normkit.convert(model, kinds=["layer_norm", "group_norm"], inplace=False)
+    assert copy_ is not model and type(model.ln) is torch.nn.LayerNorm  # the original is untouched
+    assert type(copy_.ln) is normkit.nn.LayerNorm and type(copy_.gn) is normkit.nn.GroupNorm
+    assert type(copy_.bn1) is torch.nn.BatchNorm1d
+    left = {s.name: s.reason for s in conversion.plan(copy_).left}
+    assert left["ln"] == "already converted by normkit"
+    assert "not selected" in conversion.plan(model, kinds=["rms_norm"]).left[0].reason
+    with pytest.raises(ValueError, match="unknown kinds"):
+        normkit.convert(model, kinds=["batchnorm"])
+
+
+def test_subclasses_and_unknown_norms_are_left_with_reasons():
+    class MyLayerNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class MyBatchNorm(torch.nn.BatchNorm2d):
+        pass
+
+    class WeirdNorm(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    model = torch.nn.Sequential(MyLayerNorm(3), MyBatchNorm(3), WeirdNorm(), torch.nn.LayerNorm(3))
+    report = conversion.plan(model)
+    assert [s.name for s in report.converted] == ["3"]
+    reasons = {s.name: s.reason for s in report.left}
+    assert reasons["0"] == "subclass of LayerNorm with its own forward: only exact classes are converted"
+    assert reasons["1"] == "subclass of BatchNorm2d: only exact classes are converted"
+    assert reasons["2"] == "no normkit handler for this class"
+    text = str(report)
+    assert "1 converted, 3 left" in text and "WeirdNorm" in text
+
+
+def test_a_handler_that_disagrees_with_the_installed_class_is_not_used(monkeypatch):
+    # pretend torch's LayerNorm became an RMSNorm-like class: the check must catch it
+    class Wrong:
+        def forward(self, x):
+            return torch.nn.functional.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    h = handlers.handler_for(torch.nn.LayerNorm)
+    monkeypatch.setitem(handlers._HANDLERS, h.qualname, handlers.Handler(
+        h.qualname, h.kind, h.source, lambda original: type("W", (Wrong, original), {}), h.sample))
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8))
+    report = conversion.plan(model)
+    assert not report.converted and "differs from this version's original" in report.left[0].reason
+    assert type(normkit.convert(model)[0]) is torch.nn.LayerNorm
+    assert report.counts() == {}
+
+
+def test_fused_groupnorm_silu_in_sequential():
+    def make():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
+                                   torch.nn.Conv2d(8, 4, 1), torch.nn.GroupNorm(2, 4), torch.nn.ReLU())
+
+    torch.manual_seed(0)
+    check_equivalent(make, torch.randn(2, 3, 9, 9), train=True, expect={"GroupNorm": 2}, fused=True)
+    model = make()
+    silu = model[2]
+    normkit.convert(model, fused=True)
+    assert type(model[1]) is normkit.nn.GroupNormSiLU and type(model[4]) is normkit.nn.GroupNorm
+    assert isinstance(model[2], torch.nn.Identity) and "fused into the previous norm" in repr(model[2])
+    normkit.revert(model)
+    assert model[2] is silu and type(model[1]) is torch.nn.GroupNorm
+
+
+def test_pickle_a_converted_model():
+    model = normkit.convert(Every())
+    clone = pickle.loads(pickle.dumps(model))
+    assert type(clone.ln) is normkit.nn.LayerNorm
+    x = torch.randn(5, 4, 6)
+    model.eval(), clone.eval()
+    assert torch.equal(model(x), clone(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face transformers
+# --------------------------------------------------------------------------------------------------
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+
+
+def _hf(model_cls: str, config_cls: str, **extra):
+    def make():
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        config = getattr(transformers, config_cls)(**TINY, **extra)
+        config._attn_implementation = "eager"
+        return getattr(transformers, model_cls)(config)
+
+    return make
+
+
+IDS = {"input_ids": torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))}
+HF_MODELS = {
+    "llama": (_hf, ("LlamaForCausalLM", "LlamaConfig"), {}, {"LlamaRMSNorm": 5}),
+    "mistral": (_hf, ("MistralForCausalLM", "MistralConfig"), {}, {"MistralRMSNorm": 5}),
+    "qwen2": (_hf, ("Qwen2ForCausalLM", "Qwen2Config"), {}, {"Qwen2RMSNorm": 5}),
+    "qwen3": (_hf, ("Qwen3ForCausalLM", "Qwen3Config"), {"head_dim": 16}, {"Qwen3RMSNorm": 9}),
+    "gemma": (_hf, ("GemmaForCausalLM", "GemmaConfig"), {"head_dim": 16}, {"GemmaRMSNorm": 5}),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("family", list(HF_MODELS))
+def test_hugging_face_decoders(family, train):
+    factory, names, extra, expect = HF_MODELS[family]
+    check_equivalent(factory(*names, **extra), IDS, train=train, expect=expect)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_hugging_face_t5(train):
+    transformers = pytest.importorskip("transformers")
+
+    def make():
+        torch.manual_seed(0)
+        config = transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=128,
+                                       dropout_rate=0.0)
+        return transformers.T5ForConditionalGeneration(config)
+
+    inputs = {"input_ids": IDS["input_ids"], "decoder_input_ids": IDS["input_ids"][:, :5]}
+    check_equivalent(make, inputs, train=train, expect={"T5LayerNorm": 12})
+
+
+def test_gemma_weight_offset_and_t5_half_weight_casting():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    for make in (lambda: GemmaRMSNorm(16), lambda: T5LayerNorm(16), lambda: T5LayerNorm(16).to(torch.bfloat16)):
+        original = _randomize(make())
+        converted = normkit.convert(copy.deepcopy(original))
+        want, got = original(x), converted(x)
+        assert got.dtype == want.dtype  # T5: float32 with a float32 weight, the weight's dtype otherwise
+        assert_close(got, original.float()(x.float()).double(), want.dtype, baseline=want)
+    assert transformers is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# timm
+# --------------------------------------------------------------------------------------------------
+
+
+def _timm(name: str, **kwargs):
+    def make():
+        timm = pytest.importorskip("timm")
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+    return make
+
+
+TIMM_MODELS = {
+    "resnet18": (_timm("resnet18"), {"BatchNorm2d": 20}),
+    "convnext_atto": (_timm("convnext_atto"), {"LayerNorm2d": 17}),
+    "mobilenetv3_small_050": (_timm("mobilenetv3_small_050"), {"BatchNormAct2d": 34}),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(TIMM_MODELS))
+def test_timm_models(name, train):
+    make, expect = TIMM_MODELS[name]
+    check_equivalent(make, torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0)),
+                     train=train, expect=expect)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_timm_layers(fused):
+    layers = pytest.importorskip("timm.layers")
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            layers.GroupNormAct(8, 4, act_layer=torch.nn.SiLU),
+            layers.GroupNorm1(8),
+            layers.GroupNorm(8, 4),
+            layers.LayerNormAct2d(8, act_layer=torch.nn.GELU),
+            layers.RmsNorm2d(8),
+            layers.GroupNorm1Act(8, act_layer=torch.nn.ReLU),
+            torch.nn.Flatten(2),
+            layers.LayerNorm(25),
+            layers.RmsNorm(25),
+            layers.LayerNormAct(25),
+        )
+
+    expect = {"GroupNormAct": 1, "GroupNorm1": 1, "GroupNorm": 1, "LayerNormAct2d": 1, "RmsNorm2d": 1,
+              "GroupNorm1Act": 1, "LayerNorm": 1, "RmsNorm": 1, "LayerNormAct": 1}
+    check_equivalent(make, torch.randn(3, 8, 5, 5), train=True, expect=expect, fused=fused)
+    model = normkit.convert(make(), fused=fused)
+    assert isinstance(model[0], layers.GroupNormAct) and model[0]._silu_fusable() is fused
+
+
+def test_timm_subclass_with_its_own_forward_is_left():
+    layers = pytest.importorskip("timm.layers")
+    from timm.layers.norm_act import FrozenBatchNormAct2d
+
+    report = conversion.plan(torch.nn.Sequential(layers.LayerNorm2dFp32(8), FrozenBatchNormAct2d(8)))
+    reasons = [s.reason for s in report.left]
+    assert reasons[0].startswith("subclass of LayerNorm with its own forward")
+    assert reasons[1] == "no normkit handler for this class"
