@@ -212,6 +212,7 @@ def test_backend_choice_is_a_constant_for_torch_compile():
 
     assert torch.compiler.assume_constant_result(probe) is probe
     assert backends.current_backend_name._dynamo_marked_constant is probe._dynamo_marked_constant is True
+    assert backends._compiled_choice._dynamo_marked_constant is True
 
 
 def test_torch_compile_fullgraph_through_the_dispatch():

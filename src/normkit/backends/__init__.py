@@ -144,7 +144,7 @@ def available_backends() -> list[str]:
     return names
 
 
-def _constant_while_compiling(fn: Callable[[], str]) -> Callable[[], str]:
+def _constant_while_compiling(fn: Callable[..., str]) -> Callable[..., str]:
     """Mark ``fn`` as :func:`torch.compiler.assume_constant_result` does (dynamo calls it once while
     tracing and bakes the result in), without importing ``torch._dynamo`` at import time: that takes a
     second and imports triton. The decorator only sets this attribute (checked by the test suite)."""
@@ -186,7 +186,7 @@ def use_backend(name: str) -> Iterator[Backend]:
         _context_choice.reset(token)
 
 
-@torch.compiler.assume_constant_result
+@_constant_while_compiling
 def _compiled_choice(device: str) -> str:
     """The backend name for ``device`` while torch.compile traces: evaluated once, at trace time, and
     baked into the graph as a constant (dynamo cannot trace the context variable behind the choice)."""
