@@ -163,3 +163,62 @@ def test_backends_agree():
     for name, outs in results.items():
         for a, b in zip(outs, ref, strict=True):
             torch.testing.assert_close(a, b, msg=name)
+
+
+def test_importing_normkit_does_not_import_triton():
+    """The triton backend is registered lazily: importing normkit and running norms on CPU tensors never
+    imports triton (building the backend does, e.g. for ``available_backends()``)."""
+    code = (
+        "import sys, torch, normkit; normkit.functional.layer_norm(torch.randn(2, 3), (3,)); "
+        "print('triton' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_cuda_tensors_default_to_triton_and_fall_back_to_the_reference(monkeypatch):
+    assert backends.DEVICE_DEFAULTS["cuda"] == ("triton",)
+
+    def unavailable():
+        raise ImportError("no triton here")
+
+    monkeypatch.setitem(backends._factories, "triton", unavailable)
+    monkeypatch.setattr(backends, "_failures", {})
+    assert backends.default_backend("cuda").name == "reference"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the triton backend is available")
+def test_triton_backend_needs_a_gpu_or_the_interpreter():
+    code = (
+        "import torch, normkit\n"
+        "assert 'triton' not in normkit.available_backends()\n"
+        "try:\n    normkit.get_backend('triton')\nexcept ImportError as e:\n    print('ImportError:', e)\n"
+        "with normkit.use_backend('auto'):\n    print(normkit.backends.resolve(torch.randn(2)).name)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    first, second = out.stdout.strip().splitlines()
+    assert first.startswith("ImportError:") and ("triton" in first)
+    assert second == "cpu"
+
+
+def test_backend_choice_is_a_constant_for_torch_compile():
+    """The selection reads a ContextVar, which dynamo cannot trace: it is marked the way
+    torch.compiler.assume_constant_result marks a function (without importing torch._dynamo early)."""
+
+    def probe() -> str:
+        return "x"
+
+    assert torch.compiler.assume_constant_result(probe) is probe
+    assert backends.current_backend_name._dynamo_marked_constant is probe._dynamo_marked_constant is True
+    assert backends._compiled_choice._dynamo_marked_constant is True
+
+
+def test_torch_compile_fullgraph_through_the_dispatch():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), normkit.nn.LayerNorm(6), normkit.nn.RMSNorm(6))
+    x = torch.randn(3, 4)
+    with normkit.use_backend("reference"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), model(x))

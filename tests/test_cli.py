@@ -6,6 +6,7 @@ Everything here runs small filtered matrices, so the file takes seconds; the ful
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -245,6 +246,12 @@ def test_env_names_versions_and_backends(capsys, monkeypatch):
     assert lines["available backends"] == ", ".join(normkit.available_backends())
     assert lines["current backend"] == "torch"
     assert lines["NORMKIT_BACKEND"] == "torch"
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        assert lines["triton"].startswith("not installed")
+    else:
+        assert lines["triton"].startswith(triton_version)
 
 
 # --------------------------------------------------------------------------------------------------

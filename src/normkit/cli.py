@@ -129,6 +129,19 @@ def _why_unavailable(name: str) -> str:
     return name
 
 
+def _triton_description() -> str:
+    """triton's version (the triton backend's dependency) without importing it, and whether the
+    interpreter is on."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        return "not installed (pip install triton: the triton backend for CUDA tensors)"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return version + (" (TRITON_INTERPRET=1: kernels run on CPU tensors in the interpreter)" if interpret else "")
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     console = _stdout_console()
     available = _backends.available_backends()
@@ -144,6 +157,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     rows = [
         ("normkit", __version__),
         ("torch", f"{torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else "")),
+        ("triton", _triton_description()),
         ("python", f"{platform.python_version()} ({sys.executable})"),
         ("platform", platform.platform()),
         ("devices", ", ".join(_devices_description())),

@@ -9,7 +9,8 @@ Which backend runs a call, first match wins:
 1. the innermost :func:`use_backend` context, or the process-wide :func:`set_backend`;
 2. the ``NORMKIT_BACKEND`` environment variable (read at each call, so it can change at run time);
 3. the default, ``"auto"``: the fastest backend available for the tensor's device
-   (:data:`DEVICE_DEFAULTS`: ``"cpu"``, normkit's C kernels, for CPU tensors), else ``"reference"``.
+   (:data:`DEVICE_DEFAULTS`: ``"cpu"``, normkit's C kernels, for CPU tensors; ``"triton"``, its Triton
+   kernels, for CUDA tensors when triton imports), else ``"reference"``.
 
 A backend that cannot take a tensor (wrong device or dtype) hands it to the reference backend, which
 runs everywhere torch does. An unknown name is a :class:`ValueError` that lists the known ones. A
@@ -52,7 +53,7 @@ ENV_VAR = "NORMKIT_BACKEND"
 AUTO = "auto"
 DEFAULT_BACKEND = AUTO
 #: per device type, the backends ``"auto"`` tries in order before falling back to the reference
-DEVICE_DEFAULTS: dict[str, tuple[str, ...]] = {"cpu": ("cpu",)}
+DEVICE_DEFAULTS: dict[str, tuple[str, ...]] = {"cpu": ("cpu",), "cuda": ("triton",)}
 
 _factories: dict[str, Callable[[], Backend]] = {}
 _instances: dict[str, Backend] = {}
@@ -83,6 +84,7 @@ def _lazy(module: str, attr: str) -> Callable[[], Backend]:
 register_backend("reference", _lazy(".reference", "ReferenceBackend"))
 register_backend("torch", _lazy(".torch_ops", "TorchBackend"))
 register_backend("cpu", _lazy(".cpu", "CpuBackend"))
+register_backend("triton", _lazy(".triton", "TritonBackend"))
 
 
 def registered_backends() -> list[str]:
@@ -142,9 +144,21 @@ def available_backends() -> list[str]:
     return names
 
 
+def _constant_while_compiling(fn: Callable[..., str]) -> Callable[..., str]:
+    """Mark ``fn`` as :func:`torch.compiler.assume_constant_result` does (dynamo calls it once while
+    tracing and bakes the result in), without importing ``torch._dynamo`` at import time: that takes a
+    second and imports triton. The decorator only sets this attribute (checked by the test suite)."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_constant_while_compiling
 def current_backend_name() -> str:
     """The name selected by context, process setting, environment or default (in that order);
-    ``"auto"`` when nothing was selected."""
+    ``"auto"`` when nothing was selected.
+
+    ``torch.compile`` reads it once, while tracing, and keeps the answer in the compiled code (dynamo
+    cannot trace a ContextVar): a model compiled under one backend keeps it."""
     name = _context_choice.get() or _process_choice or os.environ.get(ENV_VAR) or DEFAULT_BACKEND
     return name.strip().lower()
 
@@ -172,7 +186,7 @@ def use_backend(name: str) -> Iterator[Backend]:
         _context_choice.reset(token)
 
 
-@torch.compiler.assume_constant_result
+@_constant_while_compiling
 def _compiled_choice(device: str) -> str:
     """The backend name for ``device`` while torch.compile traces: evaluated once, at trace time, and
     baked into the graph as a constant (dynamo cannot trace the context variable behind the choice)."""

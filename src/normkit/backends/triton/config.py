@@ -1,0 +1,88 @@
+"""Launch heuristics: block sizes, warps and program counts, in one place.
+
+Everything here is a plain function of shapes, dtypes and the device, so that a given call on a given
+GPU always launches the same grid: the per-program partial sums, and so the results, are then bitwise
+the same run to run.
+
+Tests shrink the largest block (:func:`max_block`) with :func:`block_cap` so that the loops over column
+blocks, spatial chunks and row tiles run at sizes the Triton interpreter can execute in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+import triton
+
+__all__ = ["INTERPRET", "block_cap", "max_block", "num_sms", "row_config", "tile_elements", "warps_for"]
+
+#: whether TRITON_INTERPRET=1 was set when the backend loaded: then its kernels run on CPU tensors
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: programs a CPU "device" gets in the interpreter: a few, so that per-program loops and partial
+#: buffers with several rows are exercised
+_INTERPRETER_SMS = 3
+
+_cap_override: int | None = None
+
+
+@contextlib.contextmanager
+def block_cap(elements: int) -> Iterator[None]:
+    """Within the block, no tile holds more than ``elements`` elements (a power of two; for tests)."""
+    global _cap_override
+    if elements < 1 or elements & (elements - 1):
+        raise ValueError(f"block cap must be a power of two, got {elements}")
+    old, _cap_override = _cap_override, elements
+    try:
+        yield
+    finally:
+        _cap_override = old
+
+
+def max_block(dtype: torch.dtype) -> int:
+    """The most elements of one row a program holds in registers: rows longer than this are
+    processed in column blocks of this size, in two passes (statistics, then the output)."""
+    if _cap_override is not None:
+        return _cap_override
+    return 16384 if dtype.itemsize <= 2 else 8192
+
+
+def tile_elements() -> int:
+    """Elements per tile for the elementwise and channel kernels."""
+    return min(4096, _cap_override) if _cap_override is not None else 4096
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small fixed number for CPU tensors in the interpreter)."""
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def warps_for(elements: int) -> int:
+    """Warps for a tile of ``elements`` values: about 16 elements per thread, 1 to 16 warps."""
+    return max(1, min(16, elements // 512))
+
+
+def row_config(n: int, dtype: torch.dtype) -> tuple[int, int, bool]:
+    """``(BLOCK_M, BLOCK_N, ONE_TILE)`` for rows of ``n`` elements.
+
+    Rows up to :func:`max_block` fit one tile (``ONE_TILE``: read once, kept in registers); shorter rows
+    share a program, several to a tile, so that each program moves at least a few KB. Longer rows take
+    one program each and are walked in blocks of :func:`max_block` columns.
+    """
+    cap = max_block(dtype)
+    block_n = triton.next_power_of_2(max(n, 1))
+    if block_n <= cap:
+        block_m = max(1, min(cap, 4096) // block_n)
+        return min(block_m, 16), block_n, True
+    return 1, cap, False

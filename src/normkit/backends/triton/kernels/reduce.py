@@ -1,0 +1,69 @@
+"""Small kernels that finish reductions: fixed-order sums of per-program partials, and the in-place
+update of BatchNorm/InstanceNorm running statistics.
+
+Parameter gradients (and BatchNorm's per-channel sums) are first summed by many programs, each into its
+own row of a ``(P, N)`` float32 buffer; :func:`sum_partials` then adds the P rows for each column in
+row order. With no atomics anywhere the result does not depend on which program finished first.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import config
+
+__all__ = ["sum_partials", "update_running_stats"]
+
+
+@triton.jit
+def _sum_partials_kernel(P, OUT, num_rows, N, BLOCK: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in range(0, num_rows):
+        acc += tl.load(P + r * N + cols, mask=mask, other=0.0)
+    tl.store(OUT + cols, acc, mask=mask)
+
+
+def sum_partials(partials: Tensor) -> Tensor:
+    """Column sums of a contiguous float32 ``(P, N)`` buffer, added in row order: float32 ``(N,)``."""
+    num_rows, n = partials.shape
+    out = torch.empty(n, dtype=torch.float32, device=partials.device)
+    block = min(1024, config.tile_elements(), triton.next_power_of_2(max(n, 1)))
+    _sum_partials_kernel[(triton.cdiv(n, block),)](partials, out, num_rows, n, BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _update_running_kernel(RUNNING_MEAN, RUNNING_VAR, MEAN, VAR, C, momentum, unbias, BLOCK: tl.constexpr):
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    mean = tl.load(MEAN + c, mask=mask, other=0.0)
+    var = tl.load(VAR + c, mask=mask, other=0.0) * unbias
+    rm = tl.load(RUNNING_MEAN + c, mask=mask, other=0.0).to(tl.float32)
+    rv = tl.load(RUNNING_VAR + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(RUNNING_MEAN + c, (rm * (1.0 - momentum) + mean * momentum).to(RUNNING_MEAN.dtype.element_ty), mask=mask)
+    tl.store(RUNNING_VAR + c, (rv * (1.0 - momentum) + var * momentum).to(RUNNING_VAR.dtype.element_ty), mask=mask)
+
+
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float, count: int
+) -> None:
+    """``running = (1 - momentum) * running + momentum * batch`` in place, with the variance made
+    unbiased (times ``count / (count - 1)``), as :func:`normkit.reference.batch_norm` does.
+    ``mean`` and ``var`` (the biased batch variance) are float32 ``(C,)``; the running tensors keep
+    their dtype. Non-contiguous running tensors are updated through a contiguous copy."""
+    c = mean.numel()
+    block = min(1024, triton.next_power_of_2(max(c, 1)))
+    rm = running_mean if running_mean.is_contiguous() else running_mean.contiguous()
+    rv = running_var if running_var.is_contiguous() else running_var.contiguous()
+    _update_running_kernel[(triton.cdiv(c, block),)](
+        rm, rv, mean, var, c, float(momentum), count / max(count - 1, 1), BLOCK=block, num_warps=4
+    )
+    if rm is not running_mean:
+        running_mean.copy_(rm)
+    if rv is not running_var:
+        running_var.copy_(rv)

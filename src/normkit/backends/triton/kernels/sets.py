@@ -1,0 +1,242 @@
+r"""Set kernels: GroupNorm, InstanceNorm (GroupNorm with one channel per group) and GroupNorm+SiLU,
+forward and backward, on NCHW and channels_last input alike.
+
+The input is seen as ``(N, C, S)`` (S: the spatial positions) with element strides ``(sN, sC, sS)``:
+``(C·S, S, 1)`` for contiguous input, ``(S·C, 1, C)`` for channels_last. One program owns ``GROUPS``
+whole groups of one sample (a "set" is one (n, group): ``CG`` channels × S positions) and walks them in
+tiles of ``[GROUPS, BLOCK_C, BLOCK_S]``: channels of a group (blocks of ``BLOCK_C``), then positions.
+Triton specializes a stride of 1, so the same code reads along the positions for NCHW and along the
+channels for channels_last; several groups per program keep channels_last reads wide when groups are
+narrow (InstanceNorm: 32 or more channels side by side).
+
+Forward: pass 1 merges each tile's (mean, M2) into the set's with Chan's formula (float32); pass 2
+writes ``(x - mean) · rstd · w + b`` (then SiLU), reading x again (from L2 for sets up to a few hundred KB).
+Backward: pass 1 sums ``dz`` and ``dz · xhat`` per channel (``dz = dy``, or ``dy · silu'(z)`` with z
+recomputed from x and the statistics: nothing but x and (N, G) statistics is saved) and writes them as
+the per-sample partials of ``dbias`` and ``dweight``; pass 2 writes
+``dx = rstd · (g - c1 - xhat · c2)`` with ``g = dz · w``, ``c1 = mean(g)``, ``c2 = mean(g · xhat)``.
+The partials, an (N, C) float32 buffer, are summed over N in a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import config
+from .common import chan_merge, rounded, silu, silu_slope
+from .reduce import sum_partials
+
+__all__ = ["set_forward", "set_backward", "ncs_view"]
+
+
+@triton.jit
+def _tile(n, g, c0, s0, G, S, sN, sC, sS, CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets, channel indices and mask of the tile at channel c0 and position s0 of groups ``g``."""
+    ci = c0 + tl.arange(0, BLOCK_C)
+    s = s0 + tl.arange(0, BLOCK_S)
+    c = g[:, None] * CG + ci[None, :]  # [GROUPS, BLOCK_C]
+    c_mask = (g < G)[:, None] & (ci < CG)[None, :]
+    mask = c_mask[:, :, None] & (s < S)[None, None, :]
+    offs = n * sN + c.to(tl.int64)[:, :, None] * sC + s.to(tl.int64)[None, None, :] * sS
+    return offs, c, c_mask, mask
+
+
+@triton.jit
+def _set_forward_kernel(
+    X, Y, W, B, MEAN, RSTD, VAR,
+    G, S, sN, sC, sS, eps, group_blocks, num_stats,
+    CG: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = (pid // group_blocks).to(tl.int64)
+    g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
+    # statistics of x - shift, the shift being the first tile's mean: a large mean keeps its bits
+    offs, c, c_mask, mask = _tile(n, g, 0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+    first = tl.sum(tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), axis=2), axis=1)
+    shift = first / tl.cast(tl.minimum(S, BLOCK_S) * tl.minimum(CG, BLOCK_C), tl.float32)
+    mean = tl.zeros([GROUPS], dtype=tl.float32)
+    m2 = tl.zeros([GROUPS], dtype=tl.float32)
+    seen = tl.zeros([GROUPS], dtype=tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        for s0 in range(0, S, BLOCK_S):
+            offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+            x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - shift[:, None, None], 0.0)
+            count = tl.cast(tl.minimum(S - s0, BLOCK_S) * tl.minimum(CG - c0, BLOCK_C), tl.float32)
+            tile_mean = tl.sum(tl.sum(x, axis=2), axis=1) / count
+            xc = tl.where(mask, x - tile_mean[:, None, None], 0.0)
+            mean, m2, seen = chan_merge(mean, m2, seen, tile_mean, tl.sum(tl.sum(xc * xc, axis=2), axis=1), count)
+    var = m2 / (S * CG)
+    rstd = tl.math.rsqrt(var + eps)
+    stat = n * G + g
+    tl.store(MEAN + stat, shift, mask=g < G)
+    tl.store(MEAN + num_stats + stat, mean, mask=g < G)
+    tl.store(RSTD + stat, rstd, mask=g < G)
+    tl.store(VAR + stat, var, mask=g < G)
+    for c0 in range(0, CG, BLOCK_C):
+        offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+        scale = tl.broadcast_to(rstd[:, None], [GROUPS, BLOCK_C])
+        if HAS_WEIGHT:
+            scale = scale * tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            beta = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            y = ((x - shift[:, None, None]) - mean[:, None, None]) * scale[:, :, None]
+            if HAS_BIAS:
+                y = y + beta[:, :, None]
+            if SILU:
+                y = silu(y)
+            tl.store(Y + offs, rounded(y, Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _set_backward_kernel(
+    DY, X, DX, W, B, MEAN, RSTD, DW_PART, DB_PART,
+    G, C, S, sN, sC, sS, group_blocks, num_stats,
+    CG: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = (pid // group_blocks).to(tl.int64)
+    g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
+    shift = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
+    mean = tl.load(MEAN + num_stats + n * G + g, mask=g < G, other=0.0)
+    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    c1 = tl.zeros([GROUPS], dtype=tl.float32)
+    c2 = tl.zeros([GROUPS], dtype=tl.float32)
+    # pass 1: per-channel sums of dz and dz * xhat (the parameter-gradient partials), and c1, c2
+    for c0 in range(0, CG, BLOCK_C):
+        offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+        w = tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_WEIGHT else tl.where(c_mask, 1.0, 0.0)
+        b = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros_like(w)
+        sum_dz = tl.zeros([GROUPS, BLOCK_C], dtype=tl.float32)
+        sum_dz_xhat = tl.zeros([GROUPS, BLOCK_C], dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            xc = (x - shift[:, None, None]) - mean[:, None, None]
+            xhat = tl.where(mask, xc * rstd[:, None, None], 0.0)
+            if SILU:
+                dz = dz * silu_slope(xhat * w[:, :, None] + b[:, :, None])
+            sum_dz += tl.sum(dz, axis=2)
+            sum_dz_xhat += tl.sum(dz * xhat, axis=2)
+        part = n * C + c
+        if NEED_DW:
+            tl.store(DW_PART + part, sum_dz_xhat, mask=c_mask)
+        if NEED_DB:
+            tl.store(DB_PART + part, sum_dz, mask=c_mask)
+        c1 += tl.sum(w * sum_dz, axis=1)
+        c2 += tl.sum(w * sum_dz_xhat, axis=1)
+    c1 = c1 / (S * CG)
+    c2 = c2 / (S * CG)
+    # pass 2: dx
+    for c0 in range(0, CG, BLOCK_C):
+        offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+        w = tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_WEIGHT else tl.where(c_mask, 1.0, 0.0)
+        b = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros_like(w)
+        for s0 in range(0, S, BLOCK_S):
+            offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            xhat = ((x - shift[:, None, None]) - mean[:, None, None]) * rstd[:, None, None]
+            if SILU:
+                dz = dz * silu_slope(xhat * w[:, :, None] + b[:, :, None])
+            dx = (dz * w[:, :, None] - c1[:, None, None] - xhat * c2[:, None, None]) * rstd[:, None, None]
+            tl.store(DX + offs, rounded(dx, DX.dtype.element_ty), mask=mask)
+
+
+def ncs_view(x: Tensor, merge_batch: bool = False) -> tuple[Tensor, tuple[int, int, int], tuple[int, int, int]]:
+    """``x`` (N, C, *) as ``(tensor, (N, C, S), (sN, sC, sS))``: itself when contiguous or channels_last
+    (channel dim innermost and dense), else a contiguous copy.
+
+    ``merge_batch`` (BatchNorm: one statistic per channel over every sample) folds the batch into the
+    positions of a channels_last tensor, ``(1, C, N·S)``, so that its channels are read as the columns
+    of one (N·S, C) matrix."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    if x.is_contiguous() and not (merge_batch and s == 1):
+        return x, (n, c, s), (c * s, s, 1)
+    if x.movedim(1, -1).is_contiguous():
+        if merge_batch:
+            return x, (1, c, n * s), (0, 1, c)
+        return x, (n, c, s), (s * c, 1, c)
+    x = x.contiguous()
+    return x, (n, c, s), (c * s, s, 1)
+
+
+def like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (x's shape) with x's strides (a copy only when they differ)."""
+    if t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
+def _set_config(cg: int, groups: int, s: int, channels_inner: bool) -> tuple[int, int, int]:
+    """``(GROUPS, BLOCK_C, BLOCK_S)``: groups per program and the tile's channel and position extents."""
+    tile = config.tile_elements()
+    block_c = min(triton.next_power_of_2(cg), tile)
+    per_program = 1
+    if channels_inner:  # read 32 or more adjacent channels at a time when groups are narrow
+        per_program = max(1, min(triton.next_power_of_2(groups), 32 // block_c, tile // block_c))
+    block_s = max(1, min(triton.next_power_of_2(s), tile // (per_program * block_c)))
+    if not channels_inner:  # short positions (small images, 2-D input): fill the tile with groups
+        per_program = max(1, min(triton.next_power_of_2(groups), tile // (block_c * block_s)))
+    return per_program, block_c, block_s
+
+
+def set_forward(
+    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float, silu: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GroupNorm (+ SiLU) of x (N, C, *) with ``groups`` groups: ``(y, mean, rstd, var)``, y in x's
+    layout and dtype, the statistics float32 of shape (N, groups) (var: biased), the mean as (2, N, groups):
+    a shift and the mean relative to it (their sum is the mean)."""
+    xk, (n, c, s), strides = ncs_view(x)
+    y = torch.empty_like(xk)
+    stats = [torch.empty(shape, dtype=torch.float32, device=x.device) for shape in ((2, n, groups), (n, groups))]
+    stats.append(torch.empty_like(stats[1]))
+    cg = c // groups
+    per_program, block_c, block_s = _set_config(cg, groups, s, strides[1] == 1 and s > 1)
+    group_blocks = triton.cdiv(groups, per_program)
+    _set_forward_kernel[(n * group_blocks,)](
+        xk, y, weight if weight is not None else xk, bias if bias is not None else xk, *stats,
+        groups, s, *strides, eps, group_blocks, n * groups,
+        CG=cg, GROUPS=per_program, BLOCK_C=block_c, BLOCK_S=block_s,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu,
+        num_warps=config.warps_for(per_program * block_c * block_s),
+    )
+    return (y, *stats)
+
+
+def set_backward(
+    dy: Tensor, x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
+    silu: bool, need_dw: bool, need_db: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(dx, dweight, dbias)`` of :func:`set_forward`: dx in x's layout and dtype, parameter gradients
+    float32 (C,) or None when not asked for."""
+    xk, (n, c, s), strides = ncs_view(x)
+    dyk = like(dy, xk)
+    dx = torch.empty_like(xk)
+    need_dw = need_dw and weight is not None
+    dw_part = torch.empty((n, c), dtype=torch.float32, device=x.device) if need_dw else None
+    db_part = torch.empty((n, c), dtype=torch.float32, device=x.device) if need_db else None
+    cg = c // groups
+    per_program, block_c, block_s = _set_config(cg, groups, s, strides[1] == 1 and s > 1)
+    group_blocks = triton.cdiv(groups, per_program)
+    _set_backward_kernel[(n * group_blocks,)](
+        dyk, xk, dx, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd,
+        dw_part if dw_part is not None else mean, db_part if db_part is not None else mean,
+        groups, c, s, *strides, group_blocks, n * groups,
+        CG=cg, GROUPS=per_program, BLOCK_C=block_c, BLOCK_S=block_s,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, NEED_DW=need_dw, NEED_DB=need_db,
+        num_warps=config.warps_for(per_program * block_c * block_s),
+    )
+    dw = sum_partials(dw_part) if dw_part is not None else None
+    db = sum_partials(db_part) if db_part is not None else None
+    return dx, dw, db

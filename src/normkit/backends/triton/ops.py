@@ -1,0 +1,287 @@
+"""The kernels as PyTorch custom ops (``torch.ops.normkit_triton.*``), so that ``torch.compile`` sees one
+opaque node per call instead of breaking the graph at a Triton launch.
+
+Each op has a fake implementation (output shapes, dtypes and strides, without running anything) for
+tracing, and each forward op an autograd formula (:func:`torch.library.register_autograd`) whose
+backward is the matching backward op. The ops are functional (they write only their outputs), except
+:func:`update_running_stats`, which updates the running statistics in place and is called outside
+autograd.
+
+What the kernels do not cover takes the reference formulas in torch ops: a backward that must itself be
+differentiable (``create_graph=True``, recomputing the statistics from the saved input so that they are
+differentiated too) and batched gradients (``is_grads_batched``, vmapped jacobians), whose functorch
+wrappers have no storage for a kernel to read.
+"""
+
+# no `from __future__ import annotations`: torch.library infers each op's schema from real annotations
+import torch
+from torch import Tensor
+
+from ... import reference as ref
+from .kernels import batch, rows, sets
+from .kernels.reduce import update_running_stats as _update_running_stats
+
+__all__ = ["rows_forward", "sets_forward", "batch_forward", "update_running_stats", "wrapped"]
+
+_NS = "normkit_triton"
+
+
+def wrapped(*tensors: Tensor | None) -> bool:
+    """Whether any tensor is a torch.func wrapper or a legacy batched tensor: no storage of its own."""
+    if torch.compiler.is_compiling():  # traced tensors are never functorch wrappers
+        return False
+    functorch = torch._C._functorch
+    return any(
+        t is not None and (functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t))
+        for t in tensors
+    )
+
+
+def _empty(like: Tensor) -> Tensor:
+    """A zero-size placeholder for an output an op does not produce (custom ops cannot return None)."""
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+def _or_none(t: Tensor) -> Tensor | None:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+def _grad_to(g: Tensor | None, like: Tensor | None, needed: bool) -> Tensor | None:
+    return g.to(like.dtype) if needed and g is not None and like is not None else None
+
+
+def _param_dtype(t: Tensor | None) -> torch.dtype | None:
+    return None if t is None else t.dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# LayerNorm, RMSNorm and the fused residual adds
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{_NS}::rows_forward", mutates_args=())
+def rows_forward(
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Row norm over the last ``n`` elements: ``(y, h, mean, rstd)`` (h and mean empty when absent; the
+    mean as a (2, M) pair whose sum is the mean, see :func:`.kernels.rows.row_forward`)."""
+    y, h, mean, rstd = rows.row_forward(x, residual, weight, bias, n, eps, rms)
+    return y.view(x.shape), (h.view(x.shape) if h is not None else _empty(x)), (
+        mean if mean is not None else _empty(x)), rstd
+
+
+@rows_forward.register_fake
+def _(x, residual, weight, bias, n, eps, rms):
+    m = x.numel() // n
+    return (
+        x.new_empty(x.shape), x.new_empty(x.shape) if residual is not None else _empty(x),
+        _empty(x) if rms else x.new_empty((2, m), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op(f"{_NS}::rows_backward", mutates_args=())
+def rows_backward(
+    dy: Tensor, xh: Tensor, dh: Tensor | None, weight: Tensor | None, mean: Tensor, rstd: Tensor, n: int,
+    rms: bool, need_dw: bool, need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)`` of :func:`rows_forward` (float32 parameter gradients, empty when unasked)."""
+    dx, dw, db = rows.row_backward(dy, xh, dh, weight, _or_none(mean), rstd, n, rms, need_dw, need_db)
+    return dx.view(xh.shape), dw if dw is not None else _empty(xh), db if db is not None else _empty(xh)
+
+
+@rows_backward.register_fake
+def _(dy, xh, dh, weight, mean, rstd, n, rms, need_dw, need_db):
+    param = xh.new_empty((n,), dtype=torch.float32)
+    return (
+        xh.new_empty(xh.shape), param if need_dw and weight is not None else _empty(xh),
+        param.clone() if need_db else _empty(xh),
+    )
+
+
+def _rows_setup(ctx, inputs, output) -> None:
+    x, residual, weight, bias, n, eps, rms = inputs
+    _, h, mean, rstd = output
+    ctx.n, ctx.eps, ctx.rms, ctx.fused = n, eps, rms, residual is not None
+    ctx.bias_dtype = _param_dtype(bias)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+
+
+def _rows_backward_differentiable(ctx, dy, xh, weight):
+    """The reference backward in torch ops, statistics recomputed from xh (for create_graph)."""
+    shape = (ctx.n,)  # the weight arrives flattened to (n,)
+    x2, dy2 = xh.reshape(-1, ctx.n), dy.reshape(-1, ctx.n)
+    if ctx.rms:
+        _, rstd = ref.rms_norm(x2, shape, weight, ctx.eps)
+        dx, dw = ref.rms_norm_backward(dy2, x2, shape, weight, rstd)
+        return dx.view(xh.shape), dw, None
+    _, mean, rstd = ref.layer_norm(x2, shape, weight, None, ctx.eps)
+    dx, dw, db = ref.layer_norm_backward(dy2, x2, shape, weight, mean, rstd)
+    return dx.view(xh.shape), dw, db
+
+
+def _rows_backward(ctx, dy, dh, _dmean, _drstd):
+    xh, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+    dh = dh if ctx.fused else None
+    if torch.is_grad_enabled() or wrapped(dy, dh):
+        dx, dw, db = _rows_backward_differentiable(ctx, dy, xh, weight)
+        if dh is not None:
+            dx = dx + dh
+    else:
+        dx, dw, db = rows_backward(
+            dy, xh, dh, weight, mean, rstd, ctx.n, ctx.rms, need_w, need_b and not ctx.rms
+        )
+    dw = _grad_to(dw, weight, need_w)
+    db = db.to(ctx.bias_dtype) if need_b and db is not None else None
+    return (dx if need_x else None), (dx if ctx.fused and need_r else None), dw, db, None, None, None
+
+
+rows_forward.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# GroupNorm, InstanceNorm, GroupNorm + SiLU
+# --------------------------------------------------------------------------------------------------
+
+
+def _out_like(x: Tensor) -> Tensor:
+    """The output the channel kernels write: x's layout when contiguous or channels_last, else contiguous."""
+    return torch.empty_like(sets.ncs_view(x)[0])
+
+
+@torch.library.custom_op(f"{_NS}::sets_forward", mutates_args=())
+def sets_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float, silu: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GroupNorm (+ SiLU): ``(y, mean, rstd, var)`` with float32 (N, groups) statistics (the mean as a
+    (2, N, groups) pair whose sum is the mean)."""
+    return sets.set_forward(x, groups, weight, bias, eps, silu)
+
+
+@sets_forward.register_fake
+def _(x, weight, bias, groups, eps, silu):
+    stat = x.new_empty((x.shape[0], groups), dtype=torch.float32)
+    return _out_like(x), x.new_empty((2, x.shape[0], groups), dtype=torch.float32), stat, stat.clone()
+
+
+@torch.library.custom_op(f"{_NS}::sets_backward", mutates_args=())
+def sets_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor, groups: int,
+    silu: bool, need_dw: bool, need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)`` of :func:`sets_forward`."""
+    dx, dw, db = sets.set_backward(dy, x, groups, weight, bias, mean, rstd, silu, need_dw, need_db)
+    return dx, dw if dw is not None else _empty(x), db if db is not None else _empty(x)
+
+
+@sets_backward.register_fake
+def _(dy, x, weight, bias, mean, rstd, groups, silu, need_dw, need_db):
+    param = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return _out_like(x), param if need_dw and weight is not None else _empty(x), param.clone() if need_db else _empty(x)
+
+
+def _sets_setup(ctx, inputs, output) -> None:
+    x, weight, bias, groups, eps, silu = inputs
+    _, mean, rstd, var = output
+    ctx.groups, ctx.eps, ctx.silu = groups, eps, silu
+    ctx.bias_dtype = _param_dtype(bias)
+    ctx.mark_non_differentiable(mean, rstd, var)
+    # the bias only to recompute SiLU's input; never the output
+    ctx.save_for_backward(x, weight, bias if silu else None, mean, rstd)
+
+
+def _sets_backward(ctx, dy, _dmean, _drstd, _dvar):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled() or wrapped(dy):
+        if ctx.silu:
+            _, m, r = ref.group_norm_silu(x, ctx.groups, weight, bias, ctx.eps)
+            dx, dw, db = ref.group_norm_silu_backward(dy, x, ctx.groups, weight, bias, m, r)
+        else:
+            _, m, r = ref.group_norm(x, ctx.groups, weight, None, ctx.eps)
+            dx, dw, db = ref.group_norm_backward(dy, x, ctx.groups, weight, m, r)
+    else:
+        dx, dw, db = sets_backward(dy, x, weight, bias, mean, rstd, ctx.groups, ctx.silu, need_w, need_b)
+    db = db.to(ctx.bias_dtype) if need_b else None
+    return (dx if need_x else None), _grad_to(dw, weight, need_w), db, None, None, None
+
+
+sets_forward.register_autograd(_sets_backward, setup_context=_sets_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm (and InstanceNorm with fixed statistics)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{_NS}::batch_forward", mutates_args=())
+def batch_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, fixed_mean: Tensor | None, fixed_var: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BatchNorm: ``(y, mean, rstd, var)``, float32 (C,) statistics (the batch's, or the fixed ones; the
+    mean as a (2, C) pair whose sum is the mean)."""
+    return batch.batch_forward(x, weight, bias, fixed_mean, fixed_var, eps)
+
+
+@batch_forward.register_fake
+def _(x, weight, bias, fixed_mean, fixed_var, eps):
+    stat = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return _out_like(x), x.new_empty((2, x.shape[1]), dtype=torch.float32), stat, stat.clone()
+
+
+@torch.library.custom_op(f"{_NS}::batch_backward", mutates_args=())
+def batch_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, training: bool, need_dw: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)`` of :func:`batch_forward`."""
+    dx, dw, db = batch.batch_backward(dy, x, weight, mean, rstd, training, need_dw, need_db)
+    return dx, dw if dw is not None else _empty(x), db if db is not None else _empty(x)
+
+
+@batch_backward.register_fake
+def _(dy, x, weight, mean, rstd, training, need_dw, need_db):
+    param = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return _out_like(x), param if need_dw and weight is not None else _empty(x), param.clone() if need_db else _empty(x)
+
+
+def _batch_setup(ctx, inputs, output) -> None:
+    x, weight, bias, fixed_mean, fixed_var, eps = inputs
+    _, mean, rstd, var = output
+    ctx.training, ctx.eps = fixed_mean is None, eps
+    ctx.bias_dtype = _param_dtype(bias)
+    ctx.mark_non_differentiable(mean, rstd, var)
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _batch_backward(ctx, dy, _dmean, _drstd, _dvar):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled() or wrapped(dy):
+        if ctx.training:
+            _, m, r = ref.batch_norm(x, None, None, weight, None, True, 0.0, ctx.eps)
+            dx, dw, db = ref.batch_norm_backward(dy, x, weight, m, r, True)
+        else:
+            dx, dw, db = ref.batch_norm_backward(dy, x, weight, mean.double().sum(0), rstd.double(), False)
+    else:
+        dx, dw, db = batch_backward(dy, x, weight, mean, rstd, ctx.training, need_w, need_b)
+    db = db.to(ctx.bias_dtype) if need_b else None
+    return (dx if need_x else None), _grad_to(dw, weight, need_w), db, None, None, None
+
+
+batch_forward.register_autograd(_batch_backward, setup_context=_batch_setup)
+
+
+@torch.library.custom_op(f"{_NS}::update_running_stats", mutates_args=("running_mean", "running_var"))
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float, count: int
+) -> None:
+    """``running = (1 - momentum) · running + momentum · batch`` in place (the variance unbiased)."""
+    _update_running_stats(running_mean, running_var, mean, var, momentum, count)
+
+
+@update_running_stats.register_fake
+def _(running_mean, running_var, mean, var, momentum, count):
+    return None

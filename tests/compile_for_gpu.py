@@ -1,0 +1,113 @@
+"""Compile every Triton kernel the triton backend launches for an H100 (sm_90), on a machine without a GPU.
+
+Run as a script (``python tests/compile_for_gpu.py``), *without* ``TRITON_INTERPRET``: the launchers are
+called on small CPU tensors with ``JITFunction.run`` replaced by a recorder, so each launch gives the
+kernel, its argument types and its compile-time constants exactly as the launcher chose them for a GPU
+(the tile heuristics see no interpreter); each distinct specialization is then compiled to a cubin with
+``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (triton ships ptxas). The interpreter checks what
+the kernels compute; this checks that the same source also compiles for the hardware, which the
+interpreter never does (loop-carried types, constexpr branches, layouts). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+launches: dict[str, tuple] = {}
+
+
+def _type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def _record(self: JITFunction, *args, grid, warmup, **kwargs):
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    names = self.arg_names
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    constexprs = {names[i]: bound[names[i]] for i in self.constexprs}
+    signature = {n: ("constexpr" if n in constexprs else _type(bound[n])) for n in names}
+    key = f"{self.fn.__name__} {sorted(signature.items())} {sorted(constexprs.items())} {sorted(options.items())}"
+    launches[key] = (self, signature, constexprs, options)
+
+
+def _launch_everything() -> None:
+    """Call every launcher on small CPU tensors with the GPU heuristics (nothing runs): each kernel with
+    each of its compile-time branches at least once, the dtypes spread over the cases."""
+    from normkit.backends.triton.kernels import batch, rows, sets
+    from normkit.backends.triton.kernels.reduce import update_running_stats
+
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    # rows: (dtype, n, rms, residual, weight, bias); 20000 is longer than any tile (column blocks)
+    for dtype, n, rms, residual, weight, bias in (
+        (bf16, 96, False, True, True, True), (bf16, 20000, False, True, True, True),
+        (f32, 20000, True, False, True, False), (f16, 96, True, True, False, False),
+        (f32, 96, False, False, False, False),
+    ):
+        x = torch.zeros(3, n, dtype=dtype)
+        w = torch.zeros(n, dtype=f32) if weight else None
+        b = torch.zeros(n, dtype=dtype) if bias else None
+        r = x if residual else None
+        y, h, mean, rstd = rows.row_forward(x, r, w, b, n, 1e-5, rms)
+        rows.row_backward(x, x, r, w, mean, rstd, n, rms, weight, bias)
+    # groups: (dtype, layout, groups, SiLU, affine); 64 groups of 64 channels is InstanceNorm, 1 a wide group
+    for dtype, layout, groups, silu, affine in (
+        (bf16, torch.contiguous_format, 32, True, True), (bf16, torch.channels_last, 64, False, True),
+        (f32, torch.channels_last, 32, True, True), (f16, torch.contiguous_format, 8, False, False),
+        (bf16, torch.contiguous_format, 1, False, True),
+    ):
+        img = torch.zeros(2, 64, 6, 6, dtype=dtype).contiguous(memory_format=layout)
+        w, b = (torch.zeros(64, dtype=f32), torch.zeros(64, dtype=dtype)) if affine else (None, None)
+        y, mean, rstd, var = sets.set_forward(img, groups, w, b, 1e-5, silu)
+        sets.set_backward(img, img, groups, w, b, mean, rstd, silu, affine, affine)
+    # BatchNorm: (dtype, layout, training, affine)
+    for dtype, layout, training, affine in (
+        (bf16, torch.channels_last, True, True), (f32, torch.contiguous_format, False, True),
+        (f16, torch.channels_last, True, False),
+    ):
+        img = torch.zeros(2, 64, 6, 6, dtype=dtype).contiguous(memory_format=layout)
+        w, b = (torch.zeros(64, dtype=f32), torch.zeros(64, dtype=dtype)) if affine else (None, None)
+        fixed = None if training else torch.ones(64)
+        y, mean, rstd, var = batch.batch_forward(img, w, b, fixed, fixed, 1e-5)
+        batch.batch_backward(img, img, w, mean, rstd, training, affine, affine)
+    update_running_stats(torch.zeros(64, dtype=bf16), torch.ones(64, dtype=bf16), torch.zeros(64),
+                         torch.ones(64), 0.1, 10)
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run without TRITON_INTERPRET: the kernels must be JIT functions, not interpreted")
+    JITFunction.run = _record
+    _launch_everything()
+    target = GPUTarget("cuda", 90, 32)
+    failures, start = [], time.perf_counter()
+    for key, (fn, signature, constexprs, options) in launches.items():
+        try:
+            compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+            assert compiled.asm.get("cubin"), "no cubin"
+        except Exception as e:  # report every failure, not just the first
+            failures.append(f"{key}: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
+    print(json.dumps({"compiled": len(launches) - len(failures), "failures": failures,
+                      "seconds": round(time.perf_counter() - start, 1)}))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
