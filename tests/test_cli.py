@@ -359,3 +359,17 @@ def test_env_says_what_auto_runs(capsys, monkeypatch):
     lines = {line.split("  ", 1)[0].strip(): line.split("  ", 1)[1].strip()
              for line in out.splitlines() if "  " in line}
     assert code == 0 and lines["current backend"] == f"auto (cpu tensors: {backends.default_backend('cpu').name})"
+
+
+def test_explain_command_prints_and_draws(tmp_path, capsys):
+    out = tmp_path / "gn.png"
+    assert cli.main(["explain", "group_norm", "--out", str(out)]) == 0
+    assert "Group Normalization" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["explain", "no_such_norm"]) == 2
+
+
+def test_env_lists_optional_packages(capsys):
+    assert cli.main(["env"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("optional packages"))
+    assert "ray " in line and "transformers " in line and "timm " in line

@@ -1,10 +1,12 @@
-"""The ``normkit`` command line: ``normkit verify`` (the conformance matrix), ``normkit bench`` and ``normkit env``.
+"""The ``normkit`` command line: ``verify`` (the conformance matrix), ``bench``, ``train``, ``experiment``, ``env``.
 
 ``normkit verify`` runs :mod:`normkit.verify`'s matrix, shows a progress bar on stderr (when it is a
 terminal), a table of results grouped by module × dtype × backend × device, every failing case in
 detail, and a one-line summary; it exits with status 1 when any check fails, 0 otherwise (2 for
 usage errors). ``normkit bench`` times normkit against torch eager, torch.compile and peer libraries
-(:mod:`normkit.bench`; docs/benchmarks.md). ``python -m normkit`` is the same command.
+(:mod:`normkit.bench`; docs/benchmarks.md). ``normkit train`` and ``normkit experiment batch-size`` run
+on Ray Train (:mod:`normkit.train`; docs/training.md); they import Ray only when they run, and exit with
+status 2 and an install hint without it. ``python -m normkit`` is the same command.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def _dtype_arg(value: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``normkit`` command's argument parser, with one subparser per command."""
     parser = argparse.ArgumentParser(
         prog="normkit",
         description="normkit: drop-in normalization layers for PyTorch.",
@@ -86,13 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_verify)
 
     _add_bench_parser(sub)
+    _add_train_parsers(sub)
 
-    e = sub.add_parser("env", help="versions, devices and backends")
+    e = sub.add_parser("env", help="versions, devices, backends and optional packages (for bug reports)")
     e.set_defaults(func=_cmd_env)
+
+    x = sub.add_parser(
+        "explain",
+        help="which elements share statistics in a norm: a summary and a picture",
+        description="Print a norm's paper, formula and the axes its statistics are over; with --out, draw "
+        "the N x C x (H*W) cube with the elements that share one statistic highlighted.",
+    )
+    x.add_argument("norm", help="a norm (batch_norm, layer_norm, instance_norm, group_norm, rms_norm, "
+                   "sync_batch_norm, group_norm_silu, ...) or 'all'")
+    x.add_argument("--out", metavar="PATH", help="write the picture (PNG); with 'all', a directory")
+    x.set_defaults(func=_cmd_explain)
     return parser
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import main_explain
+
+    return main_explain(args.norm, args.out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``normkit`` command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     if getattr(args, "func", None) is None:
@@ -119,6 +141,24 @@ def _devices_description() -> list[str]:
     else:
         lines.append("cuda: not available" + ("" if torch.version.cuda else " (CPU-only torch build)"))
     return lines
+
+
+#: packages that optional features use (extras ray, docs, bench; conversion targets; triton has its own row)
+_OPTIONAL = ("ray", "transformers", "timm", "torchvision", "matplotlib", "mkdocs")
+
+
+def _optional_versions() -> list[str]:
+    """``name version`` of each optional package, or ``name -`` when it is not installed (read from
+    the installed metadata: nothing is imported)."""
+    from importlib import metadata
+
+    out = []
+    for name in _OPTIONAL:
+        try:
+            out.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{name} -")
+    return out
 
 
 def _why_unavailable(name: str) -> str:
@@ -166,6 +206,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
         ("unavailable backends", ", ".join(_why_unavailable(n) for n in registered if n not in available) or "none"),
         ("current backend", current),
         (_backends.ENV_VAR, os.environ.get(_backends.ENV_VAR, "(not set)")),
+        ("optional packages", ", ".join(_optional_versions())),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -536,6 +577,234 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     console.print(Text(summary, style="bold " + ("red" if normkit_failed else "green")), soft_wrap=True)
     return 1 if normkit_failed else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# normkit train / normkit experiment batch-size
+# --------------------------------------------------------------------------------------------------
+
+_RAY_MISSING = 'normkit {command}: this command needs Ray Train and scikit-learn: pip install "normkit[ray]" ({error})'
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not items or min(items) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return items
+
+
+def _seed_list(value: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not items or min(items) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {value!r}")
+    return tuple(dict.fromkeys(items))
+
+
+def _print_help_and_fail(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _norm_list(value: str) -> tuple[str, ...]:
+    from .train.model import NORMS
+
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [v for v in items if v not in NORMS]
+    if not items or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown norm(s) {', '.join(unknown) or value!r}; choose from {', '.join(NORMS)}"
+        )
+    return tuple(dict.fromkeys(items))
+
+
+def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="join the Ray cluster whose GCS is at HOST:PORT ('auto': the one `ray start` began on this "
+                        "machine); default: start a private local Ray instance, bound to 127.0.0.1, no dashboard")
+    p.add_argument("--storage-path", metavar="DIR",
+                   help="where checkpoints go: a local directory or a URI such as s3://bucket/prefix "
+                        "(default: ./normkit-runs; for experiments, a temporary directory)")
+    p.add_argument("--max-failures", type=int, default=0, metavar="N",
+                   help="restart the workers up to N times after a failure, from the last checkpoint (-1: no limit)")
+    p.add_argument("--verbose", action="store_true", help="Ray's info logs and the workers' output too")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress: only the results")
+
+
+def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
+    from .train.model import NORMS
+    from .train.settings import DEFAULT_LR
+
+    t = sub.add_parser(
+        "train",
+        help="train a small CNN on the digits, data-parallel on Ray Train, with any normkit norm",
+        description=(
+            "Train a compact CNN on scikit-learn's handwritten digits (no download) with Ray Train's TorchTrainer: "
+            "N workers (DDP; gloo on CPU, NCCL with --use-gpu), each on its own shard, a checkpoint per epoch, "
+            "restarts from the last checkpoint after failures. Shows each epoch's metrics as it ends and a table "
+            "at the end. Needs normkit[ray]. See docs/training.md."
+        ),
+    )
+    t.add_argument("--norm", choices=NORMS, default="batch",
+                   help="normalization after each convolution (default batch)")
+    t.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="Ray Train workers (default 2)")
+    t.add_argument("--epochs", type=_positive_int, default=5, metavar="E", help="epochs (default 5)")
+    t.add_argument("--batch-size", type=_positive_int, default=32, metavar="B",
+                   help="images per worker per step (default 32; the global batch is N x B)")
+    t.add_argument("--lr", type=float, metavar="LR",
+                   help=f"peak learning rate (default {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adam']} for adam)")
+    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="sgd (momentum 0.9) or adam (default sgd)")
+    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="learning rate schedule (default cosine decay to 0)")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the split, the initial weights and the shuffles (default 0)")
+    t.add_argument("--use-gpu", action="store_true", help="one GPU per worker (process group over NCCL)")
+    t.add_argument("--name", metavar="NAME",
+                   help="the run's directory under the storage path (default: NORM-TIMESTAMP); the name of an "
+                        "earlier run resumes it from its last checkpoint")
+    t.add_argument("--fail-at-epoch", type=_positive_int, metavar="K",
+                   help="test hook: the last worker raises once, halfway through epoch K (1-based); "
+                        "with --max-failures >= 1 the run restarts from epoch K-1's checkpoint")
+    t.add_argument("--json", metavar="PATH", help="write the settings, per-epoch history and paths as JSON to PATH")
+    _add_cluster_arguments(t)
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("experiment",
+                       help="experiments on Ray Train (batch-size: BatchNorm vs SyncBatchNorm vs GroupNorm)")
+    esub = e.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    b = esub.add_parser(
+        "batch-size",
+        help="validation error vs images per worker, per norm (the GroupNorm paper's finding, in miniature)",
+        description=(
+            "Train the digits CNN for every per-worker batch size x norm x seed on one Ray instance and one "
+            "worker group (same epochs and lr schedule for every cell, lr scaled linearly with the batch), and "
+            "write table.md, results.csv, plot.png and run.json into --out. See docs/training.md."
+        ),
+    )
+    b.add_argument("--out", metavar="DIR", default="experiment-batch-size",
+                   help="output directory (default: experiment-batch-size)")
+    b.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="Ray Train workers (default 2)")
+    b.add_argument("--epochs", type=_positive_int, metavar="E", help="epochs per cell (default: the experiment's, 6)")
+    b.add_argument("--batch-sizes", type=_int_list, default=(2, 4, 8, 16, 32), metavar="B,B,...",
+                   help="images per worker (default 2,4,8,16,32)")
+    b.add_argument("--norms", type=_norm_list, default=("batch", "sync-batch", "group"), metavar="NORM,...",
+                   help=f"norms to compare (default batch,sync-batch,group; from {', '.join(NORMS)})")
+    b.add_argument("--seeds", type=_seed_list, default=(0,), metavar="S,S,...",
+                   help="seeds: each cell is trained once per seed, the table shows the mean (default 0)")
+    b.add_argument("--lr", type=float, metavar="LR",
+                   help="peak lr at 32 images per worker, scaled linearly (default 0.1)")
+    _add_cluster_arguments(b)
+    b.set_defaults(func=_cmd_experiment_batch_size)
+    e.set_defaults(func=lambda args: _print_help_and_fail(e))
+
+
+def _train_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "fix the command or the cluster" (exit status 2)."""
+    from .train.errors import ClusterUnreachable, InsufficientResources, RayNotInstalled
+
+    return (ValueError, RayNotInstalled, ClusterUnreachable, InsufficientResources)
+
+
+def _training_failed(command: str, error: BaseException, console: Console) -> int:
+    console.print(Text(f"normkit {command}: training failed: {error}", style="red"), soft_wrap=True)
+    return 1
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainSettings, history_table
+    from .train import run as train_run
+    from .train.errors import RayNotInstalled
+
+    console = _stdout_console()
+    err_console = Console(stderr=True, highlight=False)
+    try:
+        settings = TrainSettings(
+            norm=args.norm, workers=args.workers, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            optimizer=args.optimizer, schedule=args.schedule, seed=args.seed, use_gpu=args.use_gpu,
+            address=args.address, storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
+            fail_at_epoch=None if args.fail_at_epoch is None else args.fail_at_epoch - 1,
+        )
+        result = train_run(settings, console=err_console, quiet=args.quiet, verbose=args.verbose)
+    except RayNotInstalled as e:
+        err_console.print(Text(_RAY_MISSING.format(command="train", error=e.__cause__ or e)), soft_wrap=True)
+        return 2
+    except _train_errors() as e:
+        err_console.print(Text(f"normkit train: {e}"), soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print(Text("normkit train: interrupted (Ray was shut down or left)"))
+        return 130
+    except Exception as e:  # TrainingFailed, and whatever else Ray raises
+        return _training_failed("train", e, err_console)
+    console.print(history_table(result.history, title=f"normkit train: {settings.norm}, {settings.workers} workers "
+                                                        f"x batch {settings.batch_size}"))
+    if args.json:
+        doc = {
+            "settings": settings.to_dict(),
+            "history": [r.to_dict() for r in result.history],
+            "checkpoint": result.checkpoint_path,
+            "run_path": result.run_path,
+            "attempts": result.attempts,
+            "wall_time_s": round(result.wall_time_s, 3),
+            "fit_time_s": round(result.fit_time_s, 3),
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+    restarts = f"; {result.restarts} restart(s)" if result.restarts else ""
+    epochs = len(result.history)
+    final = (f"val error {100 * result.final_val_error:.2f}% after {epochs} epoch{'s' if epochs != 1 else ''}"
+             if result.history else "no epoch finished")
+    console.print(Text(
+        f"{final}{restarts}; checkpoint {result.checkpoint_path}; {result.wall_time_s:.1f} s "
+        f"({result.fit_time_s:.1f} s in Ray Train)", style="bold green",
+    ), soft_wrap=True)
+    return 0
+
+
+def _cmd_experiment_batch_size(args: argparse.Namespace) -> int:
+    from .train.errors import RayNotInstalled
+    from .train.experiment import BatchSizeExperiment, results_table, run_batch_size_experiment
+
+    console = _stdout_console()
+    err_console = Console(stderr=True, highlight=False)
+    options: dict[str, object] = {
+        "batch_sizes": args.batch_sizes, "norms": args.norms, "seeds": args.seeds, "workers": args.workers,
+        "address": args.address, "storage_path": args.storage_path, "max_failures": args.max_failures,
+    }
+    if args.epochs is not None:
+        options["epochs"] = args.epochs
+    if args.lr is not None:
+        options["base_lr"] = args.lr
+    try:
+        experiment = BatchSizeExperiment(**options)
+        result = run_batch_size_experiment(experiment, args.out, console=err_console, quiet=args.quiet,
+                                           verbose=args.verbose)
+    except RayNotInstalled as e:
+        err_console.print(Text(_RAY_MISSING.format(command="experiment", error=e.__cause__ or e)), soft_wrap=True)
+        return 2
+    except _train_errors() as e:
+        err_console.print(Text(f"normkit experiment batch-size: {e}"), soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print(Text("normkit experiment batch-size: interrupted (Ray was shut down or left)"))
+        return 130
+    except Exception as e:
+        return _training_failed("experiment batch-size", e, err_console)
+    console.print(results_table(result))
+    for note in result.notes:
+        console.print(Text(f"note: {note}"), soft_wrap=True)
+    console.print(Text(
+        f"{len(result.rows)} cells in {result.wall_time_s:.1f} s; wrote {', '.join(map(str, result.files))}",
+        style="bold green",
+    ), soft_wrap=True)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
