@@ -18,7 +18,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -711,37 +711,48 @@ def _train_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, RayNotInstalled, ClusterUnreachable, InsufficientResources)
 
 
-def _training_failed(command: str, error: BaseException, console: Console) -> int:
-    console.print(Text(f"normkit {command}: training failed: {error}", style="red"), soft_wrap=True)
-    return 1
+def _run_ray_work(command: str, missing: str, work: Callable[[], object], console: Console) -> tuple[object, int]:
+    """Run ``work`` for ``normkit {command}``: ``(its result, 0)``, or ``(None, exit status)`` after saying
+    why: 2 for a missing Ray or a bad command or cluster, 130 for Ctrl-C, 1 when training failed."""
+    from .train.errors import RayNotInstalled
+
+    try:
+        return work(), 0
+    except RayNotInstalled as e:
+        console.print(Text(_RAY_MISSING.format(command=missing, error=e.__cause__ or e)), soft_wrap=True)
+        return None, 2
+    except _train_errors() as e:
+        console.print(Text(f"normkit {command}: {e}"), soft_wrap=True)
+        return None, 2
+    except KeyboardInterrupt:
+        console.print(Text(f"normkit {command}: interrupted (Ray was shut down or left)"))
+        return None, 130
+    except Exception as e:  # TrainingFailed, and whatever else Ray raises
+        console.print(Text(f"normkit {command}: training failed: {e}", style="red"), soft_wrap=True)
+        return None, 1
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainSettings, history_table
     from .train import run as train_run
-    from .train.errors import RayNotInstalled
 
     console = _stdout_console()
     err_console = Console(stderr=True, highlight=False)
-    try:
+    settings = None
+
+    def work():
+        nonlocal settings
         settings = TrainSettings(
             norm=args.norm, workers=args.workers, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             optimizer=args.optimizer, schedule=args.schedule, seed=args.seed, use_gpu=args.use_gpu,
             address=args.address, storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
             fail_at_epoch=None if args.fail_at_epoch is None else args.fail_at_epoch - 1,
         )
-        result = train_run(settings, console=err_console, quiet=args.quiet, verbose=args.verbose)
-    except RayNotInstalled as e:
-        err_console.print(Text(_RAY_MISSING.format(command="train", error=e.__cause__ or e)), soft_wrap=True)
-        return 2
-    except _train_errors() as e:
-        err_console.print(Text(f"normkit train: {e}"), soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        err_console.print(Text("normkit train: interrupted (Ray was shut down or left)"))
-        return 130
-    except Exception as e:  # TrainingFailed, and whatever else Ray raises
-        return _training_failed("train", e, err_console)
+        return train_run(settings, console=err_console, quiet=args.quiet, verbose=args.verbose)
+
+    result, status = _run_ray_work("train", "train", work, err_console)
+    if status:
+        return status
     console.print(history_table(result.history, title=f"normkit train: {settings.norm}, {settings.workers} workers "
                                                         f"x batch {settings.batch_size}"))
     if args.json:
@@ -769,7 +780,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment_batch_size(args: argparse.Namespace) -> int:
-    from .train.errors import RayNotInstalled
     from .train.experiment import BatchSizeExperiment, results_table, run_batch_size_experiment
 
     console = _stdout_console()
@@ -782,21 +792,14 @@ def _cmd_experiment_batch_size(args: argparse.Namespace) -> int:
         options["epochs"] = args.epochs
     if args.lr is not None:
         options["base_lr"] = args.lr
-    try:
+    def work():
         experiment = BatchSizeExperiment(**options)
-        result = run_batch_size_experiment(experiment, args.out, console=err_console, quiet=args.quiet,
-                                           verbose=args.verbose)
-    except RayNotInstalled as e:
-        err_console.print(Text(_RAY_MISSING.format(command="experiment", error=e.__cause__ or e)), soft_wrap=True)
-        return 2
-    except _train_errors() as e:
-        err_console.print(Text(f"normkit experiment batch-size: {e}"), soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        err_console.print(Text("normkit experiment batch-size: interrupted (Ray was shut down or left)"))
-        return 130
-    except Exception as e:
-        return _training_failed("experiment batch-size", e, err_console)
+        return run_batch_size_experiment(experiment, args.out, console=err_console, quiet=args.quiet,
+                                         verbose=args.verbose)
+
+    result, status = _run_ray_work("experiment batch-size", "experiment", work, err_console)
+    if status:
+        return status
     console.print(results_table(result))
     for note in result.notes:
         console.print(Text(f"note: {note}"), soft_wrap=True)
