@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import normkit
+import normkit.functional as NF
 import normkit.nn as N
 from normkit.testing import assert_close
 
@@ -37,6 +38,9 @@ class Block(torch.nn.Module):
         self.inorm = N.InstanceNorm2d(6, affine=True, track_running_stats=True)
         # (momentum=None is left out: torch.nn.BatchNorm1d with it cannot compile fullgraph either)
         self.bn1 = N.BatchNorm1d(6, momentum=0.3)
+        # the channels-first row norms (timm's LayerNorm2d, RmsNorm2d) have no module of their own
+        self.cln_weight = torch.nn.Parameter(1 + 0.1 * torch.randn(6))
+        self.cln_bias = torch.nn.Parameter(0.1 * torch.randn(6))
 
     def forward(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.rms(self.ln(x))
@@ -44,6 +48,7 @@ class Block(torch.nn.Module):
         a, h = self.add_ln(a, h)
         img = a.view(a.shape[0], 6, 2, 12)  # (N, C, H, W)
         img = self.inorm(self.gn_silu(self.gn(self.bn(img))))
+        img = NF.channel_rms_norm(NF.channel_layer_norm(img, self.cln_weight, self.cln_bias), self.cln_weight)
         img = img.contiguous(memory_format=torch.channels_last)
         img = self.bn(img)
         return self.bn1(img.flatten(2)), h

@@ -64,8 +64,10 @@ def parameter_dtypes(
     given, is reported); otherwise every parameter must be float32 and the input float16/bfloat16
     ("mixed dtype"). CUDA kernels accept more combinations, so the rule applies to CPU tensors only.
     """
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return
+    if check_order is None and all(p is None or (isinstance(p, Tensor) and p.dtype == x.dtype) for p in params):
+        return  # the common case, every parameter in x's dtype (or absent): nothing to report
     defined = [d for d in map(_dtype, params) if d is not None]
     if not defined:
         return
@@ -94,6 +96,14 @@ def normalized_shape(
     rms: bool = False,
 ) -> None:
     """LayerNorm/RMSNorm: the trailing dims of ``x`` and the parameters must have ``shape``."""
+    k = len(shape)
+    if (  # the common case first, without building messages or tuples
+        k > 0
+        and (weight is None or weight.shape == shape)
+        and (bias is None or bias.shape == shape)
+        and x.shape[-k:] == shape
+    ):
+        return
     if len(shape) == 0:
         raise RuntimeError(
             "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "

@@ -26,6 +26,8 @@ __all__ = [
     "layer_norm",
     "group_norm",
     "rms_norm",
+    "channel_layer_norm",
+    "channel_rms_norm",
     "fused_add_rms_norm",
     "fused_add_layer_norm",
     "group_norm_silu",
@@ -209,6 +211,101 @@ def rms_norm(
     _rms_norm_checks(input, shape, weight)
     y = resolve(input).rms_norm(input, shape, weight, eps)
     return _laid_out(y, _suggested_format(input))
+
+
+# --------------------------------------------------------------------------------------------------
+# Channels-first row norms: LayerNorm/RMSNorm over dim 1 at every position (timm's LayerNorm2d)
+# --------------------------------------------------------------------------------------------------
+
+
+def _channel_checks(op: str, input: Tensor, weight: Tensor | None, bias: Tensor | None, rms: bool) -> None:
+    """The row norm's checks on ``input`` with its channels moved last, as ``layer_norm(x.permute(0, 2,
+    3, 1), ...)`` runs them (same errors); the view is made only where a shape does not fit."""
+    if input.dim() < 2:
+        raise ValueError(f"{op}: expected input of shape (N, C, *), but got {input.dim()}-D input")
+    c = (input.shape[1],)
+    if (weight is None or weight.shape == c) and (bias is None or bias.shape == c):
+        # the shapes fit: what is left to check is the dtypes, which moving the channels does not change
+        _checks.floating(input, "rms_norm" if rms else "LayerNormKernelImpl")
+        if not rms:
+            _checks.parameter_dtypes(input, weight, bias)
+    elif rms:
+        _rms_norm_checks(input.movedim(1, -1), c, weight)
+    else:
+        _layer_norm_checks(input.movedim(1, -1), c, weight, bias)
+
+
+def channel_layer_norm(
+    input: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Layer Normalization over the channels (dim 1) of ``input``, separately at every position.
+
+    .. math::
+        y_{n,:,s} = \frac{x_{n,:,s} - \mathrm{E}[x_{n,:,s}]}{\sqrt{\mathrm{Var}[x_{n,:,s}] + \epsilon}}
+        \odot \gamma + \beta
+
+    The channels-first LayerNorm of ConvNeXt and timm's ``LayerNorm2d``: the same result as
+    ``layer_norm(x.movedim(1, -1), (C,), weight, bias, eps).movedim(-1, 1)`` without its transposed
+    copy: the cpu backend reads a contiguous (N, C, H, W) tensor where it lies, tile by tile.
+
+    Args:
+        input (Tensor): of shape :math:`(N, C, *)`.
+        weight (Tensor, optional): :math:`\gamma`, of shape :math:`(C,)`. Default: None.
+        bias (Tensor, optional): :math:`\beta`, of shape :math:`(C,)`. Default: None.
+        eps (float): added to the variance. Default: 1e-5.
+
+    Shape:
+        - input: :math:`(N, C, *)`
+        - output: same shape, laid out channels-last (channels innermost in memory) whatever the
+          input's layout, as ``layer_norm(x.movedim(1, -1), ...).movedim(-1, 1)`` lays it out: the
+          layers after a LayerNorm2d run on channels-last data, as they do in the original model.
+
+    Example::
+
+        >>> x = torch.randn(2, 96, 56, 56)
+        >>> normkit.functional.channel_layer_norm(x, torch.ones(96), torch.zeros(96), 1e-6).shape
+        torch.Size([2, 96, 56, 56])
+    """
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(
+            channel_layer_norm, (input, weight, bias), input, weight=weight, bias=bias, eps=eps
+        )
+    _channel_checks("channel_layer_norm", input, weight, bias, rms=False)
+    return resolve(input).channel_layer_norm(input, weight, bias, eps)
+
+
+def channel_rms_norm(input: Tensor, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+    r"""Root Mean Square Layer Normalization over the channels (dim 1) of ``input``, at every position.
+
+    .. math::
+        y_{n,:,s} = \frac{x_{n,:,s}}{\sqrt{\frac{1}{C}\sum_c x_{n,c,s}^2 + \epsilon}} \odot \gamma
+
+    timm's ``RmsNorm2d``: the same result as ``rms_norm(x.movedim(1, -1), (C,), weight, eps).movedim(-1, 1)``.
+
+    Args:
+        input (Tensor): of shape :math:`(N, C, *)`.
+        weight (Tensor, optional): :math:`\gamma`, of shape :math:`(C,)`. Default: None.
+        eps (float, optional): added to the mean square. Default: None, which means
+            ``torch.finfo(torch.float32).eps`` (float64's for float64 input).
+
+    Shape:
+        - input: :math:`(N, C, *)`
+        - output: same shape, laid out channels-last whatever the input's layout (as
+          :func:`channel_layer_norm`).
+
+    Example::
+
+        >>> x = torch.randn(2, 96, 56, 56)
+        >>> normkit.functional.channel_rms_norm(x, torch.ones(96), 1e-6).shape
+        torch.Size([2, 96, 56, 56])
+    """
+    if has_torch_function_variadic(input, weight):
+        return handle_torch_function(channel_rms_norm, (input, weight), input, weight=weight, eps=eps)
+    _channel_checks("channel_rms_norm", input, weight, None, rms=True)
+    return resolve(input).channel_rms_norm(input, weight, eps)
 
 
 # --------------------------------------------------------------------------------------------------

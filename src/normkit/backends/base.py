@@ -74,6 +74,17 @@ class Backend:
         batch average updating the running ones), the running statistics otherwise."""
         raise NotImplementedError
 
+    # Channels-first row norms. The defaults move the channels last (a view) and run the row norm; the
+    # result is laid out channels-last, as torch's layer_norm of that view lays it out.
+
+    def channel_layer_norm(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+        """LayerNorm over dim 1 of (N, C, *) at every position."""
+        return self.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, eps).contiguous().movedim(-1, 1)
+
+    def channel_rms_norm(self, x: Tensor, weight: Tensor | None, eps: float | None) -> Tensor:
+        """RMSNorm over dim 1 of (N, C, *) at every position; ``eps=None`` means the dtype's epsilon."""
+        return self.rms_norm(x.movedim(1, -1), (x.shape[1],), weight, eps).contiguous().movedim(-1, 1)
+
     # Fused ops. The defaults compose the norms above (one extra pass over memory each); a backend
     # with its own kernels overrides them with one-pass versions that give the same results.
 

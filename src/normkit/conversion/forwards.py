@@ -31,14 +31,6 @@ __all__ = [
 ]
 
 
-def _to_last(x: Tensor) -> Tensor:
-    return x.permute(0, *range(2, x.dim()), 1)
-
-
-def _to_first(x: Tensor) -> Tensor:
-    return x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
-
-
 # --------------------------------------------------------------------------------------------------
 # Hugging Face transformers
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +93,7 @@ class TimmLayerNorm2d:
     """timm.layers.LayerNorm2d: LayerNorm over the channels of (N, C, H, W), per position."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _to_first(F.layer_norm(_to_last(x), self.normalized_shape, self.weight, self.bias, self.eps))
+        return F.channel_layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class TimmGroupNorm:
@@ -123,7 +115,7 @@ class TimmRmsNorm2d:
     """timm.layers.RmsNorm2d: RMSNorm over the channels of (N, C, H, W), per position."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _to_first(F.rms_norm(_to_last(x), self.normalized_shape, self.weight, self.eps))
+        return F.channel_rms_norm(x, self.weight, self.eps)
 
 
 class _ActMixin:
@@ -175,5 +167,4 @@ class TimmLayerNormAct2d(_ActMixin):
     """timm.layers.LayerNormAct2d: LayerNorm over the channels of (N, C, H, W), then drop and act."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _to_first(F.layer_norm(_to_last(x), self.normalized_shape, self.weight, self.bias, self.eps))
-        return self._post(y)
+        return self._post(F.channel_layer_norm(x, self.weight, self.bias, self.eps))

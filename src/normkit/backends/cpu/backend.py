@@ -58,14 +58,17 @@ def _like_layout(t: Tensor, x: Tensor, nhwc: bool) -> Tensor:
     return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
 def _wrapped(*tensors: Tensor | None) -> bool:
     """Whether any tensor is a torch.func wrapper or a legacy batched tensor (``is_grads_batched``):
     neither has storage of its own for a kernel to read."""
-    functorch = torch._C._functorch
-    return any(
-        t is not None and (functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t))
-        for t in tensors
-    )
+    for t in tensors:
+        if t is not None and (_is_functorch_wrapped(t) or _is_legacy_batched(t)):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,6 +125,60 @@ class _RowNorm(torch.autograd.Function):
         dx_out = dx if need_x else None
         dres = dx if (ctx.fused and need_r) else None
         return dx_out, dres, dw, db, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# channels-first row norms: LayerNorm/RMSNorm over dim 1 at every position (LayerNorm2d)
+# --------------------------------------------------------------------------------------------------
+
+
+def _cf_layout(t: Tensor) -> Tensor:
+    """``t`` as the channels-first row kernels read it: contiguous or channels-last, else a contiguous copy."""
+    return t if t.is_contiguous() or K._is_channels_last(t) else t.contiguous()
+
+
+class _ChannelRowNorm(torch.autograd.Function):
+    """y = LayerNorm/RMSNorm of (N, C, *) over C at every position; y (and dx) laid out channels-last."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, rms):
+        y, rstd = K.channel_row_forward(_cf_layout(x), weight, bias, eps, rms)
+        ctx.eps, ctx.rms = eps, rms
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, rstd)  # x itself (see _RowNorm.forward)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() or _wrapped(dy):  # as in _RowNorm.backward, channels moved last
+            shape = (x.shape[1],)
+            dx, dw, db = _row_backward_differentiable(dy.movedim(1, -1), x.movedim(1, -1), weight, shape, ctx.eps,
+                                                      ctx.rms)
+            dx = dx.movedim(-1, 1)
+        else:
+            dx, dw, db = K.channel_row_backward(
+                _cf_layout(dy), _cf_layout(x), weight, rstd, ctx.rms, need_w, need_b and not ctx.rms
+            )
+        dw = dw.to(weight.dtype) if need_w else None
+        db = db.to(ctx.bias_dtype) if need_b else None
+        return (dx if need_x else None), dw, db, None, None
+
+
+def _channel_rows(x, weight, bias, eps, rms):
+    """A channels-first row norm, its output laid out channels-last (as LayerNorm of x.movedim(1, -1)
+    moved back lays it out). Input already laid out channels-last (or 2-D) is rows of C: the row
+    kernel takes it as it is; anything else goes to the channels-first kernel, which transposes
+    tile by tile as it writes."""
+    rows = x.movedim(1, -1)
+    if rows.is_contiguous():
+        return _row(rows, None, weight, bias, (x.shape[1],), eps, rms).movedim(-1, 1)
+    if torch.compiler.is_compiling():
+        return ops.channel_row_forward(x, weight, bias, eps, rms)[0]
+    if _needs_grad(x, weight, bias):
+        return _ChannelRowNorm.apply(x, weight, bias, eps, rms)
+    return K.channel_row_forward(_cf_layout(x), weight, bias, eps, rms, save_rstd=False)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,7 +280,7 @@ def _row(x, residual, weight, bias, shape, eps, rms):
     if _needs_grad(x, residual, weight, bias):
         return _RowNorm.apply(x, residual, weight, bias, shape, eps, rms)
     rc = residual.contiguous() if residual is not None else None
-    y, h, _ = K.row_forward(x.contiguous(), rc, weight, bias, math.prod(shape), eps, rms)
+    y, h, _ = K.row_forward(x.contiguous(), rc, weight, bias, math.prod(shape), eps, rms, save_rstd=False)
     return y if residual is None else (y, h)
 
 
@@ -268,12 +325,12 @@ class CpuBackend(Backend):
     def _fallback(self, *tensors: Tensor | None) -> bool:
         """Hand the call to the reference: empty input, torch.func wrappers, or a parameter or running
         statistic not on the CPU (the reference's torch ops raise torch's device error for it)."""
-        x = tensors[0]
-        return (
-            x.numel() == 0
-            or (not torch.compiler.is_compiling() and _wrapped(*tensors))  # dynamo unwraps torch.func itself
-            or any(t is not None and not t.is_cpu for t in tensors[1:])
-        )
+        if tensors[0].numel() == 0:
+            return True
+        for t in tensors[1:]:
+            if t is not None and not t.is_cpu:
+                return True
+        return not torch.compiler.is_compiling() and _wrapped(*tensors)  # dynamo unwraps torch.func itself
 
     # row norms
 
@@ -296,6 +353,16 @@ class CpuBackend(Backend):
         if self._fallback(x, residual, weight, bias):
             return self._reference.fused_add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
         return _row(x, residual, weight, bias, tuple(normalized_shape), eps, False)
+
+    def channel_layer_norm(self, x, weight, bias, eps):
+        if self._fallback(x, weight, bias):
+            return self._reference.channel_layer_norm(x, weight, bias, eps)
+        return _channel_rows(x, weight, bias, eps, False)
+
+    def channel_rms_norm(self, x, weight, eps):
+        if self._fallback(x, weight):
+            return self._reference.channel_rms_norm(x, weight, eps)
+        return _channel_rows(x, weight, None, ref.rms_norm_eps(x.dtype, eps), True)
 
     # channel norms
 

@@ -15,7 +15,16 @@ from torch import Tensor
 
 from .build import load_library
 
-__all__ = ["SUPPORTED_DTYPES", "arithmetic_dtype", "chan_backward", "chan_forward", "row_backward", "row_forward"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "arithmetic_dtype",
+    "chan_backward",
+    "chan_forward",
+    "channel_row_backward",
+    "channel_row_forward",
+    "row_backward",
+    "row_forward",
+]
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 SUPPORTED_DTYPES = frozenset(_SUFFIX)
@@ -30,6 +39,10 @@ _SIGNATURES = {
     "nk_chan_fwd": [_P, _P, _I64, _I64, _I64, _I, _I, _I64, _P, _P, _P, _P, _D, _I, _P, _P, _P, _I],
     # x, dy, dx, N, C, S, nhwc, groups, w, b, mean, rstd, train, act, dw, db, threads
     "nk_chan_bwd": [_P, _P, _P, _I64, _I64, _I64, _I, _I64, _P, _P, _P, _P, _I, _I, _P, _P, _I],
+    # x, x_nhwc, w, b, y, y_nhwc, rstd, N, C, S, eps, rms, threads
+    "nk_cf_fwd": [_P, _I, _P, _P, _P, _I, _P, _I64, _I64, _I64, _D, _I, _I],
+    # x, x_nhwc, dy, dy_nhwc, w, rstd, dx, dx_nhwc, dw, db, N, C, S, rms, threads
+    "nk_cf_bwd": [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I64, _I64, _I64, _I, _I],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -84,20 +97,29 @@ def _param(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def row_forward(
-    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool
-) -> tuple[Tensor, Tensor | None, Tensor]:
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    n: int,
+    eps: float,
+    rms: bool,
+    save_rstd: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """LayerNorm/RMSNorm over contiguous rows of length ``n`` (after ``h = x + residual``).
 
-    Returns ``(y, h, rstd)`` (h is None without a residual); the backward recomputes the row means.
+    Returns ``(y, h, rstd)`` (h is None without a residual; rstd None unless ``save_rstd``); the
+    backward recomputes the row means.
     """
-    m = x.numel() // n
+    numel = x.numel()
+    m = numel // n
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else None
-    rstd = torch.empty(m, dtype=arithmetic_dtype(x.dtype))
+    rstd = torch.empty(m, dtype=arithmetic_dtype(x.dtype)) if save_rstd else None
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     _fn("nk_row_fwd", x.dtype)(
-        x.data_ptr(), _ptr(residual), _ptr(h), _ptr(w), _ptr(b), y.data_ptr(), rstd.data_ptr(),
-        m, n, float(eps), int(rms), _threads(x.numel()),
+        x.data_ptr(), _ptr(residual), _ptr(h), _ptr(w), _ptr(b), y.data_ptr(), _ptr(rstd),
+        m, n, float(eps), int(rms), _threads(numel),
     )
     return y, h, rstd
 
@@ -181,5 +203,50 @@ def chan_backward(
     _fn("nk_chan_bwd", x.dtype)(
         x.data_ptr(), dy.data_ptr(), dx.data_ptr(), n, c, s, int(nhwc), groups, _ptr(w), _ptr(b),
         _ptr(mean), rstd.data_ptr(), int(train), int(silu), _ptr(dw), _ptr(db), _threads(x.numel()),
+    )
+    return dx, dw, db
+
+
+def _channels_last_like(x: Tensor) -> Tensor:
+    """An empty tensor of x's shape laid out channels-last: (N, *, C) contiguous, channels moved to dim 1."""
+    return torch.empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype=x.dtype).movedim(-1, 1)
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return t.dim() > 2 and t.movedim(1, -1).is_contiguous()
+
+
+def channel_row_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, save_rstd: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """LayerNorm/RMSNorm over dim 1 of an (N, C, *) tensor, contiguous or channels-last, at each
+    position: ``(y, rstd)``. y is laid out channels-last, as ``layer_norm(x.movedim(1, -1), (C,))
+    .movedim(-1, 1)`` gives it; rstd has shape (N, prod(*)) (the backward recomputes the means)."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    y = _channels_last_like(x)
+    rstd = torch.empty(n, s, dtype=arithmetic_dtype(x.dtype))
+    w, b = _param(weight, x.dtype), _param(bias, x.dtype)
+    _fn("nk_cf_fwd", x.dtype)(
+        x.data_ptr(), int(_is_channels_last(x)), _ptr(w), _ptr(b), y.data_ptr(), 1, _ptr(rstd), n, c, s,
+        float(eps), int(rms), _threads(x.numel()),
+    )
+    return y, rstd
+
+
+def channel_row_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, rms: bool, need_weight: bool, need_bias: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients ``(dx, dweight, dbias)`` of :func:`channel_row_forward`; ``dy`` and ``x`` each contiguous
+    or channels-last, dx channels-last (parameter gradients in float64)."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    dx = _channels_last_like(x)
+    dw = torch.empty(c, dtype=torch.float64) if need_weight else None
+    db = torch.empty(c, dtype=torch.float64) if need_bias else None
+    _fn("nk_cf_bwd", x.dtype)(
+        x.data_ptr(), int(_is_channels_last(x)), dy.data_ptr(), int(_is_channels_last(dy)),
+        _ptr(_param(weight, x.dtype)), rstd.data_ptr(), dx.data_ptr(), 1, _ptr(dw), _ptr(db), n, c, s, int(rms),
+        _threads(x.numel()),
     )
     return dx, dw, db

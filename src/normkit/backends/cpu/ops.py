@@ -14,7 +14,14 @@ from torch import Tensor
 
 from . import kernels as K
 
-__all__ = ["row_forward", "row_backward", "chan_forward", "chan_backward"]
+__all__ = [
+    "row_forward",
+    "row_backward",
+    "channel_row_forward",
+    "channel_row_backward",
+    "chan_forward",
+    "chan_backward",
+]
 
 _F64 = torch.float64
 
@@ -107,6 +114,72 @@ def _row_grads(ctx, dy, dh, _drstd):
 
 
 row_forward.register_autograd(_row_grads, setup_context=_row_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# channels-first row norms
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("normkit::cpu_channel_row_forward", mutates_args=())
+def channel_row_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+) -> tuple[Tensor, Tensor]:
+    """``(y, rstd)`` of LayerNorm/RMSNorm over dim 1 of (N, C, *), y laid out channels-last."""
+    from .backend import _cf_layout
+
+    return K.channel_row_forward(_cf_layout(x), weight, bias, eps, rms)
+
+
+def _channels_last_empty(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], *x.shape[2:], x.shape[1])).movedim(-1, 1)
+
+
+@channel_row_forward.register_fake
+def _(x, weight, bias, eps, rms):
+    s = x.numel() // max(x.shape[0] * x.shape[1], 1)
+    return _channels_last_empty(x), x.new_empty((x.shape[0], s), dtype=K.arithmetic_dtype(x.dtype))
+
+
+@torch.library.custom_op("normkit::cpu_channel_row_backward", mutates_args=())
+def channel_row_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, rms: bool, need_weight: bool, need_bias: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)``, dx laid out channels-last; float64 parameter gradients (empty when not needed)."""
+    from .backend import _cf_layout
+
+    dx, dw, db = K.channel_row_backward(_cf_layout(dy), _cf_layout(x), weight, rstd, rms, need_weight, need_bias)
+    return dx, (dw if dw is not None else _empty_vec(x)), (db if db is not None else _empty_vec(x))
+
+
+@channel_row_backward.register_fake
+def _(dy, x, weight, rstd, rms, need_weight, need_bias):
+    c = x.shape[1]
+    return _channels_last_empty(x), _empty_vec(x, c if need_weight else 0), _empty_vec(x, c if need_bias else 0)
+
+
+def _channel_row_setup(ctx, inputs, output) -> None:
+    x, weight, bias, _, rms = inputs
+    ctx.rms = rms
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _channel_row_grads(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_w, need_b = need_w and weight is not None, need_b and ctx.bias_dtype is not None
+    dx, dw, db = channel_row_backward(dy, x, weight, rstd, ctx.rms, need_w, need_b)
+    return (
+        dx if need_x else None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(ctx.bias_dtype) if need_b else None,
+        None, None,
+    )
+
+
+channel_row_forward.register_autograd(_channel_row_grads, setup_context=_channel_row_setup)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -176,6 +176,11 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 
 #define NK_BLOCK 2048  /* elements per exact two-pass block: fits L1 with room to spare */
 #define NK_ROWS 16384  /* elements per channels-last sub-block (rows x C): its per-channel merge is amortized */
+#define NK_CF_W 32     /* positions per tile of the channels-first row norms (vector lanes) */
+#ifndef NK_CF_AHEAD
+#define NK_CF_AHEAD 4  /* tiles ahead that the channels-first row norms prefetch */
+#endif
+#define NK_CF_CHUNK 32 /* channels per float partial sum there, before it is added in double */
 #define NK_TILE 64     /* positions x channels per tile of the channels-last -> channels-first transpose */
 
 /* ---- instantiate the kernels for each dtype ------------------------------------------------- */

@@ -36,6 +36,10 @@ static inline NK_A NK_NAME(nk_sum_sub)(const NK_A *a, int64_t n, NK_A k) {
         memcpy(&v2, a + j + 2 * NK_LANES, 32), memcpy(&v3, a + j + 3 * NK_LANES, 32);
         s0 += v0 - kk, s1 += v1 - kk, s2 += v2 - kk, s3 += v3 - kk;
     }
+    for (; j + NK_LANES <= n; j += NK_LANES) { /* short rows: one vector at a time, not scalars */
+        memcpy(&v0, a + j, 32);
+        s0 += v0 - kk;
+    }
     NK_NAME(nk_vec) total = (s0 + s1) + (s2 + s3);
     NK_A r = NK_NAME(nk_hsum)(&total);
     for (; j < n; j++) r += a[j] - k;
@@ -53,20 +57,61 @@ static inline NK_A NK_NAME(nk_dot)(const NK_A *a, const NK_A *b, int64_t n) {
         memcpy(&b2, b + j + 2 * NK_LANES, 32), memcpy(&b3, b + j + 3 * NK_LANES, 32);
         s0 += a0 * b0, s1 += a1 * b1, s2 += a2 * b2, s3 += a3 * b3;
     }
+    for (; j + NK_LANES <= n; j += NK_LANES) {
+        memcpy(&a0, a + j, 32), memcpy(&b0, b + j, 32);
+        s0 += a0 * b0;
+    }
     NK_NAME(nk_vec) total = (s0 + s1) + (s2 + s3);
     NK_A r = NK_NAME(nk_hsum)(&total);
     for (; j < n; j++) r += a[j] * b[j];
     return r;
 }
 
-/* The mean of a row in L1, in double: a sum of x - K about the first element K, then one
- * refinement about that estimate, so that an outlier in first place costs no accuracy (both sums
- * are cheap from L1). Forward and backward call this same function and so agree bit for bit. */
-static inline double NK_NAME(nk_row_mean)(const NK_A *buf, int64_t n) {
-    NK_A k = buf[0];
-    double m = (double)k + (double)NK_NAME(nk_sum_sub)(buf, n, k) / (double)n;
-    NK_A hi = (NK_A)m;
-    return (double)hi + (double)NK_NAME(nk_sum_sub)(buf, n, hi) / (double)n;
+/* sums of d = a[j] - k and of d^2, in one read (four vector accumulators each) */
+static inline void NK_NAME(nk_sum_sub2)(const NK_A *a, int64_t n, NK_A k, NK_A *sum, NK_A *sum_sq) {
+    NK_NAME(nk_vec) s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+    NK_NAME(nk_vec) v0, v1, v2, v3, kk;
+    for (int64_t i = 0; i < NK_LANES; i++) kk[i] = k;
+    int64_t j = 0;
+    for (; j + 4 * NK_LANES <= n; j += 4 * NK_LANES) {
+        memcpy(&v0, a + j, 32), memcpy(&v1, a + j + NK_LANES, 32);
+        memcpy(&v2, a + j + 2 * NK_LANES, 32), memcpy(&v3, a + j + 3 * NK_LANES, 32);
+        v0 -= kk, v1 -= kk, v2 -= kk, v3 -= kk;
+        s0 += v0, s1 += v1, s2 += v2, s3 += v3;
+        q0 += v0 * v0, q1 += v1 * v1, q2 += v2 * v2, q3 += v3 * v3;
+    }
+    for (; j + NK_LANES <= n; j += NK_LANES) {
+        memcpy(&v0, a + j, 32);
+        v0 -= kk;
+        s0 += v0, q0 += v0 * v0;
+    }
+    NK_NAME(nk_vec) ts = (s0 + s1) + (s2 + s3), tq = (q0 + q1) + (q2 + q3);
+    NK_A rs = NK_NAME(nk_hsum)(&ts), rq = NK_NAME(nk_hsum)(&tq);
+    for (; j < n; j++) {
+        NK_A d = a[j] - k;
+        rs += d, rq += d * d;
+    }
+    *sum = rs, *sum_sq = rq;
+}
+
+/* LayerNorm's statistics of a row in L1, from one read: sums of d = x - k and d^2 about k = the
+ * first element give the mean k + e (e = mean(d)) and var = mean(d^2) - e^2, which is within about
+ * (1 + e^2 / var) ulps of exact, so where the first element lies far out (e^2 > 8 var) the sums
+ * are taken once more about the mean just found. Returns the mean (double); *var gets the biased
+ * variance. The forward and the backward call this same function and so agree bit for bit. */
+static inline double NK_NAME(nk_row_moments)(const NK_A *buf, int64_t n, double *var) {
+    NK_A k = buf[0], s, q;
+    double mean = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        NK_NAME(nk_sum_sub2)(buf, n, k, &s, &q);
+        double e = (double)s / (double)n;
+        mean = (double)k + e;
+        *var = (double)q / (double)n - e * e;
+        if (e * e <= 8.0 * *var) break;
+        k = (NK_A)mean;
+    }
+    if (*var < 0) *var = 0;
+    return mean;
 }
 
 /* ================================ row norms ======================================== */
@@ -83,8 +128,8 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
         for (int64_t i = 0; i < M; i++) {
             const NK_T *xr = x + i * N;
             NK_T *yr = y + i * N;
-            /* LayerNorm's mean: nk_row_mean (shifted sums, so float rounding is relative to the
-             * row's spread, not to its mean). RMSNorm sums x^2. */
+            /* LayerNorm's statistics: nk_row_moments (shifted sums, so float rounding is relative
+             * to the row's spread, not to its mean). RMSNorm sums x^2. */
             NK_A sum = 0;
             if (res) { /* h = round(x + residual) is written out and normalized */
                 const NK_T *rr = res + i * N;
@@ -101,31 +146,27 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
             }
             if (rms) sum = NK_NAME(nk_dot)(buf, buf, N);
             NK_A rstd;
-            double mean_d = rms ? 0.0 : NK_NAME(nk_row_mean)(buf, N);
+            double var = 0, mean_d = rms ? 0.0 : NK_NAME(nk_row_moments)(buf, N, &var);
             /* centre by mean = hi + lo: (x - hi) is exact near the mean, lo restores the bits float lost */
             NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean);
             if (rms) {
                 rstd = (NK_A)(1.0 / sqrt((double)sum / (double)N + eps));
             } else {
-#pragma omp simd
-                for (int64_t j = 0; j < N; j++) buf[j] = (buf[j] - mean) - mean_lo;
-                NK_A sq = NK_NAME(nk_dot)(buf, buf, N);
-                rstd = (NK_A)(1.0 / sqrt((double)(sq / (NK_A)N) + eps));
-                mean = 0; /* buf now holds x - mean */
+                rstd = (NK_A)(1.0 / sqrt(var + eps));
             }
-            rstd_out[i] = rstd;
+            if (rstd_out) rstd_out[i] = rstd; /* NULL: inference, nothing saved for a backward */
             if (w && b) {
 #pragma omp simd
-                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE((buf[j] - mean) * rstd * w[j] + b[j]);
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((buf[j] - mean) - mean_lo) * rstd * w[j] + b[j]);
             } else if (w) {
 #pragma omp simd
-                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE((buf[j] - mean) * rstd * w[j]);
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((buf[j] - mean) - mean_lo) * rstd * w[j]);
             } else if (b) {
 #pragma omp simd
-                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE((buf[j] - mean) * rstd + b[j]);
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((buf[j] - mean) - mean_lo) * rstd + b[j]);
             } else {
 #pragma omp simd
-                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE((buf[j] - mean) * rstd);
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((buf[j] - mean) - mean_lo) * rstd);
             }
         }
         free(buf);
@@ -171,7 +212,7 @@ void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK
             NK_A rstd = rstd_in[i];
 #pragma omp simd
             for (int64_t j = 0; j < N; j++) xh[j] = NK_LOAD(xr[j]);
-            double mean_d = rms ? 0.0 : NK_NAME(nk_row_mean)(xh, N);
+            double var, mean_d = rms ? 0.0 : NK_NAME(nk_row_moments)(xh, N, &var);
             NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean);
 #pragma omp simd
             for (int64_t j = 0; j < N; j++) {
@@ -707,6 +748,9 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     free(k2);
     free(k3);
 }
+
+/* the channels-first row norms (LayerNorm2d), with the same macros */
+#include "channel_rows_impl.h"
 
 #undef NK_T
 #undef NK_A
