@@ -59,9 +59,9 @@ def grads(fn, x, params, dy):
 
 
 def check(op, shape, dtype, layout="contiguous", dy_layout="contiguous", weight=True, bias=True, shift=0.0,
-          eps=1e-6):
+          eps=1e-6, pdt=None):
     c = shape[1]
-    pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    pdt = pdt or (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     x = laid_out((torch.randn(shape, **F64) * 2 + shift).to(dtype), layout)
     w = (1 + 0.5 * torch.randn(c, **F64)).to(pdt) if weight else None
     b = (0.5 * torch.randn(c, **F64)).to(pdt) if bias and op == "layer" else None
@@ -115,6 +115,14 @@ def test_upstream_gradient_in_any_layout(backend, dy_layout):
 def test_without_parameters(backend, weight, bias):
     check("layer", (2, 12, 5, 5), torch.float32, weight=weight, bias=bias)
     check("rms", (2, 12, 5, 5), torch.bfloat16, weight=weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_parameters_in_the_inputs_low_precision_dtype(backend, dtype, layout):
+    """A model cast whole to bfloat16/float16: the kernels get float32 copies of the parameters."""
+    check("layer", (2, 24, 6, 7), dtype, layout, pdt=dtype)
+    check("rms", (2, 24, 6, 7), dtype, layout, pdt=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -402,7 +402,8 @@ class CpuBackend(Backend):
         return y
 
     def _fixed_stats(self, x, running_mean, running_var, weight, bias, eps):
-        """Normalize with the running statistics (copied now: a later training step updates them in place)."""
-        mean = running_mean.detach().to(torch.float64, copy=True)
-        var = running_var.detach().to(torch.float64, copy=True)
-        return _chan(x, weight, bias, 0, mean, var, eps, False, False)[0]
+        """Normalize with the running statistics. The kernel reads them as they are stored (no float64
+        copy: a small op costs as much as the kernel on a small input) and returns the float64 values
+        it used, which are what the backward saves, so a later training step that updates the buffers
+        in place does not change them."""
+        return _chan(x, weight, bias, 0, running_mean.detach(), running_var.detach(), eps, False, False)[0]

@@ -163,15 +163,18 @@ def chan_forward(
     silu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """BatchNorm (``groups == 0``) or GroupNorm/InstanceNorm (``groups > 0``) of x viewed as (N, C, S),
-    written into ``y``; with ``fixed_mean``/``fixed_var`` (float64, per channel) instead of batch
+    written into ``y``; with ``fixed_mean``/``fixed_var`` (per channel: the running statistics, passed as
+    they are stored when in the arithmetic dtype) instead of batch
     statistics. Returns the float64 statistics used: ``(mean, rstd, biased var)``."""
     n, c, s = dims
     sets = n * groups if groups > 0 else c
     mean, rstd, var = (torch.empty(sets, dtype=torch.float64) for _ in range(3))
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
+    # converted copies (if any) must outlive the call: bound here, not made inside the argument list
+    fm, fv = _param(fixed_mean, x.dtype), _param(fixed_var, x.dtype)
     _fn("nk_chan_fwd", x.dtype)(
         x.data_ptr(), y.data_ptr(), n, c, s, int(in_nhwc), int(out_nhwc), groups, _ptr(w), _ptr(b),
-        _ptr(fixed_mean), _ptr(fixed_var), float(eps), int(silu), mean.data_ptr(), rstd.data_ptr(),
+        _ptr(fm), _ptr(fv), float(eps), int(silu), mean.data_ptr(), rstd.data_ptr(),
         var.data_ptr(), _threads(x.numel()),
     )
     return mean, rstd, var
@@ -244,9 +247,10 @@ def channel_row_backward(
     dx = _channels_last_like(x)
     dw = torch.empty(c, dtype=torch.float64) if need_weight else None
     db = torch.empty(c, dtype=torch.float64) if need_bias else None
+    w = _param(weight, x.dtype)  # a converted copy must outlive the call
     _fn("nk_cf_bwd", x.dtype)(
         x.data_ptr(), int(_is_channels_last(x)), dy.data_ptr(), int(_is_channels_last(dy)),
-        _ptr(_param(weight, x.dtype)), rstd.data_ptr(), dx.data_ptr(), 1, _ptr(dw), _ptr(db), n, c, s, int(rms),
+        _ptr(w), rstd.data_ptr(), dx.data_ptr(), 1, _ptr(dw), _ptr(db), n, c, s, int(rms),
         _threads(x.numel()),
     )
     return dx, dw, db

@@ -450,15 +450,16 @@ static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int6
 
 /* Forward of BatchNorm (groups == 0: statistics per channel over N and S), GroupNorm and
  * InstanceNorm (groups > 0: per (n, group)), with optional SiLU (act == 1).
- * fixed_mean/fixed_var (per channel, groups == 0 only): normalize with these (eval) instead.
+ * fixed_mean/fixed_var (per channel, groups == 0 only, in NK_A: the running statistics as they are
+ * stored, read without a converted copy): normalize with these (eval) instead.
  * Writes the statistics used: mean_out and rstd_out (and the biased var_out) per set. */
 static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc,
                                      int out_nhwc, int64_t groups, const NK_A *w, const NK_A *b,
-                                     const double *fixed_mean, const double *fixed_var, double eps, int act,
+                                     const NK_A *fixed_mean, const NK_A *fixed_var, double eps, int act,
                                      double *mean_out, double *rstd_out, double *var_out, int nt) {
     int64_t sets = groups > 0 ? N * groups : C;
     if (fixed_mean) {
-        for (int64_t c = 0; c < C; c++) mean_out[c] = fixed_mean[c], var_out[c] = fixed_var[c];
+        for (int64_t c = 0; c < C; c++) mean_out[c] = (double)fixed_mean[c], var_out[c] = (double)fixed_var[c];
     } else {
         double *mean_nc = (double *)malloc(sizeof(double) * (size_t)(N * C + 1));
         double *m2_nc = (double *)malloc(sizeof(double) * (size_t)(N * C + 1));
@@ -486,8 +487,8 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
 }
 
 void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
-                          int64_t groups, const NK_A *w, const NK_A *b, const double *fixed_mean,
-                          const double *fixed_var, double eps, int act, double *mean_out, double *rstd_out,
+                          int64_t groups, const NK_A *w, const NK_A *b, const NK_A *fixed_mean,
+                          const NK_A *fixed_var, double eps, int act, double *mean_out, double *rstd_out,
                           double *var_out, int nt) {
     nt = nk_threads(nt);
     if (groups > 0 && N >= nt && nt > 1) {
