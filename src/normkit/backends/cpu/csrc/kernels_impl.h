@@ -572,10 +572,11 @@ static inline __attribute__((always_inline)) void NK_NAME(nk_dx)(const NK_T *xr,
 /* Backward of nk_chan_fwd (same layout for x, dy and dx). train: the statistics came from x (they
  * are differentiated); otherwise they were constants (eval BatchNorm).
  *
- * The forward saves rstd per set in NK_A, and the mean only where pass 1 needs it (SiLU's input,
- * or eval's fixed statistics), so that no more bytes are saved than torch saves. Pass 1 centres
- * by a shift K close to the mean (the saved float mean, or else the set's first element); with
- * statistics of x it also sums x - K, which recovers the exact mean m, and corrects afterwards:
+ * The forward saves rstd per set in NK_A, and the mean only where the backward needs it (SiLU's
+ * input, or eval's fixed statistics), so that no more bytes are saved than torch saves. Pass 1
+ * centres by a shift K inside the data (the saved mean for SiLU, else a median of three elements
+ * of the set); with statistics of x it also sums x - K, which recovers the exact mean m, and with
+ * either it corrects afterwards:
  *   sum dz (x - m) = sum dz (x - K) - (m - K) sum dz,
  * with no cancellation worth the name since |m - K| is of the order of the spread. (Only SiLU's
  * derivative inside pass 1 sees the float mean instead of the exact one.)
@@ -596,7 +597,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
             int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
-            if (mean) {
+            if (act) { /* SiLU's derivative in pass 1 needs the input's normalized value: centre on the mean */
                 mh[i] = mean[k];
             } else {
                 /* the median of three elements of the set (its first, middle and last): a shift
@@ -686,6 +687,15 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
                 ml[i] = (NK_A)(m - (double)mh[i]);
             }
         free(sx);
+    } else if (!act) {
+        /* eval: pass 1 was centred on a shift inside the data, not on the fixed mean (running
+         * statistics may lie far from this batch), so sum dz (x - m) = sum dz (x - K) - (m - K) sum dz */
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t c = 0; c < C; c++) {
+                int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
+                a2[i] = (double)r[i] * (a2[i] - ((double)mean[k] - (double)mh[i]) * a1[i]);
+                mh[i] = mean[k];
+            }
     } else {
         for (int64_t i = 0; i < N * C; i++) a2[i] *= (double)r[i];
     }
