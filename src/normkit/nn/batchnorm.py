@@ -38,15 +38,19 @@ class _BatchNormMixin(BiasKwargMixin):
         when they are updated (training and tracked) or used (eval); batch statistics are used in
         training, and in eval when there are no running ones.
         """
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        # buffers read from the dict Module.__getattr__ would search (this runs on every call)
+        buffers = self._buffers
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        momentum, training = self.momentum, self.training
+        factor = 0.0 if momentum is None else momentum
+        tracked = buffers.get("num_batches_tracked")
+        if training and self.track_running_stats and tracked is not None:
+            tracked.add_(1)
             # momentum=None: cumulative moving average over every batch seen so far
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        pass_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if pass_buffers else None
-        running_var = self.running_var if pass_buffers else None
+            factor = 1.0 / float(tracked) if momentum is None else momentum
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:  # buffers are passed when updated or used
+            running_mean = running_var = None
         return running_mean, running_var, use_batch_stats, factor
 
     def forward(self, input: Tensor) -> Tensor:

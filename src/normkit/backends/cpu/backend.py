@@ -186,15 +186,16 @@ def _channel_rows(x, weight, bias, eps, rms):
 # --------------------------------------------------------------------------------------------------
 
 
-def _chan_forward(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first):
-    """The kernel call: ``(y, x as the kernel saw it, mean, rstd, var)``, statistics in float64."""
+def _chan_forward(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first, need_stats=True):
+    """The kernel call: ``(y, x as the kernel saw it, mean, rstd, var)``, statistics in float64 (None
+    without ``need_stats``)."""
     xk, dims, nhwc = _channel_layout(x, per_channel=groups == 0)
     if nhwc and out_channels_first and x.dim() > 2:  # InstanceNorm's output is channels-first
         y, out_nhwc = torch.empty(x.shape, dtype=x.dtype), False
     else:
         y, out_nhwc = torch.empty_like(xk), nhwc
     mean, rstd, var = K.chan_forward(
-        xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps, silu
+        xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps, silu, need_stats
     )
     return y, xk, mean, rstd, var
 
@@ -284,16 +285,19 @@ def _row(x, residual, weight, bias, shape, eps, rms):
     return y if residual is None else (y, h)
 
 
-def _chan(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first):
+def _chan(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first, need_stats=True):
     """A channel norm, ``(y, mean, var)``: through autograd only when a gradient is wanted (custom ops
-    under torch.compile)."""
+    under torch.compile). Without ``need_stats`` (the caller updates no running statistics) inference
+    returns no statistics either."""
     if torch.compiler.is_compiling():
         y, mean, _, var = ops.chan_forward(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu,
                                            out_channels_first)
         return y, mean, var
     if _needs_grad(x, weight, bias):
         return _ChanNorm.apply(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first)
-    y, _, mean, _, var = _chan_forward(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first)
+    y, _, mean, _, var = _chan_forward(
+        x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first, need_stats
+    )
     return y, mean, var
 
 
@@ -369,12 +373,12 @@ class CpuBackend(Backend):
     def group_norm(self, x, num_groups, weight, bias, eps):
         if self._fallback(x, weight, bias):
             return self._reference.group_norm(x, num_groups, weight, bias, eps)
-        return _chan(x, weight, bias, num_groups, None, None, eps, False, False)[0]
+        return _chan(x, weight, bias, num_groups, None, None, eps, False, False, need_stats=False)[0]
 
     def group_norm_silu(self, x, num_groups, weight, bias, eps):
         if self._fallback(x, weight, bias):
             return self._reference.group_norm_silu(x, num_groups, weight, bias, eps)
-        return _chan(x, weight, bias, num_groups, None, None, eps, True, False)[0]
+        return _chan(x, weight, bias, num_groups, None, None, eps, True, False, need_stats=False)[0]
 
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
         if self._fallback(x, weight, bias, running_mean, running_var):
@@ -406,4 +410,5 @@ class CpuBackend(Backend):
         copy: a small op costs as much as the kernel on a small input) and returns the float64 values
         it used, which are what the backward saves, so a later training step that updates the buffers
         in place does not change them."""
-        return _chan(x, weight, bias, 0, running_mean.detach(), running_var.detach(), eps, False, False)[0]
+        return _chan(x, weight, bias, 0, running_mean.detach(), running_var.detach(), eps, False, False,
+                     need_stats=False)[0]

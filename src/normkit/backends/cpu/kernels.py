@@ -161,21 +161,24 @@ def chan_forward(
     fixed_var: Tensor | None,
     eps: float,
     silu: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    need_stats: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """BatchNorm (``groups == 0``) or GroupNorm/InstanceNorm (``groups > 0``) of x viewed as (N, C, S),
     written into ``y``; with ``fixed_mean``/``fixed_var`` (per channel: the running statistics, passed as
-    they are stored when in the arithmetic dtype) instead of batch
-    statistics. Returns the float64 statistics used: ``(mean, rstd, biased var)``."""
+    they are stored when in the arithmetic dtype) instead of batch statistics. Returns the float64
+    statistics used, ``(mean, rstd, biased var)``, or Nones without ``need_stats`` (inference)."""
     n, c, s = dims
     sets = n * groups if groups > 0 else c
-    mean, rstd, var = (torch.empty(sets, dtype=torch.float64) for _ in range(3))
+    if need_stats:
+        mean, rstd, var = (torch.empty(sets, dtype=torch.float64) for _ in range(3))
+    else:
+        mean = rstd = var = None
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     # converted copies (if any) must outlive the call: bound here, not made inside the argument list
     fm, fv = _param(fixed_mean, x.dtype), _param(fixed_var, x.dtype)
     _fn("nk_chan_fwd", x.dtype)(
         x.data_ptr(), y.data_ptr(), n, c, s, int(in_nhwc), int(out_nhwc), groups, _ptr(w), _ptr(b),
-        _ptr(fm), _ptr(fv), float(eps), int(silu), mean.data_ptr(), rstd.data_ptr(),
-        var.data_ptr(), _threads(x.numel()),
+        _ptr(fm), _ptr(fv), float(eps), int(silu), _ptr(mean), _ptr(rstd), _ptr(var), _threads(x.numel()),
     )
     return mean, rstd, var
 

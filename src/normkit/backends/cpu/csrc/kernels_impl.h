@@ -491,6 +491,14 @@ void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t 
                           const NK_A *fixed_var, double eps, int act, double *mean_out, double *rstd_out,
                           double *var_out, int nt) {
     nt = nk_threads(nt);
+    if (!mean_out) { /* inference: the caller keeps no statistics, the kernel still needs them */
+        size_t sets = (size_t)(groups > 0 ? N * groups : C) + 1;
+        double *tmp = (double *)malloc(3 * sets * sizeof(double));
+        NK_NAME(nk_chan_fwd)(x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act, tmp,
+                             tmp + sets, tmp + 2 * sets, nt);
+        free(tmp);
+        return;
+    }
     if (groups > 0 && N >= nt && nt > 1) {
         /* per-sample statistics: one thread takes a sample, its statistics and then its output
          * while the sample is still in cache (one read from memory instead of two) */
