@@ -40,10 +40,11 @@ def _call(model: torch.nn.Module, inputs, train: bool) -> None:
         model.zero_grad(set_to_none=True)
 
 
-def compare(name: str, original: torch.nn.Module, inputs, reps: int, train: bool = False) -> dict:
+def compare(name: str, original: torch.nn.Module, inputs, reps: int, train: bool = False, fused: bool = False) -> dict:
     """Paired timings of the original and its converted copy; returns the result row (and prints it)."""
     original = original.train(train)
-    converted = normkit.convert(copy.deepcopy(original))
+    converted = normkit.convert(copy.deepcopy(original), fused=fused)
+    name = f"{name}{', fused=True' if fused else ''}"
     if isinstance(inputs, torch.Tensor) and train:
         inputs = inputs.detach().requires_grad_()
     times: dict[str, list[float]] = {"original": [], "converted": []}
@@ -119,6 +120,14 @@ def cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
             lambda: compare("timm convnext_atto, 8x3x224x224", timm.create_model("convnext_atto", num_classes=10),
                             images, reps, train=True),
         ],
+        "mobilenet": [
+            lambda: compare("timm mobilenetv3_large_100, 8x3x224x224",
+                            timm.create_model("mobilenetv3_large_100", num_classes=10), images, reps),
+            lambda: compare("timm mobilenetv3_large_100, 8x3x224x224",
+                            timm.create_model("mobilenetv3_large_100", num_classes=10), images, reps, fused=True),
+            lambda: compare("timm mobilenetv3_large_100, 8x3x224x224",
+                            timm.create_model("mobilenetv3_large_100", num_classes=10), images, reps, train=True),
+        ],
         "resnet": [
             lambda: compare("timm resnet18, 8x3x224x224", timm.create_model("resnet18", num_classes=10), images,
                             reps),
@@ -131,7 +140,7 @@ def cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=11, help="paired repetitions per whole model (x3 per module)")
-    parser.add_argument("--only", nargs="*", choices=["modules", "llama", "convnext", "resnet"],
+    parser.add_argument("--only", nargs="*", choices=["modules", "llama", "convnext", "mobilenet", "resnet"],
                         help="run only these groups")
     parser.add_argument("--out", type=Path, help="write the rows, machine and versions to this JSON file")
     args = parser.parse_args()

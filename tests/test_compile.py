@@ -146,3 +146,20 @@ def test_the_backend_is_chosen_when_traced():
         normkit.backends._factories.pop("spy")
         normkit.backends._instances.pop("spy", None)
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_batch_norm_act_compiles(backend_name):
+    """batch_norm_act traces as its composition (the cpu backend's one-pass inference stays eager)."""
+    torch._dynamo.reset()
+    bn = torch.nn.BatchNorm2d(6).eval()
+    bn.running_mean.normal_()
+
+    def fn(x):
+        return NF.batch_norm_act(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, activation="hardswish")
+
+    x = torch.randn(2, 6, 4, 5)
+    with normkit.use_backend(backend_name), torch.no_grad():
+        eager = fn(x)
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(x)
+    assert_close(compiled, eager.double(), baseline=eager)

@@ -390,3 +390,39 @@ def test_timm_subclass_with_its_own_forward_is_left():
     reasons = [s.reason for s in report.left]
     assert reasons[0].startswith("subclass of LayerNorm with its own forward")
     assert reasons[1] == "no normkit handler for this class"
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("act", ["ReLU", "Hardswish", "SiLU", "Identity"])
+def test_timm_batchnorm_act_inference(fused, act):
+    """BatchNormAct2d in inference runs batch_norm_act (ReLU always, Hardswish/SiLU when fused) and
+    gives the original's outputs: exactly with ReLU and Hardswish in float32."""
+    layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    original = layers.BatchNormAct2d(8, act_layer=getattr(torch.nn, act)).eval()
+    original.running_mean.normal_()
+    original.running_var.uniform_(0.5, 2.0)
+    converted = normkit.convert(copy.deepcopy(original), fused=fused)
+    calls = []
+    real = normkit.functional.batch_norm_act
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(normkit.functional, "batch_norm_act", lambda *a, **k: calls.append(k) or real(*a, **k))
+        x = torch.randn(3, 8, 6, 5)
+        with torch.no_grad():
+            y, r = converted(x), original(x)
+    expected = {"ReLU": True, "Hardswish": fused, "SiLU": fused, "Identity": False}[act]
+    assert bool(calls) is expected
+    if act == "SiLU" and fused:
+        torch.testing.assert_close(y, r, rtol=2e-6, atol=2e-6)
+    else:
+        torch.testing.assert_close(y, r, rtol=1e-6, atol=1e-6)
+
+
+def test_timm_mobilenet_inference_fused():
+    """A MobileNetV3 (BatchNormAct2d with ReLU and Hardswish) converted with fused=True, under no_grad."""
+    make = _timm("mobilenetv3_small_050")
+    original = make().eval()
+    converted = normkit.convert(copy.deepcopy(original), fused=True)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), original(x), rtol=1e-4, atol=1e-5)

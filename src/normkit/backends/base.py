@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Backend"]
+__all__ = ["ACTIVATIONS", "Backend"]
+
+#: the activations :meth:`Backend.batch_norm_act` applies, by name
+ACTIVATIONS = {
+    "relu": torch.nn.functional.relu,
+    "hardswish": torch.nn.functional.hardswish,
+    "silu": torch.nn.functional.silu,
+}
 
 
 class Backend:
@@ -113,6 +120,22 @@ class Backend:
     ) -> Tensor:
         """``silu(group_norm(x))``."""
         return torch.nn.functional.silu(self.group_norm(x, num_groups, weight, bias, eps))
+
+    def batch_norm_act(
+        self,
+        x: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        activation: str,
+    ) -> Tensor:
+        """``activation(batch_norm(...))``, ``activation`` a key of :data:`ACTIVATIONS`."""
+        y = self.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return ACTIVATIONS[activation](y)
 
     def __repr__(self) -> str:
         return f"<normkit backend {self.name!r}>"

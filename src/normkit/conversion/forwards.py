@@ -137,12 +137,28 @@ class _ActMixin:
 
 class TimmBatchNormAct2d(_ActMixin):
     """timm.layers.BatchNormAct2d: BatchNorm2d (torch's bookkeeping of momentum and buffers), then
-    drop and act."""
+    drop and act. A ReLU runs as :func:`normkit.functional.batch_norm_act` (one pass in inference,
+    identical results: ReLU commutes with rounding); Hardswish and SiLU do too when conversion asked
+    for fused modules (they then round once instead of twice)."""
+
+    def _fused_activation(self) -> str | None:
+        if type(self.drop) is not torch.nn.Identity:
+            return None
+        act = type(self.act)
+        if act is torch.nn.ReLU:
+            return "relu"
+        if self._normkit_fused and act in (torch.nn.Hardswish, torch.nn.SiLU):
+            return "hardswish" if act is torch.nn.Hardswish else "silu"
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4:
             raise AssertionError(f"expected 4D input (got {x.ndim}D input)")
         running_mean, running_var, use_batch_stats, factor = _BatchNormMixin._step(self)
+        activation = self._fused_activation()
+        if activation is not None:
+            return F.batch_norm_act(x, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
+                                    self.eps, activation)
         y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps)
         return self._post(y)
 

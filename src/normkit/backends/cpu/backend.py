@@ -186,16 +186,18 @@ def _channel_rows(x, weight, bias, eps, rms):
 # --------------------------------------------------------------------------------------------------
 
 
-def _chan_forward(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first, need_stats=True):
+def _chan_forward(
+    x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first, need_stats=True, activation=None
+):
     """The kernel call: ``(y, x as the kernel saw it, mean, rstd, var)``, statistics in float64 (None
-    without ``need_stats``)."""
+    without ``need_stats``); ``activation`` (inference only) applied as the output is written."""
     xk, dims, nhwc = _channel_layout(x, per_channel=groups == 0)
     if nhwc and out_channels_first and x.dim() > 2:  # InstanceNorm's output is channels-first
         y, out_nhwc = torch.empty(x.shape, dtype=x.dtype), False
     else:
         y, out_nhwc = torch.empty_like(xk), nhwc
     mean, rstd, var = K.chan_forward(
-        xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps, silu, need_stats
+        xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps, silu, need_stats, activation
     )
     return y, xk, mean, rstd, var
 
@@ -403,6 +405,25 @@ class CpuBackend(Backend):
         count = x.numel() // (n * c)
         _update_running(running_mean, mean.view(n, c).mean(0), momentum)
         _update_running(running_var, (var * (count / max(count - 1, 1))).view(n, c).mean(0), momentum)
+        return y
+
+    def batch_norm_act(self, x, running_mean, running_var, weight, bias, training, momentum, eps, activation):
+        # inference with running statistics is one pass: the kernel applies the activation as it
+        # writes; training, gradients, torch.compile and batch statistics take the composition
+        if (
+            training
+            or running_mean is None
+            or torch.compiler.is_compiling()
+            or _needs_grad(x, weight, bias)
+            or self._fallback(x, weight, bias, running_mean, running_var)
+        ):
+            return super().batch_norm_act(
+                x, running_mean, running_var, weight, bias, training, momentum, eps, activation
+            )
+        y, _, _, _, _ = _chan_forward(
+            x, weight, bias, 0, running_mean.detach(), running_var.detach(), eps, False, False, need_stats=False,
+            activation=activation,
+        )
         return y
 
     def _fixed_stats(self, x, running_mean, running_var, weight, bias, eps):

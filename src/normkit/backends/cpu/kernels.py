@@ -45,6 +45,9 @@ _SIGNATURES = {
     "nk_cf_bwd": [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I64, _I64, _I64, _I, _I],
 }
 
+#: activation codes of the channel-norm forward kernel (NK_ACT_* in csrc/kernels.c)
+ACTIVATIONS = {None: 0, "silu": 1, "relu": 2, "hardswish": 3}
+
 _lib: ctypes.CDLL | None = None
 _functions: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
 
@@ -162,11 +165,13 @@ def chan_forward(
     eps: float,
     silu: bool,
     need_stats: bool = True,
+    activation: str | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """BatchNorm (``groups == 0``) or GroupNorm/InstanceNorm (``groups > 0``) of x viewed as (N, C, S),
     written into ``y``; with ``fixed_mean``/``fixed_var`` (per channel: the running statistics, passed as
     they are stored when in the arithmetic dtype) instead of batch statistics. Returns the float64
-    statistics used, ``(mean, rstd, biased var)``, or Nones without ``need_stats`` (inference)."""
+    statistics used, ``(mean, rstd, biased var)``, or Nones without ``need_stats`` (inference).
+    ``activation`` (inference only; :data:`ACTIVATIONS`) is applied to the output, as ``silu`` is."""
     n, c, s = dims
     sets = n * groups if groups > 0 else c
     if need_stats:
@@ -178,7 +183,8 @@ def chan_forward(
     fm, fv = _param(fixed_mean, x.dtype), _param(fixed_var, x.dtype)
     _fn("nk_chan_fwd", x.dtype)(
         x.data_ptr(), y.data_ptr(), n, c, s, int(in_nhwc), int(out_nhwc), groups, _ptr(w), _ptr(b),
-        _ptr(fm), _ptr(fv), float(eps), int(silu), _ptr(mean), _ptr(rstd), _ptr(var), _threads(x.numel()),
+        _ptr(fm), _ptr(fv), float(eps), ACTIVATIONS[activation] if activation else int(silu), _ptr(mean), _ptr(rstd),
+        _ptr(var), _threads(x.numel()),
     )
     return mean, rstd, var
 

@@ -181,6 +181,11 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 #define NK_CF_AHEAD 4  /* tiles ahead that the channels-first row norms prefetch */
 #endif
 #define NK_CF_CHUNK 32 /* channels per float partial sum there, before it is added in double */
+/* activation codes of the channel-norm forward (kernels_impl.h, nk_act); match kernels.py */
+#define NK_ACT_NONE 0
+#define NK_ACT_SILU 1
+#define NK_ACT_RELU 2
+#define NK_ACT_HARDSWISH 3
 #define NK_TILE 64     /* positions x channels per tile of the channels-last -> channels-first transpose */
 
 /* ---- instantiate the kernels for each dtype ------------------------------------------------- */

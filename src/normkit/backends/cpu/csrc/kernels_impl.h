@@ -375,47 +375,73 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
     free(pc);
 }
 
-/* y = (x - hi[n, c]) * scale[n, c] + shift[n, c], then SiLU when act == 1. hi is the mean rounded
- * to NK_A, so x - hi is exact near the mean and a large mean neither cancels nor shifts the output;
- * what the rounding lost (lo = mean - hi) is folded into the shift, shift = b - lo * scale. Input
- * and output layouts may differ only as (channels-last in, channels-first out), which InstanceNorm
- * needs. */
+/* The activation applied to the normalized value z in the forward kernels: act is NK_ACT_NONE,
+ * NK_ACT_SILU (GroupNorm+SiLU, forward and backward), NK_ACT_RELU or NK_ACT_HARDSWISH (inference
+ * only: BatchNorm followed by its activation, as timm's BatchNormAct2d). Each loop below is
+ * instantiated once per code, so no simd loop carries a runtime branch. */
+static inline __attribute__((always_inline)) NK_A NK_NAME(nk_act)(NK_A z, const int act) {
+    if (act == NK_ACT_SILU) return z * NK_NAME(nk_sigmoid)(z);
+    if (act == NK_ACT_RELU) return z > (NK_A)0 ? z : (NK_A)0;
+    if (act == NK_ACT_HARDSWISH) { /* torch's formula: x * min(max(x + 3, 0), 6) / 6 */
+        NK_A t = z + (NK_A)3;
+        t = t > (NK_A)0 ? t : (NK_A)0;
+        t = t < (NK_A)6 ? t : (NK_A)6;
+        return z * t / (NK_A)6;
+    }
+    return z;
+}
+
+/* one run of S values of one (n, c), channels-first */
+static inline __attribute__((always_inline)) void NK_NAME(nk_apply_run)(const NK_T *xr, NK_T *yr, int64_t S, NK_A mh,
+                                                                        NK_A a, NK_A b, const int act) {
+#pragma omp simd
+    for (int64_t s = 0; s < S; s++) yr[s] = NK_STORE(NK_NAME(nk_act)((NK_LOAD(xr[s]) - mh) * a + b, act));
+}
+
+/* one position's C values, channels-last */
+static inline __attribute__((always_inline)) void NK_NAME(nk_apply_row)(const NK_T *xr, NK_T *yr, int64_t C,
+                                                                        const NK_A *mh, const NK_A *a, const NK_A *b,
+                                                                        const int act) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++) yr[c] = NK_STORE(NK_NAME(nk_act)((NK_LOAD(xr[c]) - mh[c]) * a[c] + b[c], act));
+}
+
+/* positions s0..s1 of one channel, read channels-last and written channels-first */
+static inline __attribute__((always_inline)) void NK_NAME(nk_apply_strided)(const NK_T *xc, NK_T *yc, int64_t C,
+                                                                            int64_t s0, int64_t s1, NK_A cm, NK_A ca,
+                                                                            NK_A cb, const int act) {
+#pragma omp simd
+    for (int64_t s = s0; s < s1; s++) yc[s] = NK_STORE(NK_NAME(nk_act)((NK_LOAD(xc[s * C]) - cm) * ca + cb, act));
+}
+
+#define NK_BY_ACT(act, call_with)                                                                                \
+    switch (act) {                                                                                             \
+    case NK_ACT_SILU: call_with(NK_ACT_SILU); break;                                                           \
+    case NK_ACT_RELU: call_with(NK_ACT_RELU); break;                                                           \
+    case NK_ACT_HARDSWISH: call_with(NK_ACT_HARDSWISH); break;                                                 \
+    default: call_with(NK_ACT_NONE); break;                                                                    \
+    }
+
+/* y = act((x - hi[n, c]) * scale[n, c] + shift[n, c]). hi is the mean rounded to NK_A, so x - hi is
+ * exact near the mean and a large mean neither cancels nor shifts the output; what the rounding
+ * lost (lo = mean - hi) is folded into the shift, shift = b - lo * scale. Input and output layouts
+ * may differ only as (channels-last in, channels-first out), which InstanceNorm needs. */
 static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
                               const NK_A *hi, const NK_A *scale, const NK_A *shift, int act, int nt) {
     if (!in_nhwc) {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t nc = 0; nc < N * C; nc++) {
-            const NK_T *xr = x + nc * S;
-            NK_T *yr = y + nc * S;
-            NK_A mh = hi[nc], a = scale[nc], b = shift[nc];
-            if (act) {
-#pragma omp simd
-                for (int64_t s = 0; s < S; s++) {
-                    NK_A z = (NK_LOAD(xr[s]) - mh) * a + b;
-                    yr[s] = NK_STORE(z * NK_NAME(nk_sigmoid)(z));
-                }
-            } else {
-#pragma omp simd
-                for (int64_t s = 0; s < S; s++) yr[s] = NK_STORE((NK_LOAD(xr[s]) - mh) * a + b);
-            }
+#define NK_CALL(A) NK_NAME(nk_apply_run)(x + nc * S, y + nc * S, S, hi[nc], scale[nc], shift[nc], A)
+            NK_BY_ACT(act, NK_CALL)
+#undef NK_CALL
         }
     } else if (out_nhwc) {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t ns = 0; ns < N * S; ns++) {
-            int64_t n = ns / S;
-            const NK_T *xr = x + ns * C;
-            NK_T *yr = y + ns * C;
-            const NK_A *mh = hi + n * C, *a = scale + n * C, *b = shift + n * C;
-            if (act) {
-#pragma omp simd
-                for (int64_t c = 0; c < C; c++) {
-                    NK_A z = (NK_LOAD(xr[c]) - mh[c]) * a[c] + b[c];
-                    yr[c] = NK_STORE(z * NK_NAME(nk_sigmoid)(z));
-                }
-            } else {
-#pragma omp simd
-                for (int64_t c = 0; c < C; c++) yr[c] = NK_STORE((NK_LOAD(xr[c]) - mh[c]) * a[c] + b[c]);
-            }
+            int64_t o = (ns / S) * C;
+#define NK_CALL(A) NK_NAME(nk_apply_row)(x + ns * C, y + ns * C, C, hi + o, scale + o, shift + o, A)
+            NK_BY_ACT(act, NK_CALL)
+#undef NK_CALL
         }
     } else {
         /* channels-last in, channels-first out: a transpose, done in tiles of NK_TILE positions x
@@ -425,23 +451,14 @@ static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int6
         for (int64_t task = 0; task < N * tiles; task++) {
             int64_t n = task / tiles, s0 = (task % tiles) * NK_TILE;
             int64_t s1 = s0 + NK_TILE < S ? s0 + NK_TILE : S;
-            const NK_A *mh = hi + n * C, *a = scale + n * C, *b = shift + n * C;
             for (int64_t c0 = 0; c0 < C; c0 += NK_TILE) {
                 int64_t c1 = c0 + NK_TILE < C ? c0 + NK_TILE : C;
                 for (int64_t c = c0; c < c1; c++) {
-                    const NK_T *xc = x + (n * S) * C + c;
-                    NK_T *yc = y + (n * C + c) * S;
-                    NK_A cm = mh[c], ca = a[c], cb = b[c];
-                    if (act) {
-#pragma omp simd
-                        for (int64_t s = s0; s < s1; s++) {
-                            NK_A z = (NK_LOAD(xc[s * C]) - cm) * ca + cb;
-                            yc[s] = NK_STORE(z * NK_NAME(nk_sigmoid)(z));
-                        }
-                    } else {
-#pragma omp simd
-                        for (int64_t s = s0; s < s1; s++) yc[s] = NK_STORE((NK_LOAD(xc[s * C]) - cm) * ca + cb);
-                    }
+                    int64_t k = n * C + c;
+#define NK_CALL(A) \
+    NK_NAME(nk_apply_strided)(x + (n * S) * C + c, y + k * S, C, s0, s1, hi[k], scale[k], shift[k], A)
+                    NK_BY_ACT(act, NK_CALL)
+#undef NK_CALL
                 }
             }
         }
@@ -779,3 +796,4 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
 #undef NK_EXP
 #undef NK_RCP
 #undef NK_LANES
+#undef NK_BY_ACT
