@@ -42,6 +42,10 @@ class LlamaStyleRMSNorm:
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         x = hidden_states
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the kernel given the weight computes round(round(x * rstd) * w), as the two steps do:
+            # one pass over memory instead of two, the same bits
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
         # the original computes in float32 whatever the input: so does normkit for float16/bfloat16
         normalized = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), None,
                                 self.variance_epsilon)
@@ -65,6 +69,8 @@ class T5StyleLayerNorm:
     def forward(self, hidden_states: Tensor) -> Tensor:
         x = hidden_states
         half_weight = self.weight.dtype in (torch.float16, torch.bfloat16)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # as in LlamaStyleRMSNorm
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
         if half_weight and x.dtype == self.weight.dtype:
             # float32 result rounded to the weight's dtype: what normkit's kernel returns for this dtype
             normalized = F.rms_norm(x, (x.shape[-1],), None, self.variance_epsilon)
