@@ -49,6 +49,18 @@ __all__ = [
 ]
 
 ENV_VAR = "NORMKIT_BACKEND"
+# os.environ's own storage, read with one dict lookup: os.environ.get runs several Python frames
+# (key encoding, decoding), which cost tens of microseconds per call when a convolution has just
+# evicted them from the caches; os.environ[...] = / del keep this dict current
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
+def _env_choice() -> str | None:
+    if _ENV_DATA is None or _ENV_KEY is None:
+        return os.environ.get(ENV_VAR)
+    raw = _ENV_DATA.get(_ENV_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
 #: the pseudo-backend that picks per device, from :data:`DEVICE_DEFAULTS`
 AUTO = "auto"
 DEFAULT_BACKEND = AUTO
@@ -159,7 +171,7 @@ def current_backend_name() -> str:
 
     ``torch.compile`` reads it once, while tracing, and keeps the answer in the compiled code (dynamo
     cannot trace a ContextVar): a model compiled under one backend keeps it."""
-    name = _context_choice.get() or _process_choice or os.environ.get(ENV_VAR) or DEFAULT_BACKEND
+    name = _context_choice.get() or _process_choice or _env_choice() or DEFAULT_BACKEND
     return name.strip().lower()
 
 
