@@ -477,6 +477,16 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
     int64_t sets = groups > 0 ? N * groups : C;
     if (fixed_mean) {
         for (int64_t c = 0; c < C; c++) mean_out[c] = (double)fixed_mean[c], var_out[c] = (double)fixed_var[c];
+    } else if (groups > 0 && !in_nhwc) {
+        /* channels-first GroupNorm/InstanceNorm: a set's C/groups channels are one contiguous run,
+         * summed as such (per-channel runs and their merge cost more than the data when S is small) */
+        int64_t len = (C / groups) * S;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t k = 0; k < sets; k++) {
+            double m2;
+            NK_NAME(nk_run_moments)(x + k * len, len, mean_out + k, &m2);
+            var_out[k] = len > 0 ? m2 / (double)len : NAN;
+        }
     } else {
         double *mean_nc = (double *)malloc(sizeof(double) * (size_t)(N * C + 1));
         double *m2_nc = (double *)malloc(sizeof(double) * (size_t)(N * C + 1));
