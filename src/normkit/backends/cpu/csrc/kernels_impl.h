@@ -629,23 +629,30 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     double *a0 = (double *)calloc(nc_count, sizeof(double)); /* sum (x - shift) */
     double *a1 = (double *)calloc(nc_count, sizeof(double)); /* sum dz */
     double *a2 = (double *)calloc(nc_count, sizeof(double)); /* sum dz (x - m_hi) */
+    /* the shift of each set: the saved mean for SiLU (its derivative in pass 1 needs the input's
+     * normalized value), else the median of three elements of the set (its first, middle and
+     * last): a shift inside the bulk of the data even when one of them is an outlier. Once per
+     * set, not per (n, c): three scattered loads each would cost more than a small set's sums. */
+    NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * (size_t)(sets + 1));
+    int64_t D = groups > 0 ? C / groups : 1;
+    for (int64_t k = 0; k < sets; k++) {
+        if (act) {
+            shift[k] = mean[k];
+            continue;
+        }
+        int64_t n = groups > 0 ? k / groups : 0, c0 = groups > 0 ? (k % groups) * D : k;
+        int64_t nn[3] = {n, groups > 0 ? n : (N - 1) / 2, groups > 0 ? n : N - 1};
+        int64_t cc[3] = {c0, c0 + (D - 1) / 2, c0 + D - 1}, ss[3] = {0, (S - 1) / 2, S - 1};
+        NK_A v[3];
+        for (int t = 0; t < 3; t++)
+            v[t] = NK_LOAD(x[nhwc ? (nn[t] * S + ss[t]) * C + cc[t] : (nn[t] * C + cc[t]) * S + ss[t]]);
+        NK_A lo = v[0] < v[1] ? v[0] : v[1], hi = v[0] < v[1] ? v[1] : v[0];
+        shift[k] = v[2] < lo ? lo : (v[2] > hi ? hi : v[2]);
+    }
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
             int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
-            if (act) { /* SiLU's derivative in pass 1 needs the input's normalized value: centre on the mean */
-                mh[i] = mean[k];
-            } else {
-                /* the median of three elements of the set (its first, middle and last): a shift
-                 * inside the bulk of the data even when one of them is an outlier */
-                int64_t D = groups > 0 ? C / groups : 1, c0 = groups > 0 ? (c / D) * D : c;
-                int64_t nn[3] = {groups > 0 ? n : 0, groups > 0 ? n : (N - 1) / 2, groups > 0 ? n : N - 1};
-                int64_t cc[3] = {c0, c0 + (D - 1) / 2, c0 + D - 1}, ss[3] = {0, (S - 1) / 2, S - 1};
-                NK_A v[3];
-                for (int t = 0; t < 3; t++)
-                    v[t] = NK_LOAD(x[nhwc ? (nn[t] * S + ss[t]) * C + cc[t] : (nn[t] * C + cc[t]) * S + ss[t]]);
-                NK_A lo = v[0] < v[1] ? v[0] : v[1], hi = v[0] < v[1] ? v[1] : v[0];
-                mh[i] = v[2] < lo ? lo : (v[2] > hi ? hi : v[2]);
-            }
+            mh[i] = shift[k];
             r[i] = rstd[k];
             zw[i] = w ? w[c] : (NK_A)1;
             zb[i] = b ? b[c] : (NK_A)0;
@@ -793,6 +800,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     free(g2);
     free(k2);
     free(k3);
+    free(shift);
 }
 
 /* the channels-first row norms (LayerNorm2d), with the same macros */
