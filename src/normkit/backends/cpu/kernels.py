@@ -233,11 +233,12 @@ def channel_row_forward(
 ) -> tuple[Tensor, Tensor | None]:
     """LayerNorm/RMSNorm over dim 1 of an (N, C, *) tensor, contiguous or channels-last, at each
     position: ``(y, rstd)``. y is laid out channels-last, as ``layer_norm(x.movedim(1, -1), (C,))
-    .movedim(-1, 1)`` gives it; rstd has shape (N, prod(*)) (the backward recomputes the means)."""
+    .movedim(-1, 1)`` gives it; rstd has shape (N, prod(*)), None unless ``save_rstd`` (the backward
+    recomputes the means)."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
     y = _channels_last_like(x)
-    rstd = torch.empty(n, s, dtype=arithmetic_dtype(x.dtype))
+    rstd = torch.empty(n, s, dtype=arithmetic_dtype(x.dtype)) if save_rstd else None
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     _fn("nk_cf_fwd", x.dtype)(
         x.data_ptr(), int(_is_channels_last(x)), _ptr(w), _ptr(b), y.data_ptr(), 1, _ptr(rstd), n, c, s,
