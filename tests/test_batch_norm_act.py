@@ -88,6 +88,17 @@ def test_training_and_gradients_are_the_composition(backend, activation):
     assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_nan_and_inf_propagate_as_the_composition(backend, activation):
+    x, (rm, rv), (w, b) = make()
+    x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    with torch.no_grad():
+        y = NF.batch_norm_act(x, rm, rv, w, b, activation=activation)
+        composed = ACTS[activation](NF.batch_norm(x, rm, rv, w, b))
+    assert torch.equal(y.isnan(), composed.isnan())
+    assert torch.equal(y[~y.isnan()].isinf(), composed[~composed.isnan()].isinf())
+
+
 def test_errors():
     x, (rm, rv), (w, b) = make()
     with pytest.raises(ValueError, match="activation must be one of"):

@@ -380,8 +380,9 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
  * only: BatchNorm followed by its activation, as timm's BatchNormAct2d). Each loop below is
  * instantiated once per code, so no simd loop carries a runtime branch. */
 static inline __attribute__((always_inline)) NK_A NK_NAME(nk_act)(NK_A z, const int act) {
-    if (act == NK_ACT_SILU) return z * NK_NAME(nk_sigmoid)(z);
-    if (act == NK_ACT_RELU) return z > (NK_A)0 ? z : (NK_A)0;
+    if (act == NK_ACT_SILU) /* -inf * sigmoid(-inf) is NaN in torch; the clamped exp would give -inf */
+        return z == -(NK_A)INFINITY ? z * (NK_A)0 : z * NK_NAME(nk_sigmoid)(z);
+    if (act == NK_ACT_RELU) return z < (NK_A)0 ? (NK_A)0 : z; /* NaN stays NaN, as torch.relu keeps it */
     if (act == NK_ACT_HARDSWISH) { /* torch's formula: x * min(max(x + 3, 0), 6) / 6 */
         NK_A t = z + (NK_A)3;
         t = t > (NK_A)0 ? t : (NK_A)0;
