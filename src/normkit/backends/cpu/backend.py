@@ -134,7 +134,7 @@ class _RowNorm(torch.autograd.Function):
 
 def _cf_layout(t: Tensor) -> Tensor:
     """``t`` as the channels-first row kernels read it: contiguous or channels-last, else a contiguous copy."""
-    return t if t.is_contiguous() or K._is_channels_last(t) else t.contiguous()
+    return t if t.is_contiguous() or K.is_channels_last(t) else t.contiguous()
 
 
 class _ChannelRowNorm(torch.autograd.Function):

@@ -22,6 +22,8 @@ __all__ = [
     "chan_forward",
     "channel_row_backward",
     "channel_row_forward",
+    "channels_last_like",
+    "is_channels_last",
     "row_backward",
     "row_forward",
 ]
@@ -219,12 +221,13 @@ def chan_backward(
     return dx, dw, db
 
 
-def _channels_last_like(x: Tensor) -> Tensor:
+def channels_last_like(x: Tensor) -> Tensor:
     """An empty tensor of x's shape laid out channels-last: (N, *, C) contiguous, channels moved to dim 1."""
-    return torch.empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype=x.dtype).movedim(-1, 1)
+    return x.new_empty((x.shape[0], *x.shape[2:], x.shape[1])).movedim(-1, 1)
 
 
-def _is_channels_last(t: Tensor) -> bool:
+def is_channels_last(t: Tensor) -> bool:
+    """Whether ``t`` (N, C, *) with more than two dims is laid out channels-last (channels innermost)."""
     return t.dim() > 2 and t.movedim(1, -1).is_contiguous()
 
 
@@ -237,11 +240,11 @@ def channel_row_forward(
     recomputes the means)."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
-    y = _channels_last_like(x)
+    y = channels_last_like(x)
     rstd = torch.empty(n, s, dtype=arithmetic_dtype(x.dtype)) if save_rstd else None
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     _fn("nk_cf_fwd", x.dtype)(
-        x.data_ptr(), int(_is_channels_last(x)), _ptr(w), _ptr(b), y.data_ptr(), 1, _ptr(rstd), n, c, s,
+        x.data_ptr(), int(is_channels_last(x)), _ptr(w), _ptr(b), y.data_ptr(), 1, _ptr(rstd), n, c, s,
         float(eps), int(rms), _threads(x.numel()),
     )
     return y, rstd
@@ -254,12 +257,12 @@ def channel_row_backward(
     or channels-last, dx channels-last (parameter gradients in float64)."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
-    dx = _channels_last_like(x)
+    dx = channels_last_like(x)
     dw = torch.empty(c, dtype=torch.float64) if need_weight else None
     db = torch.empty(c, dtype=torch.float64) if need_bias else None
     w = _param(weight, x.dtype)  # a converted copy must outlive the call
     _fn("nk_cf_bwd", x.dtype)(
-        x.data_ptr(), int(_is_channels_last(x)), dy.data_ptr(), int(_is_channels_last(dy)),
+        x.data_ptr(), int(is_channels_last(x)), dy.data_ptr(), int(is_channels_last(dy)),
         _ptr(w), rstd.data_ptr(), dx.data_ptr(), 1, _ptr(dw), _ptr(db), n, c, s, int(rms),
         _threads(x.numel()),
     )

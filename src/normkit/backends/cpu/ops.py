@@ -131,14 +131,10 @@ def channel_row_forward(
     return K.channel_row_forward(_cf_layout(x), weight, bias, eps, rms)
 
 
-def _channels_last_empty(x: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], *x.shape[2:], x.shape[1])).movedim(-1, 1)
-
-
 @channel_row_forward.register_fake
 def _(x, weight, bias, eps, rms):
     s = x.numel() // max(x.shape[0] * x.shape[1], 1)
-    return _channels_last_empty(x), x.new_empty((x.shape[0], s), dtype=K.arithmetic_dtype(x.dtype))
+    return K.channels_last_like(x), x.new_empty((x.shape[0], s), dtype=K.arithmetic_dtype(x.dtype))
 
 
 @torch.library.custom_op("normkit::cpu_channel_row_backward", mutates_args=())
@@ -155,7 +151,7 @@ def channel_row_backward(
 @channel_row_backward.register_fake
 def _(dy, x, weight, rstd, rms, need_weight, need_bias):
     c = x.shape[1]
-    return _channels_last_empty(x), _empty_vec(x, c if need_weight else 0), _empty_vec(x, c if need_bias else 0)
+    return K.channels_last_like(x), _empty_vec(x, c if need_weight else 0), _empty_vec(x, c if need_bias else 0)
 
 
 def _channel_row_setup(ctx, inputs, output) -> None:

@@ -219,12 +219,7 @@ void NK_NAME(nk_cf_bwd)(const NK_T *x, int x_nhwc, const NK_T *dy, int dy_nhwc, 
         }
         free(xh);
     }
-    for (int64_t c = 0; c < C; c++) {
-        double sw = 0, sb = 0;
-        for (int t = 0; t < nt; t++) sw += part_w[t * C + c], sb += part_b[t * C + c];
-        if (dw) dw[c] = sw;
-        if (db) db[c] = sb;
-    }
+    nk_sum_thread_partials(part_w, part_b, nt, C, dw, db);
     free(part_w);
     free(part_b);
 }

@@ -135,6 +135,18 @@ static inline void nk_merge(double *na, double *ma, double *m2a, double nb, doub
     *na = n;
 }
 
+/* Per-thread partial column sums (nt rows of n doubles) -> dw and db (either may be NULL), summed
+ * over the threads in a fixed order: the same result on every run. */
+static void nk_sum_thread_partials(const double *part_w, const double *part_b, int nt, int64_t n, double *dw,
+                                   double *db) {
+    for (int64_t j = 0; j < n; j++) {
+        double sw = 0, sb = 0;
+        for (int t = 0; t < nt; t++) sw += part_w[t * n + j], sb += part_b[t * n + j];
+        if (dw) dw[j] = sw;
+        if (db) db[j] = sb;
+    }
+}
+
 /* Per-(n, c) moments -> statistics of each normalization set.
  * groups > 0: a set is (n, group of C/groups channels) (GroupNorm, InstanceNorm), out has N*groups;
  * groups == 0: a set is channel c over every n (BatchNorm), out has C. Biased variance. */

@@ -247,13 +247,7 @@ void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK
         free(acc_w);
         free(acc_b);
     }
-    /* fixed-order reduction over threads: the same result on every run */
-    for (int64_t j = 0; j < N; j++) {
-        double sw = 0, sb = 0;
-        for (int t = 0; t < nt; t++) sw += part_w[t * N + j], sb += part_b[t * N + j];
-        if (dw) dw[j] = sw;
-        if (db) db[j] = sb;
-    }
+    nk_sum_thread_partials(part_w, part_b, nt, N, dw, db);
     free(part_w);
     free(part_b);
     free(ones);
