@@ -5,11 +5,16 @@ repetition times both, and the result is the median over repetitions of the pair
 original/converted (> 1: the converted model is faster), with its 25th-75th percentile range, so a
 noisy neighbour slows both sides of a pair instead of biasing one. Whole models are timed in
 inference (``torch.no_grad``) and in a training step (forward, backward, gradients zeroed).
+Each case also records how far the converted model's first output lies from the original's
+(``max_diff``: the largest absolute difference over the largest absolute value). On a GPU
+(``--device cuda``) the cases are GPU-sized (larger batches, bfloat16 for the LLM), run on the
+triton backend, and every timed call is bracketed by ``torch.cuda.synchronize()``.
 Needs transformers and timm (``pip install -e ".[models]"``)::
 
     python benchmarks/convert_speed.py                      # everything, about 10 minutes on 2 cores
     python benchmarks/convert_speed.py --only convnext --reps 15
     python benchmarks/convert_speed.py --out docs/benchmarks/convert/convert-2core.json
+    python benchmarks/convert_speed.py --device cuda --out docs/benchmarks/convert/convert-h200.json
 """
 
 from __future__ import annotations
@@ -32,12 +37,24 @@ import normkit
 from normkit.bench.machine import machine_info
 
 
-def _call(model: torch.nn.Module, inputs, train: bool) -> None:
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _call(model: torch.nn.Module, inputs, train: bool) -> torch.Tensor:
     out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    out = getattr(out, "logits", out)
     if train:
-        out = getattr(out, "logits", out)
         out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
+    return out.detach()
+
+
+def _max_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest absolute difference over the largest absolute value (0: identical)."""
+    got, want = got.double(), want.double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
 def compare(name: str, original: torch.nn.Module, inputs, reps: int, train: bool = False, fused: bool = False) -> dict:
@@ -49,14 +66,20 @@ def compare(name: str, original: torch.nn.Module, inputs, reps: int, train: bool
         inputs = inputs.detach().requires_grad_()
     times: dict[str, list[float]] = {"original": [], "converted": []}
     with torch.set_grad_enabled(train):
-        for model in (original, converted, original, converted):  # warm-up (allocator, caches, threads)
+        # warm-up (allocator, caches, threads, kernel compilation); both sides see the same calls in the
+        # same order, so training-mode running statistics stay equal and the first outputs are comparable
+        first = _call(original, inputs, train), _call(converted, inputs, train)
+        max_diff = _max_diff(first[1], first[0])
+        for model in (original, converted):
             _call(model, inputs, train)
         for rep in range(reps):
             # alternate which side goes first, so that neither always runs right after the other
             order = (("original", original), ("converted", converted))
             for key, model in order if rep % 2 == 0 else order[::-1]:
+                _sync()
                 start = time.perf_counter()
                 _call(model, inputs, train)
+                _sync()
                 times[key].append(time.perf_counter() - start)
     ratios = sorted(a / b for a, b in zip(times["original"], times["converted"], strict=True))
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
@@ -69,18 +92,21 @@ def compare(name: str, original: torch.nn.Module, inputs, reps: int, train: bool
         "speedup": statistics.median(ratios),
         "speedup_p25": q[0],
         "speedup_p75": q[2],
+        "max_diff": max_diff,
     }
     print(
         f"{name:46s} {row['mode']:10s} original {row['original_ms']:8.2f} ms  converted "
-        f"{row['converted_ms']:8.2f} ms  speedup {row['speedup']:.3f}x [{q[0]:.3f}-{q[2]:.3f}]",
+        f"{row['converted_ms']:8.2f} ms  speedup {row['speedup']:.3f}x [{q[0]:.3f}-{q[2]:.3f}]  "
+        f"max_diff {max_diff:.1e}",
         flush=True,
     )
     return row
 
 
-def _llama(dtype: torch.dtype) -> torch.nn.Module:
-    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
-                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=1000)
+def _llama(dtype: torch.dtype, hidden: int = 512, layers: int = 2, vocab: int = 1000) -> torch.nn.Module:
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                                      num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                                      num_key_value_heads=hidden // 64, vocab_size=vocab)
     return transformers.LlamaForCausalLM(config).to(dtype)
 
 
@@ -137,31 +163,94 @@ def cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
     }
 
 
+def gpu_cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
+    """GPU-sized cases (run under ``torch.device("cuda")``, so models and inputs are built there)."""
+    cl = torch.channels_last
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randn(n, 3, 224, 224)
+
+    def llama_ids() -> dict:
+        return {"input_ids": torch.randint(0, 32000, (4, 1024))}
+
+    bf16 = torch.bfloat16
+    return {
+        "modules": [
+            lambda: compare("LlamaRMSNorm(4096), 8x2048x4096 bf16", LlamaRMSNorm(4096).to(bf16),
+                            torch.randn(8, 2048, 4096, dtype=bf16), 3 * reps),
+            lambda: compare("LlamaRMSNorm(4096), 8x2048x4096 bf16", LlamaRMSNorm(4096).to(bf16),
+                            torch.randn(8, 2048, 4096, dtype=bf16), 3 * reps, train=True),
+            lambda: compare("LayerNorm(4096), 8x2048x4096 bf16", torch.nn.LayerNorm(4096).to(bf16),
+                            torch.randn(8, 2048, 4096, dtype=bf16), 3 * reps, train=True),
+            lambda: compare("timm LayerNorm2d(96), 64x96x56x56 channels_last", LayerNorm2d(96),
+                            torch.randn(64, 96, 56, 56).contiguous(memory_format=cl), 3 * reps),
+            lambda: compare("BatchNorm2d(64), 64x64x112x112", torch.nn.BatchNorm2d(64),
+                            torch.randn(64, 64, 112, 112), 3 * reps),
+            lambda: compare("BatchNorm2d(64), 64x64x112x112", torch.nn.BatchNorm2d(64),
+                            torch.randn(64, 64, 112, 112), 3 * reps, train=True),
+            lambda: compare("GroupNorm(32, 512), 8x512x64x64", torch.nn.GroupNorm(32, 512),
+                            torch.randn(8, 512, 64, 64), 3 * reps, train=True),
+        ],
+        "llama": [
+            lambda: compare("Llama (h=2048, 4 layers), 4x1024 tokens bf16", _llama(bf16, 2048, 4, 32000),
+                            llama_ids(), reps),
+            lambda: compare("Llama (h=2048, 4 layers), 4x1024 tokens bf16", _llama(bf16, 2048, 4, 32000),
+                            llama_ids(), reps, train=True),
+        ],
+        "convnext": [
+            lambda: compare("timm convnext_tiny, 64x3x224x224", timm.create_model("convnext_tiny"), images(64), reps),
+            lambda: compare("timm convnext_tiny, 64x3x224x224", timm.create_model("convnext_tiny"), images(64), reps,
+                            train=True),
+        ],
+        "mobilenet": [
+            lambda: compare("timm mobilenetv3_large_100, 128x3x224x224", timm.create_model("mobilenetv3_large_100"),
+                            images(128), reps, fused=True),
+        ],
+        "resnet": [
+            lambda: compare("timm resnet50, 64x3x224x224", timm.create_model("resnet50"), images(64), reps),
+            lambda: compare("timm resnet50, 64x3x224x224", timm.create_model("resnet50"), images(64), reps,
+                            train=True),
+        ],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=11, help="paired repetitions per whole model (x3 per module)")
     parser.add_argument("--only", nargs="*", choices=["modules", "llama", "convnext", "mobilenet", "resnet"],
                         help="run only these groups")
     parser.add_argument("--out", type=Path, help="write the rows, machine and versions to this JSON file")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: GPU-sized cases on the GPU (the triton backend)")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
-    for group, thunks in cases(args.reps).items():
+    groups = gpu_cases(args.reps) if args.device == "cuda" else cases(args.reps)
+    for group, thunks in groups.items():
         if args.only and group not in args.only:
             continue
-        rows += [thunk() for thunk in thunks]
+        for thunk in thunks:
+            with torch.device(args.device):
+                rows.append(thunk())
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            if args.out:  # after every case, so that an interrupted run keeps what it measured
+                _write(args.out, rows, args.device)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {
-            "machine": machine_info(),
-            "versions": {"torch": torch.__version__, "normkit": normkit.__version__,
-                         "transformers": transformers.__version__, "timm": timm.__version__},
-            "threads": torch.get_num_threads(),
-            "rows": rows,
-        }
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
 
+
+def _write(path: Path, rows: list[dict], device: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": machine_info(),
+        "versions": {"torch": torch.__version__, "normkit": normkit.__version__,
+                     "transformers": transformers.__version__, "timm": timm.__version__},
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "rows": rows,
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

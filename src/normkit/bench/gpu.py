@@ -48,13 +48,15 @@ _ROW_OPS = ("layer_norm", "rms_norm", "fused_add_rms_norm")
 _ROW_SHAPES_BF16 = ((32768, 1024), (32768, 4096), (32768, 8192), (32768, 16384), (8192, 65536), (2048, 262144))
 
 #: the issue's matrix: row ops in bfloat16 at 1K-256K columns (each tensor at most 1 GiB) and in float32 at
-#: 32768x4096; GroupNorm(32)+SiLU on channels_last and NCHW; BatchNorm training on channels_last
+#: 32768x4096; GroupNorm(32)+SiLU on channels_last and NCHW; BatchNorm training on channels_last. In the
+#: order they run: one cell of every op first, so that a run cut short by --time-limit still covers each
 FULL_CELLS: tuple[Cell, ...] = (
-    *(Cell(op, shape, "bfloat16") for op in _ROW_OPS for shape in _ROW_SHAPES_BF16),
-    *(Cell(op, (32768, 4096), "float32") for op in _ROW_OPS),
+    *(Cell(op, (32768, 4096), "bfloat16") for op in _ROW_OPS),
     Cell("group_norm_silu", (8, 512, 64, 64), "bfloat16", "channels_last"),
     Cell("group_norm_silu", (8, 512, 64, 64), "bfloat16", "contiguous"),
     Cell("batch_norm_train", (256, 64, 56, 56), "bfloat16", "channels_last"),
+    *(Cell(op, (32768, 4096), "float32") for op in _ROW_OPS),
+    *(Cell(op, shape, "bfloat16") for shape in _ROW_SHAPES_BF16 if shape != (32768, 4096) for op in _ROW_OPS),
 )
 
 #: the same ops at sizes Triton's interpreter runs in seconds
@@ -90,6 +92,10 @@ def _liger_calls() -> dict[str, Callable[..., object]]:
         calls["rms_norm"] = lambda x, w: lf.liger_rms_norm(x, w, RMS_EPS, 0.0, "gemma", False)
     if hasattr(lf, "liger_layer_norm"):
         calls["layer_norm"] = lambda x, w, b: lf.liger_layer_norm(x, w, b, 1e-5)
+    if hasattr(lf, "liger_fused_add_rms_norm"):
+        # returns (normalized, x + residual), normkit's order
+        calls["fused_add_rms_norm"] = lambda x, r, w: lf.liger_fused_add_rms_norm(x, r, w, RMS_EPS, 0.0, "gemma",
+                                                                                   False)
     return calls
 
 
@@ -246,9 +252,10 @@ def _time_call(timer: Timer, call, cell: Cell, pass_: str, inputs: dict[str, Ten
 def run(
     cells: Sequence[Cell], device: str, providers: Sequence[str] = PROVIDERS, reps: int = 20, warmup: int = 3,
     time_limit_s: float = 330.0, copy_bytes: int = 2**30, compile_backend: str | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, on_cell: Callable[[GpuResult], None] | None = None,
 ) -> GpuResult:
-    """Check, then time, every provider on every cell and pass (see the module docstring)."""
+    """Check, then time, every provider on every cell and pass (see the module docstring); ``on_cell``
+    gets the result so far after each cell (the CLI writes its files then, so a killed run keeps them)."""
     import normkit
 
     start = time.perf_counter()
@@ -272,6 +279,9 @@ def run(
                 result.rows += _run_pass(cell, pass_, inputs, device, providers, timer, compile_backend,
                                          result.copy_gbps)
             del inputs
+            if on_cell:
+                result.seconds = time.perf_counter() - start
+                on_cell(result)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -372,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: bench-results/gpu-<date>)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU + TRITON_INTERPRET=1 without a GPU)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="run only the cells whose id (e.g. 'rms_norm 32768x4096 bf16') contains one of these")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; --tiny 2)")
     parser.add_argument("--time-limit", type=float, default=330.0, metavar="S",
                         help="start no new cell after S seconds (default 330)")
@@ -385,14 +397,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("TRITON_INTERPRET") != "1":
             parser.error("without a GPU the kernels run in Triton's interpreter: set TRITON_INTERPRET=1")
     cells = TINY_CELLS if args.tiny else FULL_CELLS
+    if args.only:
+        cells = tuple(c for c in cells if any(text in c.id for text in args.only))
+        if not cells:
+            parser.error(f"no cell id contains any of {args.only}")
     reps = args.reps or (2 if args.tiny else 20)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out or f"bench-results/gpu-{stamp}")
     result = run(
         cells, device, args.providers, reps=reps, warmup=1 if args.tiny else 3, time_limit_s=args.time_limit,
         copy_bytes=2**20 if args.tiny else 2**30, compile_backend=args.compile_backend,
         progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True),
+        on_cell=lambda partial: write(partial, out_dir),
     )
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    csv_path, md_path = write(result, Path(args.out or f"bench-results/gpu-{stamp}"))
+    csv_path, md_path = write(result, out_dir)
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}")
     failed = [r for r in result.rows if r.status in ("wrong", "error") and r.provider == "normkit"]
