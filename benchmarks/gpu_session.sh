@@ -49,15 +49,15 @@ for phase in "${phases[@]}"; do
     tests)  # the CUDA cases of the triton tests, and the compile tests on CUDA
         run_phase tests 90 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_triton_backend.py ;;
     verify)  # every normkit.nn module against torch.nn on CUDA tensors, with the triton backend
-        run_phase verify 60 python3 -m normkit verify --device cuda --backend triton -q --json "$OUT/verify.json" ;;
+        run_phase verify 100 python3 -m normkit verify --device cuda --backend triton -q --json "$OUT/verify.json" ;;
     bench)  # the matrix: normkit, torch eager and Liger (torch.compile in its own phase)
-        run_phase bench 150 python3 -m normkit.bench.gpu --providers normkit torch liger --time-limit 120 \
+        run_phase bench 170 python3 -m normkit.bench.gpu --providers normkit torch liger --time-limit 140 \
             --out "$OUT/bench" ;;
     compile)  # torch.compile (inductor) on one shape per op: each cell compiles twice
         run_phase compile 150 python3 -m normkit.bench.gpu --providers normkit torch compile --time-limit 120 \
             --out "$OUT/compile" --only "32768x4096 bf16" "group_norm_silu" "batch_norm_train" ;;
     convert)  # converted Hugging Face and timm models: outputs and paired speed on the GPU
-        run_phase convert 100 python3 benchmarks/convert_speed.py --device cuda --reps 11 \
+        run_phase convert 110 python3 benchmarks/convert_speed.py --device cuda --reps 11 \
             --out "$OUT/convert-gpu.json" ;;
     *) echo "unknown phase $phase"; exit 2 ;;
     esac

@@ -59,7 +59,8 @@ def _launch_everything() -> None:
     for dtype, n, rms, residual, weight, bias in (
         (bf16, 96, False, True, True, True), (bf16, 20000, False, True, True, True),
         (f32, 20000, True, False, True, False), (f16, 96, True, True, False, False),
-        (f32, 96, False, False, False, False),
+        (f32, 96, False, False, False, False), (bf16, 4096, True, False, True, False),
+        (bf16, 65536, False, True, True, True), (f32, 4096, False, False, True, True),
     ):
         x = torch.zeros(3, n, dtype=dtype)
         w = torch.zeros(n, dtype=f32) if weight else None
@@ -67,22 +68,30 @@ def _launch_everything() -> None:
         r = x if residual else None
         y, h, mean, rstd = rows.row_forward(x, r, w, b, n, 1e-5, rms)
         rows.row_backward(x, x, r, w, mean, rstd, n, rms, weight, bias)
-    # groups: (dtype, layout, groups, SiLU, affine); 64 groups of 64 channels is InstanceNorm, 1 a wide group
-    for dtype, layout, groups, silu, affine in (
-        (bf16, torch.contiguous_format, 32, True, True), (bf16, torch.channels_last, 64, False, True),
-        (f32, torch.channels_last, 32, True, True), (f16, torch.contiguous_format, 8, False, False),
-        (bf16, torch.contiguous_format, 1, False, True),
-    ):
-        img = torch.zeros(2, 64, 6, 6, dtype=dtype).contiguous(memory_format=layout)
-        w, b = (torch.zeros(64, dtype=f32), torch.zeros(64, dtype=dtype)) if affine else (None, None)
+    # groups: every dtype x layout x (shape, groups) x SiLU, so that each tile shape the heuristics pick
+    # is compiled: InstanceNorm of few channels and positions, GroupNorm(32) of small and large images
+    # (positions in blocks), one wide group; then float16 without affine parameters
+    set_cases = [
+        (dtype, layout, shape, groups, silu, True)
+        for dtype in (bf16, f32)
+        for layout in (torch.contiguous_format, torch.channels_last)
+        for shape, groups in (((2, 8, 3, 3), 8), ((2, 64, 6, 6), 32), ((2, 512, 64, 64), 32), ((2, 64, 6, 6), 1))
+        for silu in (False, True)
+    ] + [(f16, torch.contiguous_format, (2, 64, 6, 6), 8, False, False)]
+    for dtype, layout, shape, groups, silu, affine in set_cases:
+        img = torch.zeros(shape, dtype=dtype).contiguous(memory_format=layout)
+        c = shape[1]
+        w, b = (torch.zeros(c, dtype=f32), torch.zeros(c, dtype=dtype)) if affine else (None, None)
         y, mean, rstd, var = sets.set_forward(img, groups, w, b, 1e-5, silu)
         sets.set_backward(img, img, groups, w, b, mean, rstd, silu, affine, affine)
-    # BatchNorm: (dtype, layout, training, affine)
-    for dtype, layout, training, affine in (
-        (bf16, torch.channels_last, True, True), (f32, torch.contiguous_format, False, True),
-        (f16, torch.channels_last, True, False),
+    # BatchNorm: (dtype, layout, training, affine, shape); the larger shape splits positions over programs
+    small, large = (2, 64, 6, 6), (16, 64, 56, 56)
+    for dtype, layout, training, affine, shape in (
+        (bf16, torch.channels_last, True, True, small), (f32, torch.contiguous_format, False, True, small),
+        (f16, torch.channels_last, True, False, small), (bf16, torch.channels_last, True, True, large),
+        (f32, torch.contiguous_format, True, True, large),
     ):
-        img = torch.zeros(2, 64, 6, 6, dtype=dtype).contiguous(memory_format=layout)
+        img = torch.zeros(shape, dtype=dtype).contiguous(memory_format=layout)
         w, b = (torch.zeros(64, dtype=f32), torch.zeros(64, dtype=dtype)) if affine else (None, None)
         fixed = None if training else torch.ones(64)
         y, mean, rstd, var = batch.batch_forward(img, w, b, fixed, fixed, 1e-5)

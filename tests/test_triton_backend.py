@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -60,6 +61,14 @@ def cap(elements: int | None):
 
 def rand(shape, dtype=FP32, device="cpu", scale=1.0, shift=0.0) -> torch.Tensor:
     return (torch.randn(shape, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
+
+
+def param_dtype(op: str, dtype: torch.dtype, device: str) -> torch.dtype:
+    """float32 parameters (mixed precision), except where torch's CUDA kernels take only the input's
+    dtype (LayerNorm and GroupNorm, fused or not: see test_cuda_parameter_dtypes_like_torch)."""
+    if device == "cuda" and ("layer_norm" in op or "group_norm" in op):
+        return dtype
+    return FP32
 
 
 class TorchOps:
@@ -188,8 +197,9 @@ def _row_call(op, shape, k):
 def test_row_kernels_match_truth(op, shape, k, dtype, block, has_w, has_b, device):
     torch.manual_seed(0)
     ns = shape[len(shape) - k:]
-    w = rand(ns, FP32, device, 0.5, 1.0) if has_w else None
-    b = rand(ns, FP32, device, 0.5) if has_b else None
+    pdt = param_dtype(op, dtype, device)
+    w = rand(ns, pdt, device, 0.5, 1.0) if has_w else None
+    b = rand(ns, pdt, device, 0.5) if has_b else None
     x = rand(shape, dtype, device, 2.0, 1.0)
     call, n_out = _row_call(op, shape, k)
     tensors = [x, w, b] if n_out == 1 else [x, rand(shape, dtype, device), w, b]
@@ -203,7 +213,7 @@ def test_row_kernels_match_truth(op, shape, k, dtype, block, has_w, has_b, devic
 def test_row_kernels_on_strided_and_transposed_input(block, device):
     wide = rand((6, 40), BF16, device)
     x = wide[:, 3:30]  # rows 27 long, 40 apart: read in place
-    w = rand((27,), FP32, device)
+    w = rand((27,), param_dtype("layer_norm", BF16, device), device)
     with cap(block):
         check(lambda f, x, w: f.layer_norm(x, (27,), w), [x, w], BF16, msg="row slice")
         xt = rand((9, 5), FP32, device).t()  # non-contiguous rows: copied
@@ -284,7 +294,8 @@ def test_channel_kernels_match_truth(op, shape, groups, dtype, layout, block, de
     torch.manual_seed(1)
     c = shape[1]
     x = _layout(rand(shape, dtype, device, 2.0, 0.5), layout)
-    w, b = rand((c,), FP32, device, 0.5, 1.0), rand((c,), FP32, device, 0.5)
+    pdt = param_dtype(op, dtype, device)
+    w, b = rand((c,), pdt, device, 0.5, 1.0), rand((c,), pdt, device, 0.5)
     with cap(block):
         out, leaves = check(_channel_call(op, groups, c, device), [x, w, b], dtype, msg=op)
     if layout == "channels_last" and op != "instance_norm":  # as torch: InstanceNorm returns contiguous
@@ -374,6 +385,88 @@ def test_fallbacks_to_the_reference(device):
     assert backends.resolve(x).name == "triton"
     with pytest.raises(RuntimeError):  # torch's own dtype error, raised by the checks before dispatch
         NF.layer_norm(x, (8,), w64)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("xd,wd,bd", [(BF16, FP32, FP32), (FP16, FP16, FP32), (FP32, torch.float64, None),
+                                      (FP32, BF16, BF16)])
+def test_cuda_parameter_dtypes_like_torch(xd, wd, bd):
+    """On CUDA torch's LayerNorm and GroupNorm take parameters in the input's dtype only (its CPU
+    kernels take float32 parameters with 16-bit input); its RMSNorm, BatchNorm and InstanceNorm take
+    mixed dtypes. normkit raises the same errors and accepts the same calls, with torch's output dtype."""
+    x = torch.randn(4, 6, 5, 5, device="cuda", dtype=xd)
+    w = torch.randn(6, device="cuda", dtype=wd)
+    b = None if bd is None else torch.randn(6, device="cuda", dtype=bd)
+    with normkit.use_backend("triton"):
+        for call in (lambda f, x: f.layer_norm(x.movedim(1, -1), (6,), w, b), lambda f, x: f.group_norm(x, 3, w, b)):
+            with pytest.raises(RuntimeError) as theirs:
+                call(F, x)
+            with pytest.raises(RuntimeError, match=f"^{re.escape(str(theirs.value))}$"):
+                call(NF, x)
+        if not (wd == bd == FP32 and xd in (BF16, FP16)):
+            return  # the mixed precision the other norms take
+        for name, call in [
+            ("rms_norm", lambda f, x: f.rms_norm(x.movedim(1, -1), (6,), w)),
+            ("batch_norm", lambda f, x: f.batch_norm(x, None, None, w, b, True)),
+            ("instance_norm", lambda f, x: f.instance_norm(x, None, None, w, b)),
+        ]:
+            ours, theirs = call(NF, x), call(F, x)
+            assert ours.dtype == theirs.dtype, name
+            assert_close(ours, theirs.double(), msg=name)
+
+
+@CUDA
+@pytest.mark.parametrize("amp", [BF16, FP16])
+@pytest.mark.parametrize("xd", [FP32, BF16])
+def test_cuda_autocast_like_torch(amp, xd):
+    """Under torch.autocast("cuda"), LayerNorm, GroupNorm and RMSNorm (and normkit's channels-first and
+    fused forms of them) compute in float32 and return float32, as torch's float32 list makes its own do;
+    BatchNorm and InstanceNorm keep the input's dtype. Module parameters stay float32, and gradients
+    reach them in float32."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 6, 6, device="cuda", dtype=xd)
+    r = torch.randn_like(x)
+    cases = {
+        "LayerNorm": (normkit.nn.LayerNorm(6), torch.nn.LayerNorm(6), lambda m, x: m(x)),
+        "GroupNorm": (normkit.nn.GroupNorm(8, 32), torch.nn.GroupNorm(8, 32), lambda m, x: m(x)),
+        "RMSNorm": (normkit.nn.RMSNorm(6), torch.nn.RMSNorm(6), lambda m, x: m(x)),
+        "BatchNorm2d": (normkit.nn.BatchNorm2d(32), torch.nn.BatchNorm2d(32), lambda m, x: m(x)),
+        "InstanceNorm2d": (normkit.nn.InstanceNorm2d(32, affine=True), torch.nn.InstanceNorm2d(32, affine=True),
+                           lambda m, x: m(x)),
+    }
+    with normkit.use_backend("triton"):
+        for name, (ours, theirs, call) in cases.items():
+            ours, theirs = ours.cuda(), theirs.cuda()
+            theirs.load_state_dict(ours.state_dict())
+            xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+            with torch.autocast("cuda", dtype=amp):
+                yo, yt = call(ours, xo), call(theirs, xt)
+            assert yo.dtype == yt.dtype, name
+            assert_close(yo, yt.double(), msg=name)  # under the output dtype's tolerance
+            g = torch.randn_like(yt)
+            yo.backward(g)
+            yt.backward(g)
+            assert xo.grad.dtype == xt.grad.dtype == xd, name
+            assert ours.weight.grad.dtype == FP32, name
+        w, b = torch.randn(32, device="cuda"), torch.randn(32, device="cuda")
+        with torch.autocast("cuda", dtype=amp):
+            fused = {
+                "channel_layer_norm": (NF.channel_layer_norm(x, w, b),
+                                       F.layer_norm(x.movedim(1, -1), (32,), w, b).movedim(-1, 1)),
+                "channel_rms_norm": (NF.channel_rms_norm(x, w, 1e-6),
+                                     F.rms_norm(x.movedim(1, -1), (32,), w, 1e-6).movedim(-1, 1)),
+                "group_norm_silu": (NF.group_norm_silu(x, 8, w, b), F.silu(F.group_norm(x, 8, w, b))),
+                "fused_add_layer_norm": (NF.fused_add_layer_norm(x, r, (6,))[0], F.layer_norm(x + r, (6,))),
+                "fused_add_rms_norm h": (NF.fused_add_rms_norm(x, r, (6,), None, 1e-6)[1], x + r),
+                "fused_add_rms_norm": (NF.fused_add_rms_norm(x, r, (6,), None, 1e-6)[0],
+                                       F.rms_norm(x + r, (6,), None, 1e-6)),
+            }
+        for name, (ours, theirs) in fused.items():
+            assert ours.dtype == theirs.dtype, name
+            assert_close(ours, theirs.double(), msg=name)
 
 
 def test_double_backward_and_torch_func_use_the_reference_formulas(device):

@@ -7,6 +7,12 @@ it. The math lives in the backends; :mod:`normkit.reference` is the readable ver
 The fused ops (:func:`fused_add_rms_norm`, :func:`fused_add_layer_norm`, :func:`group_norm_silu`) have
 no torch.nn.functional counterpart: they check their arguments as the norm they end in does (same
 exception types and messages), and additionally require ``residual`` to match ``x`` exactly.
+
+Under CUDA autocast, torch runs ``layer_norm``, ``group_norm`` and ``rms_norm`` in float32 (they are
+on autocast's float32 list: float16/bfloat16/float32 inputs are cast to float32 and the output is
+float32); so do the functions here that compute them, the channels-first and fused ones included
+(the fused adds then return ``x + residual`` in x's dtype and the norm of it in float32, as the
+composition does). BatchNorm and InstanceNorm are not on the list: they run in the input's dtype.
 """
 
 from __future__ import annotations
@@ -52,6 +58,19 @@ def _laid_out(y: Tensor, memory_format: torch.memory_format = torch.contiguous_f
     return y if y.is_contiguous(memory_format=memory_format) else y.contiguous(memory_format=memory_format)
 
 
+def _cuda_autocast(x: Tensor) -> bool:
+    """Whether torch's CUDA autocast would run a LayerNorm, GroupNorm or RMSNorm of ``x`` in float32."""
+    return x.is_cuda and torch.is_autocast_enabled("cuda")
+
+
+def _fp32(t: Tensor | None) -> Tensor | None:
+    """``t`` as autocast's float32 policy passes it on: a float16/bfloat16 CUDA tensor as float32, any
+    other (float32, float64, not floating, not on CUDA, None) as it is."""
+    if t is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
 def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
@@ -61,7 +80,7 @@ def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
 def _layer_norm_checks(input: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None) -> None:
     _checks.normalized_shape(input, shape, weight, bias)
     _checks.floating(input, "LayerNormKernelImpl")
-    _checks.parameter_dtypes(input, weight, bias)
+    _checks.parameter_dtypes(input, weight, bias, same_dtype_on_cuda=True)
 
 
 def _rms_norm_checks(input: Tensor, shape: tuple[int, ...], weight: Tensor | None) -> None:
@@ -72,7 +91,7 @@ def _rms_norm_checks(input: Tensor, shape: tuple[int, ...], weight: Tensor | Non
 def _group_norm_checks(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> None:
     _checks.group_norm_args(input, num_groups, weight, bias)
     _checks.floating(input, "GroupNormKernelImpl")
-    _checks.parameter_dtypes(input, weight, bias)
+    _checks.parameter_dtypes(input, weight, bias, same_dtype_on_cuda=True)
 
 
 def _batch_norm_checks(input, running_mean, running_var, weight, bias, training, eps) -> None:
@@ -227,6 +246,9 @@ def layer_norm(
         return handle_torch_function(
             layer_norm, (input, weight, bias), input, normalized_shape, weight=weight, bias=bias, eps=eps
         )
+    if _cuda_autocast(input):
+        with torch.autocast("cuda", enabled=False):
+            return layer_norm(_fp32(input), normalized_shape, _fp32(weight), _fp32(bias), eps)
     shape = _as_shape(normalized_shape)
     _layer_norm_checks(input, shape, weight, bias)
     return _laid_out(resolve(input).layer_norm(input, shape, weight, bias, eps))
@@ -247,6 +269,9 @@ def group_norm(
         return handle_torch_function(
             group_norm, (input, weight, bias), input, num_groups, weight=weight, bias=bias, eps=eps
         )
+    if _cuda_autocast(input):
+        with torch.autocast("cuda", enabled=False):
+            return group_norm(_fp32(input), num_groups, _fp32(weight), _fp32(bias), eps)
     _group_norm_checks(input, num_groups, weight, bias)
     y = resolve(input).group_norm(input, num_groups, weight, bias, eps)
     return _laid_out(y, _suggested_format(input))
@@ -265,6 +290,9 @@ def rms_norm(
     """
     if has_torch_function_variadic(input, weight):
         return handle_torch_function(rms_norm, (input, weight), input, normalized_shape, weight=weight, eps=eps)
+    if _cuda_autocast(input):
+        with torch.autocast("cuda", enabled=False):
+            return rms_norm(_fp32(input), normalized_shape, _fp32(weight), eps)
     shape = _as_shape(normalized_shape)
     _rms_norm_checks(input, shape, weight)
     y = resolve(input).rms_norm(input, shape, weight, eps)
@@ -286,7 +314,7 @@ def _channel_checks(op: str, input: Tensor, weight: Tensor | None, bias: Tensor 
         # the shapes fit: what is left to check is the dtypes, which moving the channels does not change
         _checks.floating(input, "rms_norm" if rms else "LayerNormKernelImpl")
         if not rms:
-            _checks.parameter_dtypes(input, weight, bias)
+            _checks.parameter_dtypes(input, weight, bias, same_dtype_on_cuda=True)
     elif rms:
         _rms_norm_checks(input.movedim(1, -1), c, weight)
     else:
@@ -331,6 +359,9 @@ def channel_layer_norm(
         return handle_torch_function(
             channel_layer_norm, (input, weight, bias), input, weight=weight, bias=bias, eps=eps
         )
+    if _cuda_autocast(input):
+        with torch.autocast("cuda", enabled=False):
+            return channel_layer_norm(_fp32(input), _fp32(weight), _fp32(bias), eps)
     _channel_checks("channel_layer_norm", input, weight, bias, rms=False)
     return resolve(input).channel_layer_norm(input, weight, bias, eps)
 
@@ -362,6 +393,9 @@ def channel_rms_norm(input: Tensor, weight: Tensor | None = None, eps: float | N
     """
     if has_torch_function_variadic(input, weight):
         return handle_torch_function(channel_rms_norm, (input, weight), input, weight=weight, eps=eps)
+    if _cuda_autocast(input):
+        with torch.autocast("cuda", enabled=False):
+            return channel_rms_norm(_fp32(input), _fp32(weight), eps)
     _channel_checks("channel_rms_norm", input, weight, None, rms=True)
     return resolve(input).channel_rms_norm(input, weight, eps)
 
@@ -440,6 +474,9 @@ def fused_add_rms_norm(
             fused_add_rms_norm, (x, residual, weight), x, residual, normalized_shape, weight=weight, eps=eps
         )
     _check_residual("fused_add_rms_norm", x, residual)
+    if _cuda_autocast(x):  # the composition's dtypes: h in x's dtype, the norm of it in float32
+        h = x + residual
+        return rms_norm(h, normalized_shape, weight, eps), h
     shape = _as_shape(normalized_shape)
     _rms_norm_checks(x, shape, weight)
     y, h = resolve(x).fused_add_rms_norm(x, residual, shape, weight, eps)
@@ -492,6 +529,9 @@ def fused_add_layer_norm(
             weight=weight, bias=bias, eps=eps,
         )
     _check_residual("fused_add_layer_norm", x, residual)
+    if _cuda_autocast(x):  # the composition's dtypes: h in x's dtype, the norm of it in float32
+        h = x + residual
+        return layer_norm(h, normalized_shape, weight, bias, eps), h
     shape = _as_shape(normalized_shape)
     _layer_norm_checks(x, shape, weight, bias)
     y, h = resolve(x).fused_add_layer_norm(x, residual, shape, weight, bias, eps)
@@ -539,6 +579,9 @@ def group_norm_silu(
         return handle_torch_function(
             group_norm_silu, (x, weight, bias), x, num_groups, weight=weight, bias=bias, eps=eps
         )
+    if _cuda_autocast(x):  # GroupNorm in float32, then SiLU of the float32 result
+        with torch.autocast("cuda", enabled=False):
+            return group_norm_silu(_fp32(x), num_groups, _fp32(weight), _fp32(bias), eps)
     _group_norm_checks(x, num_groups, weight, bias)
     y = resolve(x).group_norm_silu(x, num_groups, weight, bias, eps)
     return _laid_out(y, _suggested_format(x))

@@ -501,19 +501,32 @@ def build_matrix(
         for kwargs in spec.variants:
             for shape in spec.shapes:
                 for dtype in want_dtypes:
-                    param_dtypes: list[torch.dtype | None] = [None]
-                    pure = full or spec.pure_low_precision
-                    if pure and dtype in LOW_PRECISION_DTYPES and _has_state(spec.module, kwargs):
-                        param_dtypes.append(dtype)
                     modes = _modes(spec.module, kwargs, full)
-                    for param_dtype, fmt, train, dist, device, backend in itertools.product(
-                        param_dtypes, _formats(shape), modes, dists, devices, backends
-                    ):
-                        cases.append(
-                            Case(spec.module, spec.args, kwargs, shape, dtype, fmt, train, backend, device,
-                                 param_dtype, dist)
-                        )
+                    for device in devices:
+                        param_dtypes = _param_dtypes(spec, kwargs, dtype, device, full)
+                        for param_dtype, fmt, train, dist, backend in itertools.product(
+                            param_dtypes, _formats(shape), modes, dists, backends
+                        ):
+                            cases.append(
+                                Case(spec.module, spec.args, kwargs, shape, dtype, fmt, train, backend, device,
+                                     param_dtype, dist)
+                            )
     return cases
+
+
+#: torch's CUDA kernels of these modules take parameters in the input's dtype only ("expected scalar
+#: type BFloat16 but found Float"), so on CUDA their 16-bit cases hold 16-bit parameters
+_SAME_DTYPE_ON_CUDA = ("LayerNorm", "GroupNorm")
+
+
+def _param_dtypes(spec, kwargs, dtype: torch.dtype, device: str, full: bool) -> list[torch.dtype | None]:
+    """The parameter dtypes a case runs with (None: mixed precision's default, see :class:`Case`)."""
+    low_with_state = dtype in LOW_PRECISION_DTYPES and _has_state(spec.module, kwargs)
+    if device == "cuda" and spec.module in _SAME_DTYPE_ON_CUDA:
+        return [dtype] if low_with_state else [None]
+    if low_with_state and (full or spec.pure_low_precision):
+        return [None, dtype]
+    return [None]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ class T5StyleLayerNorm:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
         if half_weight and x.dtype == self.weight.dtype:
             # float32 result rounded to the weight's dtype: what normkit's kernel returns for this dtype
-            normalized = F.rms_norm(x, (x.shape[-1],), None, self.variance_epsilon)
+            # (and what the cast gives under CUDA autocast, where rms_norm returns float32)
+            normalized = F.rms_norm(x, (x.shape[-1],), None, self.variance_epsilon).to(self.weight.dtype)
         else:
             # promotes to float32 (float64 stays float64), as x * rsqrt(float32 variance) does
             work = x.float() if x.dtype != torch.float64 else x

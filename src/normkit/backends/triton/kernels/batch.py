@@ -6,8 +6,8 @@ positions), for each block of BLOCK_C channels. A channel has far more elements 
 read, so each reduction has two stages, both in a fixed order (bitwise reproducible):
 
 * forward: ``split`` programs per channel block each merge their items' (mean, M2) with Chan's formula
-  into a partial row; :func:`_finalize_stats_kernel` merges the rows in order into mean, rstd and the
-  biased variance; :func:`_apply_kernel` writes ``(x - mean) · rstd · w + b``. Eval (fixed running
+  into a partial row; :func:`_finalize_stats_kernel` merges the rows (in an order fixed by their number)
+  into mean, rstd and the biased variance; :func:`_apply_kernel` writes ``(x - mean) · rstd · w + b``. Eval (fixed running
   statistics) runs the last kernel alone.
 * backward: the same split sums ``dy`` and ``dy · xhat`` per channel into partial rows,
   :func:`~.reduce.sum_partials` adds them (these are dbias and dweight), and :func:`_apply_grad_kernel`
@@ -74,20 +74,25 @@ def _partial_stats_kernel(
 
 @triton.jit
 def _finalize_stats_kernel(
-    PART_MEAN, PART_M2, PART_COUNT, MEAN, RSTD, VAR, C, splits, eps, BLOCK: tl.constexpr
+    PART_MEAN, PART_M2, PART_COUNT, MEAN, RSTD, VAR, C, splits, eps, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr
 ):
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = c < C
-    mean = tl.zeros([BLOCK], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK], dtype=tl.float32)
-    count = tl.zeros([BLOCK], dtype=tl.float32)
-    for split in range(0, splits):
-        part = split * C + c
+    # BLOCK_R partial rows per step (many loads in flight); each lane merges its rows in order, then the
+    # lanes are merged by a tree of the same Chan update: a fixed order for a given number of splits
+    mean = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+    for r0 in range(0, splits, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        m = (r < splits)[:, None] & mask[None, :]
+        part = r.to(tl.int64)[:, None] * C + c[None, :]
         mean, m2, count = chan_merge(
             mean, m2, count,
-            tl.load(PART_MEAN + part, mask=mask, other=0.0), tl.load(PART_M2 + part, mask=mask, other=0.0),
-            tl.load(PART_COUNT + part, mask=mask, other=0.0),
+            tl.load(PART_MEAN + part, mask=m, other=0.0), tl.load(PART_M2 + part, mask=m, other=0.0),
+            tl.load(PART_COUNT + part, mask=m, other=0.0),  # a count of 0 leaves a lane as it is
         )
+    mean, m2, count = tl.reduce((mean, m2, count), 0, chan_merge)
     var = m2 / tl.maximum(count, 1.0)
     tl.store(MEAN + C + c, mean, mask=mask)
     tl.store(RSTD + c, tl.math.rsqrt(var + eps), mask=mask)
@@ -225,9 +230,10 @@ def batch_forward(
             lay.x, mean, *part, *lay.dims, lay.items, lay.items_per_split,
             BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, num_warps=lay.warps,
         )
-        block = min(1024, triton.next_power_of_2(lay.c))
+        block = min(64, triton.next_power_of_2(lay.c))
         _finalize_stats_kernel[(triton.cdiv(lay.c, block),)](
-            *part, mean, rstd, var, lay.c, lay.splits, eps, BLOCK=block, num_warps=4
+            *part, mean, rstd, var, lay.c, lay.splits, eps,
+            BLOCK_R=min(32, triton.next_power_of_2(lay.splits)), BLOCK=block, num_warps=4,
         )
     y = torch.empty_like(lay.x)
     _apply_kernel[lay.apply_grid](

@@ -127,6 +127,10 @@ def _set_backward_kernel(
                 dz = dz * silu_slope(xhat * w[:, :, None] + b[:, :, None])
             sum_dz += tl.sum(dz, axis=2)
             sum_dz_xhat += tl.sum(dz * xhat, axis=2)
+        # each loop result gets one use (the masks change nothing): triton 3.6's thread-locality pass
+        # asserts that an accumulated reduction's result is used once, and both are used twice below
+        sum_dz = tl.where(c_mask, sum_dz, 0.0)
+        sum_dz_xhat = tl.where(c_mask, sum_dz_xhat, 0.0)
         part = n * C + c
         if NEED_DW:
             tl.store(DW_PART + part, sum_dz_xhat, mask=c_mask)
