@@ -110,10 +110,11 @@ class TorchOps:
 
 
 def ran_triton(t: torch.Tensor) -> bool:
-    """Whether ``t``'s autograd graph, within a few nodes (a layout copy may follow), holds a triton op."""
+    """Whether ``t``'s autograd graph, within a few nodes (a layout copy may follow), holds a triton op
+    (the custom op under torch.compile, its eager autograd.Function otherwise)."""
     nodes = [t.grad_fn]
     for _ in range(3):
-        if any("normkit_triton" in type(n).__name__ for n in nodes):
+        if any("normkit_triton" in type(n).__name__ or type(n).__name__.startswith("_Triton") for n in nodes):
             return True
         nodes = [f for n in nodes for f, _ in n.next_functions if f is not None]
     return False
@@ -337,15 +338,39 @@ def test_gradients_are_bitwise_reproducible(block, device):
     w = rand((40,), FP32, device).requires_grad_()
     img = rand((3, 8, 4, 4), BF16, device).contiguous(memory_format=torch.channels_last)
     w2 = rand((8,), FP32, device).requires_grad_()
+    w3 = rand((8,), param_dtype("group_norm", BF16, device), device).requires_grad_()
     grads = []
     with cap(block):
         for _ in range(2):
             (NF.rms_norm(x, (40,), w).float() ** 2).sum().backward()
             (NF.batch_norm(img, None, None, w2, None, True).float() ** 3).sum().backward()
-            (NF.group_norm_silu(img, 4, w2, w2).float() ** 2).sum().backward()
-            grads.append((w.grad.clone(), w2.grad.clone()))
-            w.grad = w2.grad = None
+            (NF.group_norm_silu(img, 4, w3, w3).float() ** 2).sum().backward()
+            grads.append((w.grad.clone(), w2.grad.clone(), w3.grad.clone()))
+            w.grad = w2.grad = w3.grad = None
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_inference_runs_the_kernels_without_autograd(device):
+    """Without a gradient to compute, the kernels run without the autograd.Function (and eval BatchNorm
+    without statistics tensors): the same bits as the recorded call, and no graph."""
+    x, img = rand((6, 40), BF16, device), rand((4, 6, 5, 5), BF16, device)
+    pd = param_dtype("layer_norm", BF16, device)
+    w, w6, b6 = rand((40,), pd, device), rand((6,), pd, device), rand((6,), pd, device)
+    rm, rv = rand((6,), FP32, device), rand((6,), FP32, device).abs() + 0.5
+    calls = {
+        "layer_norm": (lambda w: NF.layer_norm(x, (40,), w), w),
+        "rms_norm": (lambda w: NF.rms_norm(x, (40,), w), w),
+        "group_norm": (lambda w: NF.group_norm(img, 3, w, b6), w6),
+        "batch_norm eval": (lambda w: NF.batch_norm(img, rm, rv, w.float(), b6.float(), False), w6),
+        "batch_norm train": (lambda w: NF.batch_norm(img, None, None, w.float(), None, True), w6),
+    }
+    for name, (call, weight) in calls.items():
+        with torch.no_grad():
+            plain = call(weight)
+        assert plain.grad_fn is None, name
+        recorded = call(weight.detach().requires_grad_())
+        assert ran_triton(recorded), name
+        assert torch.equal(plain, recorded.detach()), name
 
 
 def _saved_bytes(fn) -> int:
@@ -368,10 +393,10 @@ def test_saves_the_input_and_float32_statistics_never_the_output(device):
     # the fused add saves h (returned anyway), not x and residual
     assert _saved_bytes(lambda: NF.fused_add_rms_norm(x, r, (64,), w)) == x.numel() * 2 + w.numel() * 2 + 16 * 4
     img = rand((2, 8, 4, 4), BF16, device).requires_grad_()
-    cw = rand((8,), FP32, device).requires_grad_()
+    cw = rand((8,), param_dtype("group_norm", BF16, device), device).requires_grad_()
     # GroupNorm+SiLU: x, weight, bias (to recompute SiLU's input), the (N, G) mean as a (shift, rest) pair
     # and rstd
-    expected = img.numel() * 2 + 2 * (8 * 4) + 3 * (2 * 4 * 4)
+    expected = img.numel() * 2 + 2 * (8 * cw.element_size()) + 3 * (2 * 4 * 4)
     assert _saved_bytes(lambda: NF.group_norm_silu(img, 4, cw, cw * 1)) == expected
 
 

@@ -56,22 +56,33 @@ def parameter_dtypes(
     x: Tensor,
     *params: Tensor | torch.dtype | None,
     check_order: Sequence[Tensor | torch.dtype | None] | None = None,
-    same_dtype_on_cuda: bool = False,
+    cuda: str = "any",
 ) -> None:
     """torch's rule for parameters (weight, bias, running stats, in that order).
 
     ``params`` are tensors or bare dtypes (None: absent). On the CPU the first defined parameter
     decides: if it has the input's dtype, every other one must too (the first that does not, in
     ``check_order`` if given, is reported); otherwise every parameter must be float32 and the input
-    float16/bfloat16 ("mixed dtype"). On CUDA, torch's LayerNorm and GroupNorm kernels
-    (``same_dtype_on_cuda``) take parameters in the input's dtype only; its other norms take any.
+    float16/bfloat16 ("mixed dtype"). On CUDA, ``cuda`` names torch's rule for the norm: ``"any"``
+    (BatchNorm, InstanceNorm, RMSNorm: any dtypes), ``"same"`` (LayerNorm: the input's dtype only),
+    ``"mixed_then_same"`` (GroupNorm: the CPU rule, whose messages say "(CPU)" there too, then the
+    input's dtype only).
     """
     if not x.is_cpu:
-        if same_dtype_on_cuda:
-            for d in map(_dtype, params):
-                if d is not None and d != x.dtype:
-                    raise RuntimeError(f"expected scalar type {scalar_name(x.dtype)} but found {scalar_name(d)}")
+        if cuda == "any":
+            return
+        if cuda == "mixed_then_same":
+            _cpu_parameter_rule(x, params, check_order)
+        for d in map(_dtype, params):
+            if d is not None and d != x.dtype:
+                raise RuntimeError(f"expected scalar type {scalar_name(x.dtype)} but found {scalar_name(d)}")
         return
+    _cpu_parameter_rule(x, params, check_order)
+
+
+def _cpu_parameter_rule(
+    x: Tensor, params: Sequence[Tensor | torch.dtype | None], check_order: Sequence[Tensor | torch.dtype | None] | None
+) -> None:
     if check_order is None and all(p is None or (isinstance(p, Tensor) and p.dtype == x.dtype) for p in params):
         return  # the common case, every parameter in x's dtype (or absent): nothing to report
     defined = [d for d in map(_dtype, params) if d is not None]

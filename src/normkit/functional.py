@@ -8,11 +8,12 @@ The fused ops (:func:`fused_add_rms_norm`, :func:`fused_add_layer_norm`, :func:`
 no torch.nn.functional counterpart: they check their arguments as the norm they end in does (same
 exception types and messages), and additionally require ``residual`` to match ``x`` exactly.
 
-Under CUDA autocast, torch runs ``layer_norm``, ``group_norm`` and ``rms_norm`` in float32 (they are
-on autocast's float32 list: float16/bfloat16/float32 inputs are cast to float32 and the output is
-float32); so do the functions here that compute them, the channels-first and fused ones included
-(the fused adds then return ``x + residual`` in x's dtype and the norm of it in float32, as the
-composition does). BatchNorm and InstanceNorm are not on the list: they run in the input's dtype.
+Under CUDA autocast, torch runs ``layer_norm`` and ``group_norm`` in float32 (they are on autocast's
+float32 list: float16/bfloat16 inputs are cast to float32 and the output is float32), and ``rms_norm``
+too where the installed torch lists it (2.13 and 2.14 do, 2.11 does not: there it keeps the input's
+dtype); so do the functions here that compute them, the channels-first and fused ones included (the
+fused adds then return ``x + residual`` in x's dtype and the norm of it in float32, as the composition
+does). BatchNorm and InstanceNorm are not on the list: they run in the input's dtype.
 """
 
 from __future__ import annotations
@@ -58,9 +59,16 @@ def _laid_out(y: Tensor, memory_format: torch.memory_format = torch.contiguous_f
     return y if y.is_contiguous(memory_format=memory_format) else y.contiguous(memory_format=memory_format)
 
 
-def _cuda_autocast(x: Tensor) -> bool:
-    """Whether torch's CUDA autocast would run a LayerNorm, GroupNorm or RMSNorm of ``x`` in float32."""
-    return x.is_cuda and torch.is_autocast_enabled("cuda")
+#: whether torch's CUDA autocast lists rms_norm among its float32 ops (it joined the list after torch
+#: 2.11; layer_norm and group_norm are on it in every supported version): an AutocastCUDA kernel is
+#: registered for it exactly then
+_RMS_NORM_AUTOCASTS = torch._C._dispatch_has_kernel_for_dispatch_key("aten::rms_norm", "AutocastCUDA")
+
+
+def _cuda_autocast(x: Tensor, listed: bool = True) -> bool:
+    """Whether torch's CUDA autocast would run a norm of ``x`` that is on its float32 list (``listed``)
+    in float32."""
+    return listed and x.is_cuda and torch.is_autocast_enabled("cuda")
 
 
 def _fp32(t: Tensor | None) -> Tensor | None:
@@ -80,7 +88,7 @@ def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
 def _layer_norm_checks(input: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None) -> None:
     _checks.normalized_shape(input, shape, weight, bias)
     _checks.floating(input, "LayerNormKernelImpl")
-    _checks.parameter_dtypes(input, weight, bias, same_dtype_on_cuda=True)
+    _checks.parameter_dtypes(input, weight, bias, cuda="same")
 
 
 def _rms_norm_checks(input: Tensor, shape: tuple[int, ...], weight: Tensor | None) -> None:
@@ -91,7 +99,7 @@ def _rms_norm_checks(input: Tensor, shape: tuple[int, ...], weight: Tensor | Non
 def _group_norm_checks(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> None:
     _checks.group_norm_args(input, num_groups, weight, bias)
     _checks.floating(input, "GroupNormKernelImpl")
-    _checks.parameter_dtypes(input, weight, bias, same_dtype_on_cuda=True)
+    _checks.parameter_dtypes(input, weight, bias, cuda="mixed_then_same")
 
 
 def _batch_norm_checks(input, running_mean, running_var, weight, bias, training, eps) -> None:
@@ -290,7 +298,7 @@ def rms_norm(
     """
     if has_torch_function_variadic(input, weight):
         return handle_torch_function(rms_norm, (input, weight), input, normalized_shape, weight=weight, eps=eps)
-    if _cuda_autocast(input):
+    if _cuda_autocast(input, _RMS_NORM_AUTOCASTS):
         with torch.autocast("cuda", enabled=False):
             return rms_norm(_fp32(input), normalized_shape, _fp32(weight), eps)
     shape = _as_shape(normalized_shape)
@@ -314,7 +322,7 @@ def _channel_checks(op: str, input: Tensor, weight: Tensor | None, bias: Tensor 
         # the shapes fit: what is left to check is the dtypes, which moving the channels does not change
         _checks.floating(input, "rms_norm" if rms else "LayerNormKernelImpl")
         if not rms:
-            _checks.parameter_dtypes(input, weight, bias, same_dtype_on_cuda=True)
+            _checks.parameter_dtypes(input, weight, bias, cuda="same")
     elif rms:
         _rms_norm_checks(input.movedim(1, -1), c, weight)
     else:
@@ -393,7 +401,7 @@ def channel_rms_norm(input: Tensor, weight: Tensor | None = None, eps: float | N
     """
     if has_torch_function_variadic(input, weight):
         return handle_torch_function(channel_rms_norm, (input, weight), input, weight=weight, eps=eps)
-    if _cuda_autocast(input):
+    if _cuda_autocast(input, _RMS_NORM_AUTOCASTS):
         with torch.autocast("cuda", enabled=False):
             return channel_rms_norm(_fp32(input), _fp32(weight), eps)
     _channel_checks("channel_rms_norm", input, weight, None, rms=True)
@@ -474,7 +482,7 @@ def fused_add_rms_norm(
             fused_add_rms_norm, (x, residual, weight), x, residual, normalized_shape, weight=weight, eps=eps
         )
     _check_residual("fused_add_rms_norm", x, residual)
-    if _cuda_autocast(x):  # the composition's dtypes: h in x's dtype, the norm of it in float32
+    if _cuda_autocast(x, _RMS_NORM_AUTOCASTS):  # the composition's dtypes: h in x's dtype, its norm float32
         h = x + residual
         return rms_norm(h, normalized_shape, weight, eps), h
     shape = _as_shape(normalized_shape)

@@ -66,26 +66,26 @@ class TritonBackend(Backend):
         if self._fallback(x, weight, bias):
             return self._reference.layer_norm(x, normalized_shape, weight, bias, eps)
         n = math.prod(normalized_shape)
-        return ops.rows_forward(x, None, _flat(weight), _flat(bias), n, eps, False)[0]
+        return ops.rows(x, None, _flat(weight), _flat(bias), n, eps, False)[0]
 
     def rms_norm(self, x, normalized_shape, weight, eps):
         if self._fallback(x, weight):
             return self._reference.rms_norm(x, normalized_shape, weight, eps)
         n = math.prod(normalized_shape)
-        return ops.rows_forward(x, None, _flat(weight), None, n, ref.rms_norm_eps(x.dtype, eps), True)[0]
+        return ops.rows(x, None, _flat(weight), None, n, ref.rms_norm_eps(x.dtype, eps), True)[0]
 
     def fused_add_rms_norm(self, x, residual, normalized_shape, weight, eps):
         if self._fallback(x, residual, weight):
             return self._reference.fused_add_rms_norm(x, residual, normalized_shape, weight, eps)
         n = math.prod(normalized_shape)
-        y, h, _, _ = ops.rows_forward(x, residual, _flat(weight), None, n, ref.rms_norm_eps(x.dtype, eps), True)
+        y, h, _, _ = ops.rows(x, residual, _flat(weight), None, n, ref.rms_norm_eps(x.dtype, eps), True)
         return y, h
 
     def fused_add_layer_norm(self, x, residual, normalized_shape, weight, bias, eps):
         if self._fallback(x, residual, weight, bias):
             return self._reference.fused_add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
         n = math.prod(normalized_shape)
-        y, h, _, _ = ops.rows_forward(x, residual, _flat(weight), _flat(bias), n, eps, False)
+        y, h, _, _ = ops.rows(x, residual, _flat(weight), _flat(bias), n, eps, False)
         return y, h
 
     # channel norms
@@ -93,19 +93,19 @@ class TritonBackend(Backend):
     def group_norm(self, x, num_groups, weight, bias, eps):
         if self._fallback(x, weight, bias):
             return self._reference.group_norm(x, num_groups, weight, bias, eps)
-        return ops.sets_forward(x, _flat(weight), _flat(bias), num_groups, eps, False)[0]
+        return ops.sets(x, _flat(weight), _flat(bias), num_groups, eps, False)[0]
 
     def group_norm_silu(self, x, num_groups, weight, bias, eps):
         if self._fallback(x, weight, bias):
             return self._reference.group_norm_silu(x, num_groups, weight, bias, eps)
-        return ops.sets_forward(x, _flat(weight), _flat(bias), num_groups, eps, True)[0]
+        return ops.sets(x, _flat(weight), _flat(bias), num_groups, eps, True)[0]
 
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
         if self._fallback(x, weight, bias, running_mean, running_var):
             return self._reference.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         if not training:
-            return ops.batch_forward(x, _flat(weight), _flat(bias), running_mean, running_var, eps)[0]
-        y, mean, _, var = ops.batch_forward(x, _flat(weight), _flat(bias), None, None, eps)
+            return ops.batch(x, _flat(weight), _flat(bias), running_mean, running_var, eps)[0]
+        y, mean, _, var = ops.batch(x, _flat(weight), _flat(bias), None, None, eps)
         if running_mean is not None:
             count = x.numel() // x.shape[1]
             ops.update_running_stats(running_mean, running_var, mean.detach().sum(0), var.detach(), momentum, count)
@@ -117,8 +117,8 @@ class TritonBackend(Backend):
                 x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
             )
         if not use_input_stats:  # every instance normalized with the running statistics: BatchNorm eval
-            return ops.batch_forward(x, _flat(weight), _flat(bias), running_mean, running_var, eps)[0]
-        y, mean, _, var = ops.sets_forward(x, _flat(weight), _flat(bias), x.shape[1], eps, False)
+            return ops.batch(x, _flat(weight), _flat(bias), running_mean, running_var, eps)[0]
+        y, mean, _, var = ops.sets(x, _flat(weight), _flat(bias), x.shape[1], eps, False)
         if running_mean is not None:
             # the batch averages of the per-instance statistics; the update makes the variance unbiased
             count = x.numel() // (x.shape[0] * x.shape[1])

@@ -7,8 +7,8 @@ read, so each reduction has two stages, both in a fixed order (bitwise reproduci
 
 * forward: ``split`` programs per channel block each merge their items' (mean, M2) with Chan's formula
   into a partial row; :func:`_finalize_stats_kernel` merges the rows (in an order fixed by their number)
-  into mean, rstd and the biased variance; :func:`_apply_kernel` writes ``(x - mean) · rstd · w + b``. Eval (fixed running
-  statistics) runs the last kernel alone.
+  into mean, rstd and the biased variance; :func:`_apply_kernel` writes ``(x - mean) · rstd · w + b``.
+  Eval (fixed running statistics) runs the last kernel alone.
 * backward: the same split sums ``dy`` and ``dy · xhat`` per channel into partial rows,
   :func:`~.reduce.sum_partials` adds them (these are dbias and dweight), and :func:`_apply_grad_kernel`
   writes ``dx = rstd · (g - c1 - xhat · c2)`` with ``g = dy · w`` (eval: ``g · rstd``).
@@ -101,15 +101,21 @@ def _finalize_stats_kernel(
 
 @triton.jit
 def _apply_kernel(
-    X, Y, W, B, MEAN, RSTD, C, S, sN, sC, sS, s_blocks,
+    X, Y, W, B, MEAN, RSTD, C, S, sN, sC, sS, s_blocks, eps,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FIXED: tl.constexpr,
 ):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs, mask, _ = _item_tile(tl.program_id(0), c, C, S, sN, sC, sS, s_blocks, BLOCK_S)
     c_mask = c < C
-    shift = tl.load(MEAN + c, mask=c_mask, other=0.0)
-    mean = tl.load(MEAN + C + c, mask=c_mask, other=0.0)
-    scale = tl.load(RSTD + c, mask=c_mask, other=0.0)
+    if FIXED:  # MEAN and RSTD are the running mean and variance, as stored (any float dtype)
+        shift = tl.load(MEAN + c, mask=c_mask, other=0.0).to(tl.float32)
+        mean = tl.zeros_like(shift)
+        scale = tl.math.rsqrt(tl.load(RSTD + c, mask=c_mask, other=1.0).to(tl.float32) + eps)
+    else:
+        shift = tl.load(MEAN + c, mask=c_mask, other=0.0)
+        mean = tl.load(MEAN + C + c, mask=c_mask, other=0.0)
+        scale = tl.load(RSTD + c, mask=c_mask, other=0.0)
     if HAS_WEIGHT:
         scale = scale * tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -171,17 +177,17 @@ def _blocks(c: int, s: int, channels_inner: bool) -> tuple[int, int]:
     """``(BLOCK_C, BLOCK_S)``: wide along whichever of channels and positions is contiguous."""
     tile = config.tile_elements()
     if channels_inner:
-        block_c = min(triton.next_power_of_2(c), 64, tile)
-        return block_c, max(1, min(triton.next_power_of_2(s), tile // block_c))
-    block_s = min(triton.next_power_of_2(s), tile)
-    return max(1, min(triton.next_power_of_2(c), tile // block_s)), block_s
+        block_c = min(config.next_power_of_2(c), 64, tile)
+        return block_c, max(1, min(config.next_power_of_2(s), tile // block_c))
+    block_s = min(config.next_power_of_2(s), tile)
+    return max(1, min(config.next_power_of_2(c), tile // block_s)), block_s
 
 
 def _splits(items: int, channel_blocks: int, device: torch.device) -> tuple[int, int]:
     """``(splits, items_per_split)``: about four programs per SM in the reduction, none empty."""
-    wanted = max(1, min(items, triton.cdiv(4 * config.num_sms(device), channel_blocks)))
-    per_split = triton.cdiv(items, wanted)
-    return triton.cdiv(items, per_split), per_split
+    wanted = max(1, min(items, config.cdiv(4 * config.num_sms(device), channel_blocks)))
+    per_split = config.cdiv(items, wanted)
+    return config.cdiv(items, per_split), per_split
 
 
 class _Layout:
@@ -190,9 +196,9 @@ class _Layout:
     def __init__(self, x: Tensor) -> None:
         self.x, (n, self.c, self.s), self.strides = ncs_view(x, merge_batch=True)
         self.block_c, self.block_s = _blocks(self.c, self.s, self.strides[1] == 1)
-        self.s_blocks = triton.cdiv(self.s, self.block_s)
+        self.s_blocks = config.cdiv(self.s, self.block_s)
         self.items = n * self.s_blocks
-        self.channel_blocks = triton.cdiv(self.c, self.block_c)
+        self.channel_blocks = config.cdiv(self.c, self.block_c)
         self.splits, self.items_per_split = _splits(self.items, self.channel_blocks, x.device)
         self.warps = config.warps_for(self.block_c * self.block_s)
 
@@ -211,35 +217,43 @@ class _Layout:
 
 def batch_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, fixed_mean: Tensor | None, fixed_var: Tensor | None,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    eps: float, need_stats: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """BatchNorm of x (N, C, *): ``(y, mean, rstd, var)``, y in x's layout and dtype, float32 (C,)
     statistics, the mean as (2, C): a shift and the mean relative to it (their sum is the mean). With
-    ``fixed_mean``/``fixed_var`` (eval) those are used instead of the batch's."""
+    ``fixed_mean``/``fixed_var`` (eval) those are used instead of the batch's: the kernel reads them as
+    they are stored, and the statistics are returned only when ``need_stats`` (for a backward)."""
     lay = _Layout(x)
     dev = x.device
+    y = torch.empty_like(lay.x)
     if fixed_mean is not None:
+        _apply_kernel[lay.apply_grid](
+            lay.x, y, weight if weight is not None else y, bias if bias is not None else y,
+            fixed_mean.contiguous(), fixed_var.contiguous(), *lay.dims, eps,
+            BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            FIXED=True, num_warps=lay.warps,
+        )
+        if not need_stats:
+            return y, None, None, None
         mean = torch.stack([fixed_mean.to(torch.float32), torch.zeros_like(fixed_mean, dtype=torch.float32)])
         var = fixed_var.to(torch.float32, copy=True)
-        rstd = torch.rsqrt(var + eps)
-    else:
-        part = [torch.empty((lay.splits, lay.c), dtype=torch.float32, device=dev) for _ in range(3)]
-        mean = torch.empty((2, lay.c), dtype=torch.float32, device=dev)
-        rstd, var = (torch.empty(lay.c, dtype=torch.float32, device=dev) for _ in range(2))
-        _partial_stats_kernel[lay.split_grid](
-            lay.x, mean, *part, *lay.dims, lay.items, lay.items_per_split,
-            BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, num_warps=lay.warps,
-        )
-        block = min(64, triton.next_power_of_2(lay.c))
-        _finalize_stats_kernel[(triton.cdiv(lay.c, block),)](
-            *part, mean, rstd, var, lay.c, lay.splits, eps,
-            BLOCK_R=min(32, triton.next_power_of_2(lay.splits)), BLOCK=block, num_warps=4,
-        )
-    y = torch.empty_like(lay.x)
+        return y, mean, torch.rsqrt(var + eps), var
+    part = [torch.empty((lay.splits, lay.c), dtype=torch.float32, device=dev) for _ in range(3)]
+    mean = torch.empty((2, lay.c), dtype=torch.float32, device=dev)
+    rstd, var = (torch.empty(lay.c, dtype=torch.float32, device=dev) for _ in range(2))
+    _partial_stats_kernel[lay.split_grid](
+        lay.x, mean, *part, *lay.dims, lay.items, lay.items_per_split,
+        BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, num_warps=lay.warps,
+    )
+    block = min(64, config.next_power_of_2(lay.c))
+    _finalize_stats_kernel[(config.cdiv(lay.c, block),)](
+        *part, mean, rstd, var, lay.c, lay.splits, eps,
+        BLOCK_R=min(32, config.next_power_of_2(lay.splits)), BLOCK=block, num_warps=4,
+    )
     _apply_kernel[lay.apply_grid](
         lay.x, y, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd, *lay.dims,
-        BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        num_warps=lay.warps,
+        eps, BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        FIXED=False, num_warps=lay.warps,
     )
     return y, mean, rstd, var
 

@@ -37,9 +37,9 @@ def sum_partials(partials: Tensor) -> Tensor:
     """Column sums of a contiguous float32 ``(P, N)`` buffer, in a fixed order: float32 ``(N,)``."""
     num_rows, n = partials.shape
     out = torch.empty(n, dtype=torch.float32, device=partials.device)
-    block_n = min(64, triton.next_power_of_2(max(n, 1)))
-    block_r = min(32, triton.next_power_of_2(max(num_rows, 1)))
-    _sum_partials_kernel[(triton.cdiv(n, block_n),)](
+    block_n = min(64, config.next_power_of_2(max(n, 1)))
+    block_r = min(32, config.next_power_of_2(max(num_rows, 1)))
+    _sum_partials_kernel[(config.cdiv(n, block_n),)](
         partials, out, num_rows, n, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4
     )
     return out
@@ -65,10 +65,10 @@ def update_running_stats(
     ``mean`` and ``var`` (the biased batch variance) are float32 ``(C,)``; the running tensors keep
     their dtype. Non-contiguous running tensors are updated through a contiguous copy."""
     c = mean.numel()
-    block = min(1024, triton.next_power_of_2(max(c, 1)))
+    block = min(1024, config.next_power_of_2(max(c, 1)))
     rm = running_mean if running_mean.is_contiguous() else running_mean.contiguous()
     rv = running_var if running_var.is_contiguous() else running_var.contiguous()
-    _update_running_kernel[(triton.cdiv(c, block),)](
+    _update_running_kernel[(config.cdiv(c, block),)](
         rm, rv, mean, var, c, float(momentum), count / max(count - 1, 1), BLOCK=block, num_warps=4
     )
     if rm is not running_mean:

@@ -248,7 +248,7 @@ def row_forward(
     mean = None if rms else torch.empty((2, m), dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     block_m, block_n, one_tile = config.row_config(n, x.dtype)
-    grid = (triton.cdiv(m, block_m),)
+    grid = (config.cdiv(m, block_m),)
     _row_forward_kernel[grid](
         x2, r2 if r2 is not None else x2, h if h is not None else y, y,
         weight if weight is not None else rstd, bias if bias is not None else rstd,
@@ -272,7 +272,7 @@ def row_backward(
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=xh.dtype, device=xh.device)
     block_m, block_n, one_tile = config.row_config(n, xh.dtype)
-    num_tiles = triton.cdiv(m, block_m)
+    num_tiles = config.cdiv(m, block_m)
     # a few programs per SM for rows that fit a tile; one per SM for long rows, whose (G, N) partial
     # buffers are read and written per column block
     programs = max(1, min(num_tiles, config.num_sms(xh.device) * (4 if one_tile else 1)))

@@ -185,13 +185,13 @@ def like(t: Tensor, x: Tensor) -> Tensor:
 def _set_config(cg: int, groups: int, s: int, channels_inner: bool) -> tuple[int, int, int]:
     """``(GROUPS, BLOCK_C, BLOCK_S)``: groups per program and the tile's channel and position extents."""
     tile = config.tile_elements()
-    block_c = min(triton.next_power_of_2(cg), tile)
+    block_c = min(config.next_power_of_2(cg), tile)
     per_program = 1
     if channels_inner:  # read 32 or more adjacent channels at a time when groups are narrow
-        per_program = max(1, min(triton.next_power_of_2(groups), 32 // block_c, tile // block_c))
-    block_s = max(1, min(triton.next_power_of_2(s), tile // (per_program * block_c)))
+        per_program = max(1, min(config.next_power_of_2(groups), 32 // block_c, tile // block_c))
+    block_s = max(1, min(config.next_power_of_2(s), tile // (per_program * block_c)))
     if not channels_inner:  # short positions (small images, 2-D input): fill the tile with groups
-        per_program = max(1, min(triton.next_power_of_2(groups), tile // (block_c * block_s)))
+        per_program = max(1, min(config.next_power_of_2(groups), tile // (block_c * block_s)))
     return per_program, block_c, block_s
 
 
@@ -207,7 +207,7 @@ def set_forward(
     stats.append(torch.empty_like(stats[1]))
     cg = c // groups
     per_program, block_c, block_s = _set_config(cg, groups, s, strides[1] == 1 and s > 1)
-    group_blocks = triton.cdiv(groups, per_program)
+    group_blocks = config.cdiv(groups, per_program)
     _set_forward_kernel[(n * group_blocks,)](
         xk, y, weight if weight is not None else xk, bias if bias is not None else xk, *stats,
         groups, s, *strides, eps, group_blocks, n * groups,
@@ -232,7 +232,7 @@ def set_backward(
     db_part = torch.empty((n, c), dtype=torch.float32, device=x.device) if need_db else None
     cg = c // groups
     per_program, block_c, block_s = _set_config(cg, groups, s, strides[1] == 1 and s > 1)
-    group_blocks = triton.cdiv(groups, per_program)
+    group_blocks = config.cdiv(groups, per_program)
     _set_backward_kernel[(n * group_blocks,)](
         dyk, xk, dx, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd,
         dw_part if dw_part is not None else mean, db_part if db_part is not None else mean,
