@@ -9,6 +9,7 @@ broken test, not a pass); the success cases assert that torch and normkit both a
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -550,3 +551,43 @@ def test_channel_mismatch_warning_is_torchs():
     assert expected.error is None and got.error is None
     assert len(expected.warnings) == 1 and expected.warnings[0][0] is UserWarning
     assert got.warnings == expected.warnings
+
+
+@pytest.mark.parametrize(
+    "call,x_dtype,w_dtype,message",
+    [
+        # LayerNorm: parameters in the input's dtype only
+        ("layer_norm", torch.bfloat16, torch.float32, "expected scalar type BFloat16 but found Float"),
+        ("layer_norm", torch.float32, torch.float64, "expected scalar type Float but found Double"),
+        # GroupNorm: torch's mixed-dtype check first (its "(CPU)" message on CUDA too), then the same rule
+        ("group_norm", torch.float32, torch.bfloat16,
+         "mixed dtype (CPU): expect parameter to have scalar type of Float"),
+        ("group_norm", torch.bfloat16, torch.float32, "expected scalar type BFloat16 but found Float"),
+        ("group_norm_silu", torch.float16, torch.float32, "expected scalar type Half but found Float"),
+        ("channel_layer_norm", torch.bfloat16, torch.float32, "expected scalar type BFloat16 but found Float"),
+        # RMSNorm, BatchNorm, InstanceNorm: any dtypes
+        ("rms_norm", torch.bfloat16, torch.float32, None),
+        ("batch_norm", torch.bfloat16, torch.float32, None),
+        ("instance_norm", torch.bfloat16, torch.float32, None),
+    ],
+)
+def test_parameter_dtype_rules_off_the_cpu(call, x_dtype, w_dtype, message):
+    """torch's CUDA kernels have their own dtype rules (observed on an H200 with torch 2.11, where
+    tests/test_triton_backend.py compares normkit with torch directly). They apply to every tensor that
+    is not on the CPU; meta tensors stand in for CUDA ones here (the checks run before dispatch)."""
+    x = torch.empty(4, 6, 5, 5, device="meta", dtype=x_dtype)
+    w = torch.empty(6, device="meta", dtype=w_dtype)
+    calls = {
+        "layer_norm": lambda: NF.layer_norm(x.movedim(1, -1), (6,), w, w),
+        "group_norm": lambda: NF.group_norm(x, 3, w, w),
+        "group_norm_silu": lambda: NF.group_norm_silu(x, 3, w, w),
+        "channel_layer_norm": lambda: NF.channel_layer_norm(x, w, w),
+        "rms_norm": lambda: normkit.functional._rms_norm_checks(x.movedim(1, -1), (6,), w),
+        "batch_norm": lambda: normkit.functional._batch_norm_checks(x, None, None, w, w, True, 1e-5),
+        "instance_norm": lambda: normkit._checks.parameter_dtypes(x, w, w),
+    }
+    if message is None:
+        calls[call]()
+    else:
+        with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+            calls[call]()

@@ -9,8 +9,9 @@ For each cell (op, shape, dtype, layout) and pass (``fwd``; ``fwdbwd``: forward,
    copies; float32 above 64M elements) under :mod:`normkit.bench.runner`'s per-dtype bound; a provider
    that fails or raises is reported, not timed;
 2. then each provider is timed with L2-cold repetitions: before every repetition a 256 MiB buffer is
-   written (evicting the inputs from the 50 MB L2), and CUDA events time the call alone; the median
-   over the repetitions is reported;
+   written (evicting the inputs from the 50 MB L2) and the stream is held busy for about 1 ms (so that
+   the host's launch time is hidden: ``--with-launch`` counts it), and CUDA events time the call alone;
+   the median over the repetitions is reported;
 3. GB/s is :func:`normkit.bench.runner.moved_bytes` (the minimal traffic of the op) over that time, and
    "of copy" divides it by the device-to-device copy bandwidth measured in the same run
    (``dst.copy_(src)`` of 1 GiB, the same L2-cold timing, counting a read and a write).
@@ -72,6 +73,9 @@ PASSES = ("fwd", "fwdbwd")
 PROVIDERS = ("normkit", "torch", "compile", "liger")
 _WIDE_TRUTH_ELEMENTS = 2**26
 _L2_FLUSH_BYTES = 256 * 2**20
+#: GPU clock cycles the stream is held before each timed call: about 1 ms at 2 GHz, longer than any
+#: provider's Python launch path measured (see Timer)
+_HOLD_CYCLES = 2_000_000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,11 +133,18 @@ def _as_tuple(out: Tensor | tuple) -> tuple:
 
 class Timer:
     """L2-cold timing: before each repetition a large buffer is written, then the call alone is timed
-    (CUDA events on a GPU; on the CPU, where this only runs for --tiny, the wall clock)."""
+    (CUDA events on a GPU; on the CPU, where this only runs for --tiny, the wall clock).
 
-    def __init__(self, device: str, reps: int, warmup: int) -> None:
+    On a GPU the stream is then held busy for about a millisecond (``torch.cuda._sleep``) before the start
+    event, so that the call's kernels are all queued by the time the GPU reaches it: the events time the
+    kernels, not the host's launch overhead (in the first H200 run, without the hold, a call whose Python
+    took longer than the work queued before it counted that time too). ``hold_launch=False`` times the
+    call as a caller sees it, launch gaps included."""
+
+    def __init__(self, device: str, reps: int, warmup: int, hold_launch: bool = True) -> None:
         self.device, self.reps, self.warmup = device, reps, warmup
         self.cuda = device == "cuda"
+        self.hold_cycles = _HOLD_CYCLES if hold_launch and self.cuda else 0
         self.flush = torch.empty(_L2_FLUSH_BYTES // 4 if self.cuda else 1, dtype=torch.float32, device=device)
 
     def median_ms(self, fn: Callable[[], object], prepare: Callable[[], object] | None = None) -> float:
@@ -148,6 +159,8 @@ class Timer:
             self.flush.zero_()
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if self.hold_cycles:
+                    torch.cuda._sleep(self.hold_cycles)
                 start.record()
                 fn()
                 end.record()
@@ -252,6 +265,7 @@ def _time_call(timer: Timer, call, cell: Cell, pass_: str, inputs: dict[str, Ten
 def run(
     cells: Sequence[Cell], device: str, providers: Sequence[str] = PROVIDERS, reps: int = 20, warmup: int = 3,
     time_limit_s: float = 330.0, copy_bytes: int = 2**30, compile_backend: str | None = None,
+    hold_launch: bool = True,
     progress: Callable[[str], None] | None = None, on_cell: Callable[[GpuResult], None] | None = None,
 ) -> GpuResult:
     """Check, then time, every provider on every cell and pass (see the module docstring); ``on_cell``
@@ -261,7 +275,7 @@ def run(
     start = time.perf_counter()
     compile_backend = compile_backend or ("inductor" if device == "cuda" else "aot_eager")
     result = GpuResult(device_name=_device_name(device))
-    timer = Timer(device, reps, warmup)
+    timer = Timer(device, reps, warmup, hold_launch)
     result.copy_gbps = copy_bandwidth(timer, copy_bytes)
     if "liger" in providers and not _liger_calls():
         result.notes.append("Liger-Kernel not installed (pip install liger-kernel): not timed")
@@ -387,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; --tiny 2)")
     parser.add_argument("--time-limit", type=float, default=330.0, metavar="S",
                         help="start no new cell after S seconds (default 330)")
+    parser.add_argument("--with-launch", action="store_true",
+                        help="time each call with its host launch gaps (default: the stream is held so that "
+                             "only the kernels are timed)")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend (default: inductor on a GPU, aot_eager on the CPU)")
     args = parser.parse_args(argv)
@@ -407,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(
         cells, device, args.providers, reps=reps, warmup=1 if args.tiny else 3, time_limit_s=args.time_limit,
         copy_bytes=2**20 if args.tiny else 2**30, compile_backend=args.compile_backend,
+        hold_launch=not args.with_launch,
         progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True),
         on_cell=lambda partial: write(partial, out_dir),
     )
