@@ -608,3 +608,19 @@ def test_gpu_benchmark_runs_tiny(tmp_path, capsys):
     markdown = (tmp_path / "gpu.md").read_text()
     assert markdown.startswith("# normkit GPU benchmark: ") and "| group_norm_silu | 2x64x4x4 |" in markdown
     assert float(rows[0]["copy_gbps"]) > 0
+
+
+@pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or a GPU")
+def test_gpu_benchmark_only_selects_cells(tmp_path, capsys):
+    """``--only TEXT`` runs the cells whose id contains TEXT, and refuses a filter that matches none."""
+    import csv
+
+    from normkit.bench import gpu
+
+    with pytest.raises(SystemExit):
+        gpu.main(["--tiny", "--out", str(tmp_path), "--only", "no such cell"])
+    assert gpu.main(["--tiny", "--out", str(tmp_path), "--reps", "1", "--providers", "normkit",
+                     "--only", "rms_norm 16x96"]) == 0
+    rows = list(csv.DictReader((tmp_path / "gpu.csv").open()))
+    assert {(r["op"], r["shape"]) for r in rows} == {("rms_norm", "16x96")}
+    assert len(rows) == len(gpu.PASSES)
