@@ -373,3 +373,18 @@ def test_env_lists_optional_packages(capsys):
     assert cli.main(["env"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("optional packages"))
     assert "ray " in line and "transformers " in line and "timm " in line
+
+
+def test_verify_matrix_on_cuda_gives_layer_and_group_norm_their_input_dtype():
+    """torch's CUDA LayerNorm and GroupNorm take no float32 parameters with 16-bit input (tested against
+    torch in tests/test_triton_backend.py on a GPU), so the CUDA matrix gives their stateful 16-bit
+    cases 16-bit parameters; the CPU matrix keeps mixed precision, and the other norms keep it on CUDA."""
+    from normkit import verify
+
+    def param_dtypes(device, modules):
+        cases = verify.build_matrix(devices=[device], backends=["reference"], dtypes=["bfloat16"], modules=modules)
+        return {c.params_dtype for c in cases if verify._has_state(c.module, dict(c.kwargs))}
+
+    assert param_dtypes("cuda", ["LayerNorm", "GroupNorm"]) == {torch.bfloat16}
+    assert param_dtypes("cpu", ["LayerNorm", "GroupNorm"]) == {torch.float32, torch.bfloat16}
+    assert torch.float32 in param_dtypes("cuda", ["BatchNorm2d", "RMSNorm"])
