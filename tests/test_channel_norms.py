@@ -149,9 +149,11 @@ def test_outlier_in_first_channel(backend):
     s=st.integers(1, 80),
     channels_last=st.booleans(),
     rms=st.booleans(),
+    seed=st.integers(0, 2**16 - 1),
 )
-def test_hypothesis_shapes(n, c, s, channels_last, rms):
+def test_hypothesis_shapes(n, c, s, channels_last, rms, seed):
     """Positions that leave a short last tile, any channel count, either layout (default backend)."""
+    torch.manual_seed(seed)  # the data too comes from hypothesis, so that a failing example replays
     check("rms" if rms else "layer", (n, c, s), torch.float32, "channels_last" if channels_last else "contiguous")
 
 

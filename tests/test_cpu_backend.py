@@ -104,8 +104,10 @@ class _TorchOps:
     dtype=st.sampled_from(DTYPES),
     affine=st.sampled_from(["none", "weight", "both"]),
     offset=st.sampled_from([0.0, 50.0]),
+    seed=st.integers(0, 2**16 - 1),
 )
-def test_row_norms_match_truth(rows, n, dtype, affine, offset):
+def test_row_norms_match_truth(rows, n, dtype, affine, offset, seed):
+    torch.manual_seed(seed)  # the data too comes from hypothesis, so that a failing example replays
     x = torch.randn(rows, n).to(dtype) + offset
     r = torch.randn(rows, n).to(dtype)
     w = torch.randn(n).to(dtype) if affine != "none" else None
@@ -127,6 +129,17 @@ def _layouts(shape):
     yield "strided", lambda t: torch.cat([t, t], dim=-1)[..., : t.shape[-1]]
 
 
+def test_group_norm_silu_gradient_of_two_element_groups_far_from_zero():
+    """The input gradient of a group of two elements is zero but for eps: a near-total cancellation of
+    each dz against the group's sums. With a mean of 20, SiLU's derivative taken a rounding of the mean
+    apart in the backward's two passes gave errors of 1% there (35 of 400 random inputs failed the
+    float32 tolerance, seeds 19, 20 and 35 among them); both passes now use the same centre."""
+    for seed in range(40):
+        torch.manual_seed(seed)
+        x = torch.randn(4, 6) * 2 + 20
+        _check(lambda f, x, w, b: f.group_norm_silu(x, 3, w, b), [x, None, None], torch.float32, msg=f"seed {seed}")
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     n=st.integers(1, 5),
@@ -136,8 +149,10 @@ def _layouts(shape):
     dtype=st.sampled_from(DTYPES),
     affine=st.booleans(),
     offset=st.sampled_from([0.0, 20.0]),
+    seed=st.integers(0, 2**16 - 1),
 )
-def test_channel_norms_match_truth(n, c_per_group, groups, spatial, dtype, affine, offset):
+def test_channel_norms_match_truth(n, c_per_group, groups, spatial, dtype, affine, offset, seed):
+    torch.manual_seed(seed)  # the data too comes from hypothesis, so that a failing example replays
     c = groups * c_per_group
     shape = (n, c, *spatial)
     base = torch.randn(shape) * 2 + offset
