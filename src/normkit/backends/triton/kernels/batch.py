@@ -18,6 +18,8 @@ The running statistics are updated by :func:`~.reduce.update_running_stats` from
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -173,9 +175,8 @@ def _apply_grad_kernel(
     tl.store(DX + offs, rounded(dx, DX.dtype.element_ty), mask=mask)
 
 
-def _blocks(c: int, s: int, channels_inner: bool) -> tuple[int, int]:
+def _blocks(c: int, s: int, channels_inner: bool, tile: int) -> tuple[int, int]:
     """``(BLOCK_C, BLOCK_S)``: wide along whichever of channels and positions is contiguous."""
-    tile = config.tile_elements()
     if channels_inner:
         block_c = min(config.next_power_of_2(c), 64, tile)
         return block_c, max(1, min(config.next_power_of_2(s), tile // block_c))
@@ -183,11 +184,22 @@ def _blocks(c: int, s: int, channels_inner: bool) -> tuple[int, int]:
     return max(1, min(config.next_power_of_2(c), tile // block_s)), block_s
 
 
-def _splits(items: int, channel_blocks: int, device: torch.device) -> tuple[int, int]:
+def _splits(items: int, channel_blocks: int, sms: int) -> tuple[int, int]:
     """``(splits, items_per_split)``: about four programs per SM in the reduction, none empty."""
-    wanted = max(1, min(items, config.cdiv(4 * config.num_sms(device), channel_blocks)))
+    wanted = max(1, min(items, config.cdiv(4 * sms, channel_blocks)))
     per_split = config.cdiv(items, wanted)
     return config.cdiv(items, per_split), per_split
+
+
+@functools.lru_cache(maxsize=1024)
+def _tiling(n: int, c: int, s: int, channels_inner: bool, sms: int, tile: int) -> tuple[int, ...]:
+    """Every launch parameter of one shape, computed once per shape (the forward and the backward of
+    each call need them, and their arithmetic cost more host time per call than a small kernel's)."""
+    block_c, block_s = _blocks(c, s, channels_inner, tile)
+    s_blocks = config.cdiv(s, block_s)
+    items, channel_blocks = n * s_blocks, config.cdiv(c, block_c)
+    splits, per_split = _splits(items, channel_blocks, sms)
+    return block_c, block_s, s_blocks, items, channel_blocks, splits, per_split, config.warps_for(block_c * block_s)
 
 
 class _Layout:
@@ -195,12 +207,10 @@ class _Layout:
 
     def __init__(self, x: Tensor) -> None:
         self.x, (n, self.c, self.s), self.strides = ncs_view(x, merge_batch=True)
-        self.block_c, self.block_s = _blocks(self.c, self.s, self.strides[1] == 1)
-        self.s_blocks = config.cdiv(self.s, self.block_s)
-        self.items = n * self.s_blocks
-        self.channel_blocks = config.cdiv(self.c, self.block_c)
-        self.splits, self.items_per_split = _splits(self.items, self.channel_blocks, x.device)
-        self.warps = config.warps_for(self.block_c * self.block_s)
+        (self.block_c, self.block_s, self.s_blocks, self.items, self.channel_blocks, self.splits,
+         self.items_per_split, self.warps) = _tiling(
+            n, self.c, self.s, self.strides[1] == 1, config.num_sms(x.device), config.tile_elements()
+        )
 
     @property
     def dims(self) -> tuple[int, ...]:
