@@ -80,7 +80,8 @@ def _eager_function(name: str, forward, setup_context, backward) -> type[torch.a
     """The autograd.Function of a custom op's forward, setup and backward functions, for eager calls.
 
     The forward takes ``ctx`` and calls the setup itself: a Function that defines ``setup_context``
-    binds its arguments with ``inspect.signature`` on every call (60 µs here, more than the launch)."""
+    binds its arguments with ``inspect.signature`` on every call, which was the largest single item of an
+    eval BatchNorm call's host time under the profiler."""
 
     def fwd(ctx, *inputs):
         output = forward(*inputs)

@@ -193,8 +193,8 @@ def _splits(items: int, channel_blocks: int, sms: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=1024)
 def _tiling(n: int, c: int, s: int, channels_inner: bool, sms: int, tile: int) -> tuple[int, ...]:
-    """Every launch parameter of one shape, computed once per shape (the forward and the backward of
-    each call need them, and their arithmetic cost more host time per call than a small kernel's)."""
+    """Every launch parameter of one shape, computed once per shape rather than in every forward and
+    backward (host time is what small norms on a GPU are short of)."""
     block_c, block_s = _blocks(c, s, channels_inner, tile)
     s_blocks = config.cdiv(s, block_s)
     items, channel_blocks = n * s_blocks, config.cdiv(c, block_c)
