@@ -35,8 +35,8 @@ _cap_override: int | None = None
 
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for positive ints. The launchers call these two on every launch, and triton 3.8's
-    own ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions: 13 µs a call from Python
-    on the 2-core CI machine, seven calls per BatchNorm."""
+    own ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions: 13 µs a call under the
+    profiler on the 2-core CI machine, seven calls per BatchNorm."""
     return -(-a // b)
 
 
