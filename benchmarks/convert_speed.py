@@ -154,6 +154,17 @@ def cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
             lambda: compare("timm mobilenetv3_large_100, 8x3x224x224",
                             timm.create_model("mobilenetv3_large_100", num_classes=10), images, reps, train=True),
         ],
+        "groupnorm": [
+            lambda: compare("timm efficientnet_b0_gn, 8x3x224x224", timm.create_model("efficientnet_b0_gn"),
+                            images, reps),
+            lambda: compare("timm efficientnet_b0_gn, 8x3x224x224", timm.create_model("efficientnet_b0_gn"),
+                            images, reps, fused=True),
+            lambda: compare("timm efficientnet_b0_gn, 8x3x224x224", timm.create_model("efficientnet_b0_gn"),
+                            images, reps, train=True, fused=True),
+            lambda: compare("timm resnet50_gn, 8x3x224x224", timm.create_model("resnet50_gn"), images, reps),
+            lambda: compare("timm resnet50_gn, 8x3x224x224", timm.create_model("resnet50_gn"), images, reps,
+                            train=True),
+        ],
         "resnet": [
             lambda: compare("timm resnet18, 8x3x224x224", timm.create_model("resnet18", num_classes=10), images,
                             reps),
@@ -206,6 +217,12 @@ def gpu_cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
             lambda: compare("timm mobilenetv3_large_100, 128x3x224x224", timm.create_model("mobilenetv3_large_100"),
                             images(128), reps, fused=True),
         ],
+        "groupnorm": [
+            lambda: compare("timm efficientnet_b0_gn, 64x3x224x224", timm.create_model("efficientnet_b0_gn"),
+                            images(64), reps, fused=True),
+            lambda: compare("timm efficientnet_b0_gn, 64x3x224x224", timm.create_model("efficientnet_b0_gn"),
+                            images(64), reps, train=True, fused=True),
+        ],
         "resnet": [
             lambda: compare("timm resnet50, 64x3x224x224", timm.create_model("resnet50"), images(64), reps),
             lambda: compare("timm resnet50, 64x3x224x224", timm.create_model("resnet50"), images(64), reps,
@@ -217,8 +234,8 @@ def gpu_cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=11, help="paired repetitions per whole model (x3 per module)")
-    parser.add_argument("--only", nargs="*", choices=["modules", "llama", "convnext", "mobilenet", "resnet"],
-                        help="run only these groups")
+    groups = ["modules", "llama", "convnext", "mobilenet", "groupnorm", "resnet"]
+    parser.add_argument("--only", nargs="*", choices=groups, help="run only these groups")
     parser.add_argument("--out", type=Path, help="write the rows, machine and versions to this JSON file")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: GPU-sized cases on the GPU (the triton backend)")

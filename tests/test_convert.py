@@ -356,6 +356,14 @@ def test_timm_models(name, train):
                      train=train, expect=expect)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_timm_groupnorm_efficientnet(fused, train):
+    """timm's GroupNorm EfficientNet (GroupNormAct with SiLU and with no activation), plain and fused."""
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    check_equivalent(_timm("test_efficientnet_gn"), x, train=train, expect={"GroupNormAct": 13}, fused=fused)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 def test_timm_layers(fused):
     layers = pytest.importorskip("timm.layers")
