@@ -372,15 +372,16 @@ _TritonBatch = _eager_function("_TritonBatch", _batch_forward, _batch_setup, _ba
 def batch(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, fixed_mean: Tensor | None, fixed_var: Tensor | None,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`batch_forward`: the custom op under torch.compile, else the same functions without it."""
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`batch_forward`: the custom op under torch.compile, else the same functions without it (and
+    without statistics in inference with fixed ones)."""
     if _compiling():
         return batch_forward(x, weight, bias, fixed_mean, fixed_var, eps)
     if _needs_grad(x, weight, bias):
         return _TritonBatch.apply(x, weight, bias, fixed_mean, fixed_var, eps)
-    # inference: no statistics tensors for fixed ones (nothing would read them)
-    y, mean, rstd, var = _batch.batch_forward(x, weight, bias, fixed_mean, fixed_var, eps, need_stats=False)
-    return (y, mean, rstd, var) if mean is not None else (y, _empty(x), _empty(x), _empty(x))
+    # inference: no statistics for fixed ones (nothing reads them; not even empty placeholders, whose
+    # three allocations were a tenth of an eval BatchNorm call's host time)
+    return _batch.batch_forward(x, weight, bias, fixed_mean, fixed_var, eps, need_stats=False)
 
 
 @torch.library.custom_op(f"{_NS}::update_running_stats", mutates_args=("running_mean", "running_var"))
