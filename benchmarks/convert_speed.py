@@ -13,6 +13,7 @@ Needs transformers and timm (``pip install -e ".[models]"``)::
 
     python benchmarks/convert_speed.py                      # everything, about 10 minutes on 2 cores
     python benchmarks/convert_speed.py --only convnext --reps 15
+    python benchmarks/convert_speed.py --only modules --compile   # torch.compile on both sides
     python benchmarks/convert_speed.py --out docs/benchmarks/convert/convert-2core.json
     python benchmarks/convert_speed.py --device cuda --out docs/benchmarks/convert/convert-h200.json
 """
@@ -35,6 +36,9 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import normkit
 from normkit.bench.machine import machine_info
+
+#: set by ``--compile``: time ``torch.compile`` of the original against ``torch.compile`` of the converted copy
+COMPILE = False
 
 
 def _sync() -> None:
@@ -62,6 +66,9 @@ def compare(name: str, original: torch.nn.Module, inputs, reps: int, train: bool
     original = original.train(train)
     converted = normkit.convert(copy.deepcopy(original), fused=fused)
     name = f"{name}{', fused=True' if fused else ''}"
+    if COMPILE:  # both sides compiled: inductor fuses torch's norms itself, normkit's ops stay opaque calls
+        original, converted = torch.compile(original), torch.compile(converted)
+        name += ", compiled"
     if isinstance(inputs, torch.Tensor) and train:
         inputs = inputs.detach().requires_grad_()
     times: dict[str, list[float]] = {"original": [], "converted": []}
@@ -93,6 +100,7 @@ def compare(name: str, original: torch.nn.Module, inputs, reps: int, train: bool
         "speedup_p25": q[0],
         "speedup_p75": q[2],
         "max_diff": max_diff,
+        "compiled": COMPILE,
     }
     print(
         f"{name:46s} {row['mode']:10s} original {row['original_ms']:8.2f} ms  converted "
@@ -239,7 +247,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the rows, machine and versions to this JSON file")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: GPU-sized cases on the GPU (the triton backend)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile both sides with torch.compile (the first calls, untimed, compile)")
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
     torch.manual_seed(0)
     rows = []
     groups = gpu_cases(args.reps) if args.device == "cuda" else cases(args.reps)
