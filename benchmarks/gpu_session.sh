@@ -56,8 +56,8 @@ for phase in "${phases[@]}"; do
     compile)  # torch.compile (inductor) on one shape per op: each cell compiles twice
         run_phase compile 150 python3 -m normkit.bench.gpu --providers normkit torch compile --time-limit 120 \
             --out "$OUT/compile" --only "32768x4096 bf16" "group_norm_silu" "batch_norm_train" ;;
-    convert)  # converted Hugging Face and timm models: outputs and paired speed on the GPU
-        run_phase convert 110 python3 benchmarks/convert_speed.py --device cuda --reps 11 \
+    convert)  # converted Hugging Face and timm models: outputs and paired speed (ResNet-50 and MobileNetV3 first)
+        run_phase convert 150 python3 benchmarks/convert_speed.py --device cuda --reps 11 \
             --out "$OUT/convert-gpu.json" ;;
     *) echo "unknown phase $phase"; exit 2 ;;
     esac
