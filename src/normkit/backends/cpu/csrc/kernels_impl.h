@@ -494,6 +494,7 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
     NK_A *hi = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
     NK_A *scale = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
     NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
             int64_t k = nk_set_of(n, c, C, groups);
@@ -635,6 +636,16 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
      * set, not per (n, c): three scattered loads each would cost more than a small set's sums. */
     NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * (size_t)(sets + 1));
     int64_t D = groups > 0 ? C / groups : 1;
+    /* the set of each (n, c), without a division per element; the per-(n, c) and per-set loops below
+     * run on every thread: at small S (7x7) they took as long as a pass over the data when serial.
+     * Each sum over a set still adds its terms in the serial order, so the results are unchanged. */
+    int64_t *kset = (int64_t *)malloc(sizeof(int64_t) * nc_count);
+    for (int64_t n = 0, i = 0; n < N; n++)
+        for (int64_t c = 0, g = 0, d = 0; c < C; c++, i++) {
+            kset[i] = groups > 0 ? n * groups + g : c;
+            if (++d == D) d = 0, g++;
+        }
+#pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t k = 0; k < sets; k++) {
         if (act) {
             shift[k] = mean[k];
@@ -649,9 +660,10 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         NK_A lo = v[0] < v[1] ? v[0] : v[1], hi = v[0] < v[1] ? v[1] : v[0];
         shift[k] = v[2] < lo ? lo : (v[2] > hi ? hi : v[2]);
     }
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
-            int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
+            int64_t i = n * C + c, k = kset[i];
             mh[i] = shift[k];
             r[i] = rstd[k];
             zw[i] = w ? w[c] : (NK_A)1;
@@ -723,11 +735,19 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     double set_count = groups > 0 ? (double)(C / groups) * (double)S : (double)N * (double)S;
     if (train) {
         double *sx = (double *)calloc((size_t)sets + 1, sizeof(double));
-        for (int64_t n = 0; n < N; n++)
-            for (int64_t c = 0; c < C; c++) sx[nk_set_of(n, c, C, groups)] += a0[n * C + c] + (double)S * (double)mh[n * C + c];
+        if (groups > 0) { /* a sample's sets are its own */
+#pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t c = 0; c < C; c++) sx[kset[n * C + c]] += a0[n * C + c] + (double)S * (double)mh[n * C + c];
+        } else { /* a channel's set is its own */
+#pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t c = 0; c < C; c++)
+                for (int64_t n = 0; n < N; n++) sx[c] += a0[n * C + c] + (double)S * (double)mh[n * C + c];
+        }
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
         for (int64_t n = 0; n < N; n++)
             for (int64_t c = 0; c < C; c++) {
-                int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
+                int64_t i = n * C + c, k = kset[i];
                 double m = sx[k] / set_count;
                 /* a2 <- sum dz * xhat; then centre pass 2 on the exact mean as hi + lo */
                 a2[i] = (double)r[i] * (a2[i] - (m - (double)mh[i]) * a1[i]);
@@ -738,16 +758,19 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     } else if (!act) {
         /* eval: pass 1 was centred on a shift inside the data, not on the fixed mean (running
          * statistics may lie far from this batch), so sum dz (x - m) = sum dz (x - K) - (m - K) sum dz */
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
         for (int64_t n = 0; n < N; n++)
             for (int64_t c = 0; c < C; c++) {
-                int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
+                int64_t i = n * C + c, k = kset[i];
                 a2[i] = (double)r[i] * (a2[i] - ((double)mean[k] - (double)mh[i]) * a1[i]);
                 mh[i] = mean[k];
             }
     } else {
+#pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t i = 0; i < N * C; i++) a2[i] *= (double)r[i];
     }
     /* the parameter gradients */
+#pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < C; c++) {
         double sw = 0, sb = 0;
         for (int64_t n = 0; n < N; n++) sw += a2[n * C + c], sb += a1[n * C + c];
@@ -756,18 +779,29 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     }
     /* dx = rstd * (w dz - mean_set(w dz) - xhat mean_set(w dz xhat)): cancel first, then scale */
     double *g1 = (double *)calloc((size_t)sets + 1, sizeof(double)), *g2 = (double *)calloc((size_t)sets + 1, sizeof(double));
-    if (train)
+    if (train && groups > 0) {
+#pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t n = 0; n < N; n++)
             for (int64_t c = 0; c < C; c++) {
-                int64_t k = nk_set_of(n, c, C, groups);
+                int64_t k = kset[n * C + c];
                 double wc = w ? (double)w[c] : 1.0;
                 g1[k] += wc * a1[n * C + c];
                 g2[k] += wc * a2[n * C + c];
             }
+    } else if (train) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t n = 0; n < N; n++) {
+                double wc = w ? (double)w[c] : 1.0;
+                g1[c] += wc * a1[n * C + c];
+                g2[c] += wc * a2[n * C + c];
+            }
+    }
     NK_A *k2 = (NK_A *)malloc(sizeof(NK_A) * nc_count), *k3 = (NK_A *)malloc(sizeof(NK_A) * nc_count);
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
-            int64_t k = nk_set_of(n, c, C, groups), i = n * C + c;
+            int64_t i = n * C + c, k = kset[i];
             k2[i] = (NK_A)(-g2[k] / set_count);
             k3[i] = (NK_A)(-g1[k] / set_count);
         }
@@ -810,6 +844,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     free(k3);
     free(shift);
     free(zc);
+    free(kset);
 }
 
 /* the channels-first row norms (LayerNorm2d), with the same macros */
