@@ -1,0 +1,56 @@
+"""``benchmarks/convert_speed.py``'s machinery on tiny modules: the row it writes, the output difference it
+records, and ``--compile``. No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "convert_speed.py"
+
+
+@pytest.fixture()
+def convert_speed(monkeypatch):
+    spec = importlib.util.spec_from_file_location("convert_speed", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "COMPILE", False)
+    return module
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
+def test_compare_row(convert_speed, train):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    row = convert_speed.compare("rms", LlamaRMSNorm(16), torch.randn(2, 3, 16), reps=3, train=train)
+    assert row["case"] == "rms" and row["mode"] == ("train step" if train else "inference")
+    assert row["reps"] == 3 and not row["compiled"]
+    assert row["speedup_p25"] <= row["speedup"] <= row["speedup_p75"]
+    assert row["original_ms"] > 0 and row["converted_ms"] > 0
+    assert row["max_diff"] < 1e-6  # float32: the converted RMSNorm gives the same bits or nearly
+
+
+def test_compare_compiled_and_fused(convert_speed, monkeypatch):
+    layers = pytest.importorskip("timm.layers")
+    monkeypatch.setattr(convert_speed, "COMPILE", True)
+    model = torch.nn.Sequential(layers.GroupNormAct(8, 4, act_layer=torch.nn.SiLU))
+    row = convert_speed.compare("gn", model, torch.randn(2, 8, 5, 5), reps=2, fused=True)
+    assert row["case"] == "gn, fused=True, compiled" and row["compiled"]
+    assert row["max_diff"] < 1e-5
+
+
+def test_write_records_machine_and_versions(convert_speed, tmp_path):
+    rows = [{"case": "x", "speedup": 1.0}]
+    out = tmp_path / "r.json"
+    convert_speed._write(out, rows, "cpu")
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and saved["device"] == "cpu"
+    assert {"torch", "normkit", "transformers", "timm"} <= saved["versions"].keys()
+    assert saved["machine"]
