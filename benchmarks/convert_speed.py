@@ -6,9 +6,11 @@ original/converted (> 1: the converted model is faster), with its 25th-75th perc
 noisy neighbour slows both sides of a pair instead of biasing one. Whole models are timed in
 inference (``torch.no_grad``) and in a training step (forward, backward, gradients zeroed).
 Each case also records how far the converted model's first output lies from the original's
-(``max_diff``: the largest absolute difference over the largest absolute value). On a GPU
-(``--device cuda``) the cases are GPU-sized (larger batches, bfloat16 for the LLM), run on the
-triton backend, and every timed call is bracketed by ``torch.cuda.synchronize()``.
+(``max_diff``: the largest absolute difference over the largest absolute value) and, for a training
+step, the MiB of activations one forward saves for the backward on each side (``saved_mib_*``,
+exact, not timed). On a GPU (``--device cuda``) the cases are GPU-sized (larger batches, bfloat16
+for the LLM), run on the triton backend, and every timed call is bracketed by
+``torch.cuda.synchronize()``.
 Needs transformers and timm (``pip install -e ".[models]"``)::
 
     python benchmarks/convert_speed.py                      # everything, about 10 minutes on 2 cores
@@ -35,6 +37,7 @@ from timm.layers import LayerNorm2d
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import normkit
+from normkit.bench import saved_bytes
 from normkit.bench.machine import machine_info
 
 #: set by ``--compile``: time ``torch.compile`` of the original against ``torch.compile`` of the converted copy
@@ -46,9 +49,20 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _call(model: torch.nn.Module, inputs, train: bool) -> torch.Tensor:
+def _forward(model: torch.nn.Module, inputs):
     out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    out = getattr(out, "logits", out)
+    return getattr(out, "logits", out)
+
+
+def _saved_mib(model: torch.nn.Module, inputs) -> float:
+    """MiB of activations that one forward keeps alive for the backward: every distinct saved storage
+    once, less the parameters and the inputs, which live anyway (see :mod:`normkit.bench.memory`)."""
+    live = [*model.parameters(), *(inputs.values() if isinstance(inputs, dict) else [inputs])]
+    return saved_bytes(lambda *_: _forward(model, inputs), live).new / 2**20
+
+
+def _call(model: torch.nn.Module, inputs, train: bool) -> torch.Tensor:
+    out = _forward(model, inputs)
     if train:
         out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
@@ -88,6 +102,8 @@ def compare(name: str, original: torch.nn.Module, inputs, reps: int, train: bool
                 _call(model, inputs, train)
                 _sync()
                 times[key].append(time.perf_counter() - start)
+        # the same extra forward on both sides, so running statistics stay equal
+        saved = [_saved_mib(model, inputs) for model in (original, converted)] if train else [None, None]
     ratios = sorted(a / b for a, b in zip(times["original"], times["converted"], strict=True))
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     row = {
@@ -101,11 +117,13 @@ def compare(name: str, original: torch.nn.Module, inputs, reps: int, train: bool
         "speedup_p75": q[2],
         "max_diff": max_diff,
         "compiled": COMPILE,
+        "saved_mib_original": saved[0],
+        "saved_mib_converted": saved[1],
     }
     print(
         f"{name:46s} {row['mode']:10s} original {row['original_ms']:8.2f} ms  converted "
         f"{row['converted_ms']:8.2f} ms  speedup {row['speedup']:.3f}x [{q[0]:.3f}-{q[2]:.3f}]  "
-        f"max_diff {max_diff:.1e}",
+        f"max_diff {max_diff:.1e}" + (f"  saved for backward {saved[0]:.1f} -> {saved[1]:.1f} MiB" if train else ""),
         flush=True,
     )
     return row
