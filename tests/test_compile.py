@@ -163,3 +163,25 @@ def test_batch_norm_act_compiles(backend_name):
         eager = fn(x)
         compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(x)
     assert_close(compiled, eager.double(), baseline=eager)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_rms_norm_rounded_scale_compiles(backend_name):
+    """The 16-bit Llama-order RMSNorm traces as its composition (the cpu backend's one pass stays eager),
+    outputs and gradients as in eager mode."""
+    torch._dynamo.reset()
+    w = (1 + 0.2 * torch.randn(16)).to(torch.bfloat16).requires_grad_()
+
+    def fn(x):
+        return NF._rms_norm_rounded_scale(x, (16,), w, 1e-6)
+
+    x = torch.randn(3, 5, 16).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(3, 5, 16).to(torch.bfloat16)
+    with normkit.use_backend(backend_name):
+        eager = fn(x)
+        eager_grads = torch.autograd.grad(eager, (x, w), dy)
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(x)
+        compiled_grads = torch.autograd.grad(compiled, (x, w), dy)
+    assert torch.equal(compiled, eager)  # the same rounding order either way
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        assert_close(a, b.double(), baseline=b)

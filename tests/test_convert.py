@@ -312,6 +312,38 @@ def test_hugging_face_t5(train):
     check_equivalent(make, inputs, train=train, expect={"T5LayerNorm": 12})
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_llama_rms_norm_in_16_bit_one_pass(dtype):
+    """A 16-bit Llama RMSNorm (its weight in the same dtype) runs as one op that rounds the normalized
+    value before the weight multiplies it, as the original does: outputs within the dtype's bound of the
+    original's float64 math, gradients no further from it than the original's own, and less kept for
+    the backward (the input and one float per row)."""
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from normkit.bench import saved_bytes
+
+    original = _randomize(LlamaRMSNorm(64)).to(dtype)
+    converted = normkit.convert(copy.deepcopy(original))
+    truth = copy.deepcopy(original).double()
+    x = (3 * torch.randn(4, 9, 64, generator=torch.Generator().manual_seed(0))).to(dtype)
+    dy = torch.randn(4, 9, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    outs, grads = [], []
+    for model, t in ((original, x), (converted, x), (truth, x.double())):
+        leaf = t.clone().requires_grad_()
+        y = model(leaf)
+        y.backward(dy.to(y.dtype))
+        outs.append(y.detach())
+        grads.append((leaf.grad, model.weight.grad))
+    assert outs[1].dtype == outs[0].dtype == dtype
+    assert_close(outs[1], outs[2], dtype, baseline=outs[0], msg="output")
+    for i in range(2):  # the input's gradient, the weight's
+        assert_no_worse(grads[1][i], grads[2][i], grads[0][i])
+    kept = [saved_bytes(lambda t, *_, m=m: m(t), [x.clone().requires_grad_(), *m.parameters()]).new
+            for m in (original, converted)]
+    assert kept[1] == 4 * 9 * 4 < kept[0]  # float32 rstd per row, against the original's intermediates
+
+
 def test_gemma_weight_offset_and_t5_half_weight_casting():
     transformers = pytest.importorskip("transformers")
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm

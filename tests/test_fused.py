@@ -742,3 +742,54 @@ def test_modules_are_exported():
         assert name in NN.__all__ and hasattr(NN, name)
     for name in ("fused_add_rms_norm", "fused_add_layer_norm", "group_norm_silu"):
         assert name in NF.__all__
+
+
+# --------------------------------------------------------------------------------------------------
+# RMSNorm with the normalized value rounded before the weight (Hugging Face Llama's order)
+# --------------------------------------------------------------------------------------------------
+
+
+def torch_rms_rounded_scale(x, w, shape, eps=None):
+    """Hugging Face Llama's order: normalize, round to x's dtype, then multiply by the weight."""
+    return w * TF.rms_norm(x, shape, None, eps).to(x.dtype)
+
+
+@pytest.mark.parametrize("shape,k", [((3, 7), 1), ((4, 1000), 1), ((2, 3, 7), 2), ((0, 7), 1)],
+                         ids=["3x7", "4x1000", "2x3x7-k2", "empty"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("weight_dtype", ["same", "float32"])
+def test_rms_norm_rounded_scale_matches_composition(dtype, weight_dtype, shape, k, backend):
+    """The same outputs (bits, where the composition's steps round alike) and gradients within the
+    per-dtype bound of a float64 truth; the weight in x's dtype (one pass on the cpu backend) or in
+    float32 (the composition, whose product is float32)."""
+    ns = tuple(shape[len(shape) - k :])
+    w = (1 + 0.3 * torch.randn(ns, **F64)).to(dtype if weight_dtype == "same" else torch.float32)
+    x = rand(shape, dtype, scale=3.0)
+    ours = lambda x, w: NF._rms_norm_rounded_scale(x, ns, w, None)  # noqa: E731
+    theirs = lambda x, w: torch_rms_rounded_scale(x, w, ns)  # noqa: E731
+    y_o, y_r = check_against_torch_and_truth(ours, theirs, {"x": x, "w": w}, [rand(shape, y_dtype(x, w))],
+                                             f"{dtype} weight {weight_dtype}")
+    if dtype != torch.float64:  # float64: torch's rms_norm takes another path than the kernels
+        # 16-bit: the product of two rounded values, rounded once: the composition's bits exactly
+        torch.testing.assert_close(y_o[0], y_r[0], rtol=0, atol=0 if dtype != torch.float32 else 2e-6)
+
+
+def y_dtype(x, w):
+    return torch.promote_types(x.dtype, w.dtype)
+
+
+def test_rms_norm_rounded_scale_saves_only_the_input_and_rstd():
+    """On the cpu backend a 16-bit weight in the input's dtype takes one pass, which keeps nothing but
+    the input and one float per row for the backward (the composition also keeps the rounded
+    normalized value for the weight's gradient)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu backend is not available")
+    from normkit.bench import saved_bytes
+
+    x = rand((64, 256), torch.bfloat16).requires_grad_()
+    w = (1 + 0.3 * torch.randn(256, **F64)).to(torch.bfloat16).requires_grad_()
+    with normkit.use_backend("cpu"):
+        fused = saved_bytes(lambda x, w: NF._rms_norm_rounded_scale(x, (256,), w, None), [x, w])
+    composed = saved_bytes(lambda x, w: torch_rms_rounded_scale(x, w, (256,)), [x, w])
+    assert fused.new == 64 * 4  # rstd: one float32 per row
+    assert composed.new >= 64 * 256 * 2  # the rounded normalized value, bfloat16

@@ -307,6 +307,22 @@ def rms_norm(
     return _laid_out(y, _suggested_format(input))
 
 
+def _rms_norm_rounded_scale(
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor, eps: float | None
+) -> Tensor:
+    """``weight * rms_norm(input, normalized_shape, None, eps).to(input.dtype)``: Hugging Face Llama's
+    RMSNorm, whose normalized value is rounded to the input's dtype before the weight multiplies it.
+    One pass on a backend with the kernel for it (the cpu backend, for a weight in the input's dtype),
+    which also saves nothing for the backward but the input and one float per row: the composition
+    saves the rounded normalized value for the weight's gradient. Used by converted Llama-style norms."""
+    if has_torch_function_variadic(input, weight) or _cuda_autocast(input, _RMS_NORM_AUTOCASTS):
+        return weight * rms_norm(input, normalized_shape, None, eps).to(input.dtype)
+    shape = _as_shape(normalized_shape)
+    _rms_norm_checks(input, shape, weight)
+    y = resolve(input).rms_norm_rounded_scale(input, shape, weight, eps)
+    return _laid_out(y, _suggested_format(input))
+
+
 # --------------------------------------------------------------------------------------------------
 # Channels-first row norms: LayerNorm/RMSNorm over dim 1 at every position (timm's LayerNorm2d)
 # --------------------------------------------------------------------------------------------------

@@ -102,6 +102,13 @@ class Backend:
         h = x + residual
         return self.rms_norm(h, normalized_shape, weight, eps), h
 
+    def rms_norm_rounded_scale(
+        self, x: Tensor, normalized_shape: Sequence[int], weight: Tensor, eps: float | None
+    ) -> Tensor:
+        """``weight * rms_norm(x)``, the normalized value rounded to x's dtype before the multiply
+        (Hugging Face Llama's order; the product's dtype is torch's promotion of the two)."""
+        return weight * self.rms_norm(x, normalized_shape, None, eps)
+
     def fused_add_layer_norm(
         self,
         x: Tensor,

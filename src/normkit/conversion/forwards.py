@@ -46,10 +46,11 @@ class LlamaStyleRMSNorm:
             # the kernel given the weight computes round(round(x * rstd) * w), as the two steps do:
             # one pass over memory instead of two, the same bits
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
-        # the original computes in float32 whatever the input: so does normkit for float16/bfloat16
-        normalized = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), None,
-                                self.variance_epsilon)
-        return self.weight * normalized.to(x.dtype)
+        # the original computes in float32 whatever the input: so does normkit for float16/bfloat16;
+        # it rounds the normalized value to x's dtype, then multiplies by the weight
+        if x.dtype == torch.float64:
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.variance_epsilon).to(x.dtype)
+        return F._rms_norm_rounded_scale(x, (x.shape[-1],), self.weight, self.variance_epsilon)
 
 
 class GemmaStyleRMSNorm:

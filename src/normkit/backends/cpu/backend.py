@@ -87,14 +87,18 @@ def _row_backward_differentiable(dy, h, weight, shape, eps, rms):
 
 
 class _RowNorm(torch.autograd.Function):
-    """y = LayerNorm/RMSNorm(x) or, with a residual, (y, h) = (norm(x + residual), x + residual)."""
+    """y = LayerNorm/RMSNorm(x) or, with a residual, (y, h) = (norm(x + residual), x + residual).
+
+    ``round_first``: y = round(round(x̂) · w) (see :func:`.kernels.row_forward`). The backward is the
+    same either way: it differentiates x̂ · w without the rounding in between, as it does the rounding
+    of y."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, shape, eps, rms):
+    def forward(ctx, x, residual, weight, bias, shape, eps, rms, round_first=False):
         n = math.prod(shape)
         xc = x.contiguous()
         rc = residual.contiguous() if residual is not None else None
-        y, h, rstd = K.row_forward(xc, rc, weight, bias, n, eps, rms)
+        y, h, rstd = K.row_forward(xc, rc, weight, bias, n, eps, rms, round_first=round_first)
         ctx.shape, ctx.eps, ctx.rms, ctx.fused = shape, eps, rms, residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         # the input itself, not a contiguous copy of it: a copy made here has no grad_fn, and the
@@ -124,7 +128,7 @@ class _RowNorm(torch.autograd.Function):
         dx = dx.view(h.shape)
         dx_out = dx if need_x else None
         dres = dx if (ctx.fused and need_r) else None
-        return dx_out, dres, dw, db, None, None, None
+        return dx_out, dres, dw, db, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,17 +277,18 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _row(x, residual, weight, bias, shape, eps, rms):
+def _row(x, residual, weight, bias, shape, eps, rms, round_first=False):
     """A row norm: through autograd when a gradient is wanted, else the kernel alone (inference
     skips the autograd.Function's overhead, which dominates at small sizes); under torch.compile, the
-    same kernels as custom ops."""
+    same kernels as custom ops (the caller composes ``round_first`` there)."""
     if torch.compiler.is_compiling():
         y, h, _ = ops.row_forward(x, residual, weight, bias, math.prod(shape), eps, rms)
         return y if residual is None else (y, h)
     if _needs_grad(x, residual, weight, bias):
-        return _RowNorm.apply(x, residual, weight, bias, shape, eps, rms)
+        return _RowNorm.apply(x, residual, weight, bias, shape, eps, rms, round_first)
     rc = residual.contiguous() if residual is not None else None
-    y, h, _ = K.row_forward(x.contiguous(), rc, weight, bias, math.prod(shape), eps, rms, save_rstd=False)
+    y, h, _ = K.row_forward(x.contiguous(), rc, weight, bias, math.prod(shape), eps, rms, save_rstd=False,
+                            round_first=round_first)
     return y if residual is None else (y, h)
 
 
@@ -349,6 +354,13 @@ class CpuBackend(Backend):
         if self._fallback(x, weight):
             return self._reference.rms_norm(x, normalized_shape, weight, eps)
         return _row(x, None, weight, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True)
+
+    def rms_norm_rounded_scale(self, x, normalized_shape, weight, eps):
+        # one pass where the weight has x's dtype (a 16-bit model's own weight); the composition
+        # elsewhere, and under torch.compile (its custom op has no such mode)
+        if weight.dtype != x.dtype or torch.compiler.is_compiling() or self._fallback(x, weight):
+            return super().rms_norm_rounded_scale(x, normalized_shape, weight, eps)
+        return _row(x, None, weight, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True, True)
 
     def fused_add_rms_norm(self, x, residual, normalized_shape, weight, eps):
         if self._fallback(x, residual, weight):

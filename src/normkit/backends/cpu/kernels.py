@@ -34,7 +34,7 @@ SUPPORTED_DTYPES = frozenset(_SUFFIX)
 _P, _I64, _D, _I = c_void_p, c_int64, c_double, c_int
 _SIGNATURES = {
     # x, res, hout, w, b, y, rstd, M, N, eps, rms, threads
-    "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I],
+    "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I, _I],
     # x, dy, dh, w, rstd, dx, dw, db, M, N, rms, threads
     "nk_row_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I, _I],
     # x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act, mean, rstd, var, threads
@@ -110,11 +110,13 @@ def row_forward(
     eps: float,
     rms: bool,
     save_rstd: bool = True,
+    round_first: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """LayerNorm/RMSNorm over contiguous rows of length ``n`` (after ``h = x + residual``).
 
     Returns ``(y, h, rstd)`` (h is None without a residual; rstd None unless ``save_rstd``); the
-    backward recomputes the row means.
+    backward recomputes the row means. ``round_first`` (a weight, no bias): the normalized value is
+    rounded to x's dtype before the weight multiplies it, ``round(round(x̂) · w)``.
     """
     numel = x.numel()
     m = numel // n
@@ -124,7 +126,7 @@ def row_forward(
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     _fn("nk_row_fwd", x.dtype)(
         x.data_ptr(), _ptr(residual), _ptr(h), _ptr(w), _ptr(b), y.data_ptr(), _ptr(rstd),
-        m, n, float(eps), int(rms), _threads(numel),
+        m, n, float(eps), int(rms), int(round_first), _threads(numel),
     )
     return y, h, rstd
 

@@ -118,9 +118,11 @@ static inline double NK_NAME(nk_row_moments)(const NK_A *buf, int64_t n, double 
 
 /* LayerNorm (rms = 0) or RMSNorm (rms = 1) over rows of length N; with res != NULL, the row is
  * first h = round(x + res), written to hout (the fused residual add). rstd_out gets one value per
- * row (the mean is recomputed by the backward). */
+ * row (the mean is recomputed by the backward). round_first (a weight and no bias): y =
+ * round(round(xhat) * w), the normalized value rounded to the data type before the weight multiplies
+ * it, as Hugging Face's Llama RMSNorm computes it in two steps (the same as one rounding in float32). */
 void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A *w, const NK_A *b, NK_T *y,
-                         NK_A *rstd_out, int64_t M, int64_t N, double eps, int rms, int nt) {
+                         NK_A *rstd_out, int64_t M, int64_t N, double eps, int rms, int round_first, int nt) {
 #pragma omp parallel num_threads(nk_threads(nt))
     {
         NK_A *buf = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N > 0 ? N : 1));
@@ -158,6 +160,9 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
             if (w && b) {
 #pragma omp simd
                 for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((buf[j] - mean) - mean_lo) * rstd * w[j] + b[j]);
+            } else if (w && round_first) {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(NK_LOAD(NK_STORE(((buf[j] - mean) - mean_lo) * rstd)) * w[j]);
             } else if (w) {
 #pragma omp simd
                 for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((buf[j] - mean) - mean_lo) * rstd * w[j]);
