@@ -68,6 +68,9 @@ def _launch_everything() -> None:
         r = x if residual else None
         y, h, mean, rstd = rows.row_forward(x, r, w, b, n, 1e-5, rms)
         rows.row_backward(x, x, r, w, mean, rstd, n, rms, weight, bias)
+    for dtype, n in ((bf16, 4096), (f16, 20000)):  # Llama's order: rounded before the weight (one tile, blocks)
+        rows.row_forward(torch.zeros(3, n, dtype=dtype), None, torch.zeros(n, dtype=dtype), None, n, 1e-6, True,
+                         round_first=True)
     # groups: every dtype x layout x (shape, groups) x SiLU, so that each tile shape the heuristics pick
     # is compiled: InstanceNorm of few channels and positions, GroupNorm(32) of small and large images
     # (positions in blocks), one wide group; then float16 without affine parameters

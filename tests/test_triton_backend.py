@@ -96,6 +96,10 @@ class TorchOps:
             w = torch.ones(shape, dtype=b.dtype, device=b.device)
         return F.layer_norm(x, shape, w, b, eps)
 
+    @staticmethod
+    def _rms_norm_rounded_scale(x, shape, w, eps=None):
+        return w * F.rms_norm(x, shape, None, eps).to(x.dtype)
+
     def fused_add_rms_norm(self, x, r, shape, w=None, eps=None):
         h = self._add(x, r)
         return F.rms_norm(h, shape, w, eps), h
@@ -232,6 +236,18 @@ def test_large_mean_does_not_cancel(block, device):
         x = rand((2, 4, 6, 5), FP32, device, 0.01, 1e4).contiguous(memory_format=torch.channels_last)
         check(lambda f, x: f.batch_norm(x, None, None, None, None, True), [x], FP32, msg="bn 1e4")
         check(lambda f, x: f.group_norm(x, 2), [x], FP32, msg="gn 1e4")
+
+
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
+def test_rms_norm_rounded_before_the_weight(dtype, block, device):
+    """Hugging Face Llama's order in one kernel (a weight in x's dtype): the normalized value rounded to
+    x's dtype, then times the weight; the composition's bits exactly, gradients under the bound."""
+    x, w = rand((5, 40), dtype, device, 2.0), rand((40,), dtype, device, 0.3, 1.0)
+    op = lambda f, x, w: f._rms_norm_rounded_scale(x, (40,), w, 1e-6)  # noqa: E731
+    with cap(block):
+        out, _ = check(op, [x, w], dtype, msg="rounded before the weight")
+    assert torch.equal(out[0].detach(), TorchOps._rms_norm_rounded_scale(x, (40,), w, 1e-6))
 
 
 def test_bfloat16_parameters_with_bfloat16_input(device):

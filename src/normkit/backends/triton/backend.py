@@ -74,6 +74,13 @@ class TritonBackend(Backend):
         n = math.prod(normalized_shape)
         return ops.rows(x, None, _flat(weight), None, n, ref.rms_norm_eps(x.dtype, eps), True)[0]
 
+    def rms_norm_rounded_scale(self, x, normalized_shape, weight, eps):
+        # one kernel where the weight has x's dtype; the composition elsewhere and under torch.compile
+        if weight.dtype != x.dtype or torch.compiler.is_compiling() or self._fallback(x, weight):
+            return super().rms_norm_rounded_scale(x, normalized_shape, weight, eps)
+        n = math.prod(normalized_shape)
+        return ops.rms_rounded_scale(x, _flat(weight), n, ref.rms_norm_eps(x.dtype, eps))
+
     def fused_add_rms_norm(self, x, residual, normalized_shape, weight, eps):
         if self._fallback(x, residual, weight):
             return self._reference.fused_add_rms_norm(x, residual, normalized_shape, weight, eps)

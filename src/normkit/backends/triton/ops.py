@@ -31,6 +31,7 @@ from .kernels.reduce import update_running_stats as _update_running_stats
 
 __all__ = [
     "rows", "sets", "batch", "update_running_stats", "rows_forward", "sets_forward", "batch_forward", "wrapped",
+    "rms_rounded_scale",
 ]
 
 _NS = "normkit_triton"
@@ -187,6 +188,40 @@ rows_forward.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
 _TritonRows = _eager_function("_TritonRows", _rows_forward, _rows_setup, _rows_backward)
+
+
+# RMSNorm whose normalized value is rounded before the weight multiplies it (Hugging Face Llama's
+# order): eager only, the backend composes it under torch.compile. The backward is RMSNorm's.
+
+
+def _rounded_forward(x: Tensor, weight: Tensor, n: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, _, _, rstd = _rows.row_forward(x, None, weight, None, n, eps, True, round_first=True)
+    return y.view(x.shape), _empty(x), _empty(x), rstd
+
+
+def _rounded_setup(ctx, inputs, output) -> None:
+    x, weight, n, eps = inputs
+    _rows_setup(ctx, (x, None, weight, None, n, eps, True), output)
+
+
+def _rounded_backward(ctx, dy, _dh, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    if torch.is_grad_enabled() or wrapped(dy):
+        dx, dw, _ = _rows_backward_differentiable(ctx, dy, x, weight)
+    else:
+        dx, dw, _ = _rows_backward_kernels(dy, x, None, weight, mean, rstd, ctx.n, True, need_w, False)
+    return (dx if need_x else None), _grad_to(dw, weight, need_w), None, None
+
+
+_TritonRowsRounded = _eager_function("_TritonRowsRounded", _rounded_forward, _rounded_setup, _rounded_backward)
+
+
+def rms_rounded_scale(x: Tensor, weight: Tensor, n: int, eps: float) -> Tensor:
+    """``weight * rms_norm(x).to(x.dtype)`` in one kernel (eager calls only)."""
+    if _needs_grad(x, weight):
+        return _TritonRowsRounded.apply(x, weight, n, eps)[0]
+    return _rounded_forward(x, weight, n, eps)[0]
 
 
 def rows(

@@ -45,6 +45,7 @@ def _row_forward_kernel(
     M, N, stride_x, stride_r, stride_h, stride_y, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
     RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROUND_FIRST: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -74,6 +75,8 @@ def _row_forward_kernel(
             tl.store(MEAN + M + rows, mean_d, mask=row_mask)
         tl.store(RSTD + rows, rstd, mask=row_mask)
         y = xhat
+        if ROUND_FIRST:  # the normalized value rounded to y's dtype before the weight (HF Llama's order)
+            y = rounded(y, Y.dtype.element_ty).to(tl.float32)
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
@@ -130,6 +133,8 @@ def _row_forward_kernel(
                 y = x * rstd[:, None]
             else:
                 y = ((x - shift[:, None]) - mean[:, None]) * rstd[:, None]
+            if ROUND_FIRST:
+                y = rounded(y, Y.dtype.element_ty).to(tl.float32)
             if HAS_WEIGHT:
                 y = y * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
             if HAS_BIAS:
@@ -235,11 +240,13 @@ def _rows(t: Tensor, n: int) -> Tensor:
 
 
 def row_forward(
-    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool,
+    round_first: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """Normalize each row of n elements: ``(y, h, mean, rstd)`` with y and h (x + residual, or None) of
     shape (M, n) in x's dtype, rstd float32 (M,) and mean float32 (2, M) (None for RMSNorm): a shift and
-    the mean relative to it, whose sum is the mean to more bits than one float32 holds."""
+    the mean relative to it, whose sum is the mean to more bits than one float32 holds. ``round_first``:
+    the normalized value is rounded to x's dtype before the weight multiplies it."""
     x2 = _rows(x, n)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -255,7 +262,7 @@ def row_forward(
         mean if mean is not None else rstd, rstd,
         m, n, x2.stride(0), r2.stride(0) if r2 is not None else 0, n, n, eps,
         BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, RMS=rms, HAS_RESIDUAL=residual is not None,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROUND_FIRST=round_first,
         num_warps=config.warps_for(block_m * block_n),
     )
     return y, h, mean, rstd
