@@ -312,7 +312,7 @@ def _rms_norm_rounded_scale(
 ) -> Tensor:
     """``weight * rms_norm(input, normalized_shape, None, eps).to(input.dtype)``: Hugging Face Llama's
     RMSNorm, whose normalized value is rounded to the input's dtype before the weight multiplies it.
-    One pass on a backend with the kernel for it (the cpu backend, for a weight in the input's dtype),
+    One pass on a backend with the kernel for it (cpu and triton, for a weight in the input's dtype),
     which also saves nothing for the backward but the input and one float per row: the composition
     saves the rounded normalized value for the weight's gradient. Used by converted Llama-style norms."""
     if has_torch_function_variadic(input, weight) or _cuda_autocast(input, _RMS_NORM_AUTOCASTS):
