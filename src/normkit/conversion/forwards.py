@@ -73,15 +73,13 @@ class T5StyleLayerNorm:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # as in LlamaStyleRMSNorm
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
         if half_weight and x.dtype == self.weight.dtype:
-            # float32 result rounded to the weight's dtype: what normkit's kernel returns for this dtype
-            # (and what the cast gives under CUDA autocast, where rms_norm returns float32)
-            normalized = F.rms_norm(x, (x.shape[-1],), None, self.variance_epsilon).to(self.weight.dtype)
-        else:
-            # promotes to float32 (float64 stays float64), as x * rsqrt(float32 variance) does
-            work = x.float() if x.dtype != torch.float64 else x
-            normalized = F.rms_norm(work, (x.shape[-1],), None, self.variance_epsilon)
-            if half_weight:
-                normalized = normalized.to(self.weight.dtype)
+            # the float32 result rounded to the weight's dtype, then times the weight: Llama's order
+            return F._rms_norm_rounded_scale(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+        # promotes to float32 (float64 stays float64), as x * rsqrt(float32 variance) does
+        work = x.float() if x.dtype != torch.float64 else x
+        normalized = F.rms_norm(work, (x.shape[-1],), None, self.variance_epsilon)
+        if half_weight:
+            normalized = normalized.to(self.weight.dtype)
         return self.weight * normalized
 
 
