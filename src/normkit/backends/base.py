@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
-__all__ = ["ACTIVATIONS", "Backend"]
+__all__ = ["ACTIVATIONS", "Backend", "needs_grad"]
 
 #: the activations :meth:`Backend.batch_norm_act` applies, by name
 ACTIVATIONS = {
@@ -15,6 +16,15 @@ ACTIVATIONS = {
     "hardswish": torch.nn.functional.hardswish,
     "silu": torch.nn.functional.silu,
 }
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether a kernel call must go through autograd: a tensor that requires grad with grad mode on,
+    or forward-mode AD active (where the backends' Functions raise that they have no jvp, instead of
+    silently dropping the tangent). Otherwise the kernel runs alone (inference)."""
+    if forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class Backend:

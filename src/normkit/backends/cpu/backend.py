@@ -19,10 +19,10 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
 from ... import reference as ref
 from ..base import Backend
+from ..base import needs_grad as _needs_grad
 from . import kernels as K
 from . import ops
 
@@ -267,14 +267,6 @@ def _chan_backward_differentiable(ctx, dy, x, weight, bias, mean, rstd):
         _, m, r = ref.batch_norm(x, None, None, weight, None, True, 0.0, ctx.eps)
         return ref.batch_norm_backward(dy, x, weight, m, r, True)
     return ref.batch_norm_backward(dy, x, weight, mean.double(), rstd.double(), False)
-
-
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    """Whether the call must go through autograd: a gradient is wanted, or forward-mode AD is active
-    (where the Function raises that it has no jvp, instead of silently dropping the tangent)."""
-    if forward_ad._current_level >= 0:
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _row(x, residual, weight, bias, shape, eps, rms, round_first=False):

@@ -10,8 +10,9 @@ autograd.
 
 In eager mode the same forward, setup and backward functions run without the custom-op dispatch: a
 :class:`torch.autograd.Function` built from them when a gradient is wanted, the kernel alone when not.
-The dispatch about doubled a call's host time (``benchmarks/triton_call_overhead.py``), and on an
-H200 a converted ResNet-50, every call of which paid it, was 2.8x slower than the original.
+The dispatch about doubled a call's host time (``benchmarks/triton_call_overhead.py``); on an H200 a
+converted ResNet-50, every call of which paid it, was 2.8x slower than the original, most likely for
+that host time (not profiled there).
 
 What the kernels do not cover takes the reference formulas in torch ops: a backward that must itself be
 differentiable (``create_graph=True``, recomputing the statistics from the saved input so that they are
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ... import reference as ref
+from ..base import needs_grad as _needs_grad
 from .kernels import batch as _batch
 from .kernels import rows as _rows
 from .kernels import sets as _sets
@@ -67,14 +69,6 @@ def _param_dtype(t: Tensor | None) -> torch.dtype | None:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    """Whether autograd must record the call: a tensor that requires grad with grad mode on, or forward
-    mode AD active (where the Function raises that it has no jvp, instead of dropping the tangent)."""
-    if torch.autograd.forward_ad._current_level >= 0:
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _eager_function(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:

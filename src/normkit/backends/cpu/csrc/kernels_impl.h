@@ -499,7 +499,6 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
     NK_A *hi = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
     NK_A *scale = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
     NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
-#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
             int64_t k = nk_set_of(n, c, C, groups);
