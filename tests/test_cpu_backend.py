@@ -236,6 +236,42 @@ def test_running_statistics_update_like_torch(norm, dtype):
         assert_close(a, b.double(), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_running_update_kernel_equals_the_torch_formula(dtype):
+    """The one-call kernel update gives torch's formula's values, bumps the buffers' version counters
+    like an in-place op, and a buffer it cannot write directly (strided) takes the torch-op path."""
+    from normkit.backends.cpu import kernels as K
+
+    mean, var = torch.randn(37, dtype=torch.float64), torch.rand(37, dtype=torch.float64)
+    rm, rv = torch.randn(37, dtype=dtype), torch.rand(37, dtype=dtype) + 0.5
+    want_m = (rm.double() * (1 - 0.3) + mean * 0.3).to(dtype)
+    want_v = (rv.double() * (1 - 0.3) + var * 1.25 * 0.3).to(dtype)
+    versions = rm._version, rv._version
+    K.running_update(rm, rv, mean, var, 0.3, 1.25)
+    assert torch.equal(rm, want_m) and torch.equal(rv, want_v)
+    assert rm._version > versions[0] and rv._version > versions[1]
+    strided = torch.randn(74, dtype=dtype)[::2]
+    want = (strided.double() * (1 - 0.3) + mean * 0.3).to(dtype)
+    K.running_update(strided, None, mean, var, 0.3, 1.25)
+    assert torch.equal(strided, want)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_batch_norm_of_many_samples_matches_truth(layout):
+    """BatchNorm sums each channel over every sample in one place (channels-first: a channel's runs in
+    order; channels-last: row blocks that cross samples), statistics and gradients alike."""
+    x = torch.randn(37, 24, 5, 3) * 2 + 7
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(24), torch.randn(24)
+    _check(lambda f, x, w, b: f.batch_norm(x, None, None, w, b, True), [x, w, b], torch.float32, msg=layout)
+    rm, rv = torch.randn(24), torch.rand(24) + 0.5
+    _check(
+        lambda f, x, w, b: f.batch_norm(x, rm.to(x.dtype), rv.to(x.dtype), w, b, False), [x, w, b], torch.float32,
+        msg=f"{layout} eval",
+    )
+
+
 @pytest.mark.parametrize(
     "call",
     [

@@ -300,12 +300,6 @@ def _chan(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channel
     return y, mean, var
 
 
-@torch.no_grad()
-def _update_running(running: Tensor | None, batch_stat: Tensor, momentum: float) -> None:
-    if running is not None:
-        running.copy_(running.to(torch.float64) * (1.0 - momentum) + batch_stat * momentum)
-
-
 # --------------------------------------------------------------------------------------------------
 # the backend
 # --------------------------------------------------------------------------------------------------
@@ -393,8 +387,7 @@ class CpuBackend(Backend):
             return self._fixed_stats(x, running_mean, running_var, weight, bias, eps)
         y, mean, var = _chan(x, weight, bias, 0, None, None, eps, False, False)
         count = x.numel() // x.shape[1]
-        _update_running(running_mean, mean, momentum)
-        _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+        K.running_update(running_mean, running_var, mean, var, momentum, count / max(count - 1, 1))
         return y
 
     def instance_norm(self, x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
@@ -407,8 +400,8 @@ class CpuBackend(Backend):
         n, c = x.shape[0], x.shape[1]
         y, mean, var = _chan(x, weight, bias, c, None, None, eps, False, True)
         count = x.numel() // (n * c)
-        _update_running(running_mean, mean.view(n, c).mean(0), momentum)
-        _update_running(running_var, (var * (count / max(count - 1, 1))).view(n, c).mean(0), momentum)
+        unbiased = (var * (count / max(count - 1, 1))).view(n, c).mean(0)
+        K.running_update(running_mean, running_var, mean.view(n, c).mean(0), unbiased, momentum, 1.0)
         return y
 
     def batch_norm_act(self, x, running_mean, running_var, weight, bias, training, momentum, eps, activation):

@@ -12,6 +12,7 @@ from ctypes import c_double, c_int, c_int64, c_void_p
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from .build import load_library
 
@@ -26,6 +27,7 @@ __all__ = [
     "is_channels_last",
     "row_backward",
     "row_forward",
+    "running_update",
 ]
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -41,6 +43,8 @@ _SIGNATURES = {
     "nk_chan_fwd": [_P, _P, _I64, _I64, _I64, _I, _I, _I64, _P, _P, _P, _P, _D, _I, _P, _P, _P, _I],
     # x, dy, dx, N, C, S, nhwc, groups, w, b, mean, rstd, train, act, dw, db, threads
     "nk_chan_bwd": [_P, _P, _P, _I64, _I64, _I64, _I, _I64, _P, _P, _P, _P, _I, _I, _P, _P, _I],
+    # run_mean, run_var, mean, var, C, momentum, var_factor
+    "nk_running_update": [_P, _P, _P, _P, _I64, _D, _D],
     # x, x_nhwc, w, b, y, y_nhwc, rstd, N, C, S, eps, rms, threads
     "nk_cf_fwd": [_P, _I, _P, _P, _P, _I, _P, _I64, _I64, _I64, _D, _I, _I],
     # x, x_nhwc, dy, dy_nhwc, w, rstd, dx, dx_nhwc, dw, db, N, C, S, rms, threads
@@ -179,7 +183,7 @@ def chan_forward(
     n, c, s = dims
     sets = n * groups if groups > 0 else c
     if need_stats:
-        mean, rstd, var = (torch.empty(sets, dtype=torch.float64) for _ in range(3))
+        mean, rstd, var = (torch.empty(sets, dtype=torch.float64) for _ in range(3))  # no views: ops return them
     else:
         mean = rstd = var = None
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
@@ -191,6 +195,34 @@ def chan_forward(
         _ptr(var), _threads(x.numel()),
     )
     return mean, rstd, var
+
+
+def running_update(
+    running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor, momentum: float,
+    var_factor: float,
+) -> None:
+    """BatchNorm's running statistics updated in place from the float64 batch ``mean`` and biased ``var``:
+    ``run = run * (1 - momentum) + stat * momentum`` in float64, the variance times ``var_factor``
+    (count / (count - 1)) first. One kernel call where the buffers are contiguous vectors of the
+    arithmetic dtype (the usual case), else (and under torch.compile) the same formula in torch ops."""
+    ref = running_mean if running_mean is not None else running_var
+    if ref is None:
+        return
+    acc = arithmetic_dtype(ref.dtype)
+    if not torch.compiler.is_compiling() and all(
+        r is None or (r.dtype == acc and r.dim() == 1 and r.is_contiguous()) for r in (running_mean, running_var)
+    ):
+        _fn("nk_running_update", acc)(
+            _ptr(running_mean), _ptr(running_var), mean.data_ptr(), var.data_ptr(), mean.numel(), float(momentum),
+            float(var_factor),
+        )
+        # written behind autograd's back: bump the version counters as an in-place torch op would
+        increment_version([r for r in (running_mean, running_var) if r is not None])
+        return
+    with torch.no_grad():
+        for running, stat in ((running_mean, mean), (running_var, var * var_factor)):
+            if running is not None:
+                running.copy_(running.to(torch.float64) * (1.0 - momentum) + stat * momentum)
 
 
 def chan_backward(

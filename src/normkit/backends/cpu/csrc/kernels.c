@@ -152,29 +152,34 @@ static void nk_sum_thread_partials(const double *part_w, const double *part_b, i
  * groups == 0: a set is channel c over every n (BatchNorm), out has C. Biased variance. */
 static void nk_sets_from_nc(const double *mean_nc, const double *m2_nc, int64_t N, int64_t C, int64_t S,
                             int64_t groups, double *mean_out, double *var_out) {
-    if (groups > 0) {
-        int64_t D = C / groups;
-        for (int64_t n = 0; n < N; n++)
-            for (int64_t g = 0; g < groups; g++) {
-                double cnt = 0, m = 0, m2 = 0;
-                for (int64_t c = g * D; c < (g + 1) * D; c++)
-                    nk_merge(&cnt, &m, &m2, (double)S, mean_nc[n * C + c], m2_nc[n * C + c]);
-                mean_out[n * groups + g] = m;
-                var_out[n * groups + g] = cnt > 0 ? m2 / cnt : NAN;
-            }
-    } else {
-        for (int64_t c = 0; c < C; c++) {
-            double cnt = 0, m = 0, m2 = 0;
-            for (int64_t n = 0; n < N; n++) nk_merge(&cnt, &m, &m2, (double)S, mean_nc[n * C + c], m2_nc[n * C + c]);
-            mean_out[c] = m;
-            var_out[c] = cnt > 0 ? m2 / cnt : NAN;
-        }
+    /* every (n, c) counts S, so each merge step has one count for all sets: nk_merge's arithmetic
+     * runs across sets (channels, or groups), a vector at a time, in each set's serial order */
+    int64_t sets = groups > 0 ? N * groups : C;
+    for (int64_t k = 0; k < sets; k++) mean_out[k] = 0, var_out[k] = 0;
+    if (S <= 0) {
+        for (int64_t k = 0; k < sets; k++) var_out[k] = NAN;
+        return;
     }
-}
-
-/* the statistics set of (n, c) */
-static inline int64_t nk_set_of(int64_t n, int64_t c, int64_t C, int64_t groups) {
-    return groups > 0 ? n * groups + c / (C / groups) : c;
+    int64_t steps = groups > 0 ? C / groups : N, width = groups > 0 ? groups : C;
+    double cnt = 0, nb = (double)S;
+    for (int64_t j = 0; j < steps; j++) {
+        double tot = cnt + nb, fa = nb / tot, fq = cnt * nb / tot;
+        for (int64_t n = 0; n < (groups > 0 ? N : 1); n++) {
+            /* the j-th member of each set: channel g * D + j of sample n (groups), or sample j of channel c */
+            const double *bm = groups > 0 ? mean_nc + n * C + j : mean_nc + j * C;
+            const double *bq = groups > 0 ? m2_nc + n * C + j : m2_nc + j * C;
+            double *m = mean_out + n * width, *q = var_out + n * width;
+            int64_t stride = groups > 0 ? steps : 1;
+#pragma omp simd
+            for (int64_t k = 0; k < width; k++) {
+                double d = bm[k * stride] - m[k];
+                m[k] += d * fa;
+                q[k] += bq[k * stride] + d * d * fq;
+            }
+        }
+        cnt = tot;
+    }
+    for (int64_t k = 0; k < sets; k++) var_out[k] = cnt > 0 ? var_out[k] / cnt : NAN;
 }
 
 /* How many row blocks each sample's S positions are split into (channels-last), so that there is
@@ -188,6 +193,12 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 
 #define NK_BLOCK 2048  /* elements per exact two-pass block: fits L1 with room to spare */
 #define NK_ROWS 16384  /* elements per channels-last sub-block (rows x C): its per-channel merge is amortized */
+#define NK_SUB_MAX 256 /* ... and at most this many rows, the terms of each float partial sum (few channels) */
+/* rows per channels-last sub-block of C channels */
+static inline int64_t nk_sub_rows(int64_t C) {
+    int64_t r = NK_ROWS / C;
+    return r < 1 ? 1 : (r > NK_SUB_MAX ? NK_SUB_MAX : r);
+}
 #define NK_CF_W 32     /* positions per tile of the channels-first row norms (vector lanes) */
 #ifndef NK_CF_AHEAD
 #define NK_CF_AHEAD 4  /* tiles ahead that the channels-first row norms prefetch */

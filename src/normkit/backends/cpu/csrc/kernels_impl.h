@@ -300,7 +300,7 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
     /* channels-last: each task reduces a block of rows of one sample over all C channels */
     int64_t B = nk_row_blocks(N, S, nt);
     int64_t rows_per_block = (S + B - 1) / B;
-    int64_t sub = NK_ROWS / C > 0 ? NK_ROWS / C : 1; /* rows per sub-block (about NK_ROWS elements) */
+    int64_t sub = nk_sub_rows(C); /* rows per sub-block (about NK_ROWS elements) */
     double *pm = (double *)malloc(sizeof(double) * (size_t)(N * B * C + 1));
     double *pq = (double *)malloc(sizeof(double) * (size_t)(N * B * C + 1));
     double *pc = (double *)malloc(sizeof(double) * (size_t)(N * B + 1));
@@ -359,16 +359,26 @@ static void NK_NAME(nk_nc_moments)(const NK_T *x, int64_t N, int64_t C, int64_t 
         free(bk);
         free(bq);
     }
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t c = 0; c < C; c++) {
-            double cnt = 0, m = 0, q = 0;
-            for (int64_t b = 0; b < B; b++) {
-                int64_t t = n * B + b;
-                nk_merge(&cnt, &m, &q, pc[t], pm[t * C + c], pq[t * C + c]);
+    /* the blocks of a sample, merged in order; a block's count is the same for every channel, so
+     * the merge runs across channels (nk_merge's arithmetic, one vector of channels at a time) */
+    for (int64_t n = 0; n < N; n++) {
+        double *m = mean_nc + n * C, *q = m2_nc + n * C, cnt = 0;
+        for (int64_t c = 0; c < C; c++) m[c] = 0, q[c] = 0;
+        for (int64_t b = 0; b < B; b++) {
+            int64_t t = n * B + b;
+            double nb = pc[t];
+            if (nb <= 0) continue;
+            double tot = cnt + nb, fa = nb / tot, fq = cnt * nb / tot;
+            const double *bm = pm + t * C, *bq = pq + t * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                double d = bm[c] - m[c];
+                m[c] += d * fa;
+                q[c] += bq[c] + d * d * fq;
             }
-            mean_nc[n * C + c] = m;
-            m2_nc[n * C + c] = q;
+            cnt = tot;
         }
+    }
     free(pm);
     free(pq);
     free(pc);
@@ -424,21 +434,24 @@ static inline __attribute__((always_inline)) void NK_NAME(nk_apply_strided)(cons
 
 /* y = act((x - hi[n, c]) * scale[n, c] + shift[n, c]). hi is the mean rounded to NK_A, so x - hi is
  * exact near the mean and a large mean neither cancels nor shifts the output; what the rounding
- * lost (lo = mean - hi) is folded into the shift, shift = b - lo * scale. Input and output layouts
- * may differ only as (channels-last in, channels-first out), which InstanceNorm needs. */
+ * lost (lo = mean - hi) is folded into the shift, shift = b - lo * scale; the constants are per
+ * (n, c) with per_nc, else per channel. Input and output layouts may differ only as (channels-last
+ * in, channels-first out), which InstanceNorm needs. */
 static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
-                              const NK_A *hi, const NK_A *scale, const NK_A *shift, int act, int nt) {
+                              int per_nc, const NK_A *hi, const NK_A *scale, const NK_A *shift, int act, int nt) {
     if (!in_nhwc) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t nc = 0; nc < N * C; nc++) {
-#define NK_CALL(A) NK_NAME(nk_apply_run)(x + nc * S, y + nc * S, S, hi[nc], scale[nc], shift[nc], A)
-            NK_BY_ACT(act, NK_CALL)
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t c = 0; c < C; c++) {
+                int64_t nc = n * C + c, k = per_nc ? nc : c;
+#define NK_CALL(A) NK_NAME(nk_apply_run)(x + nc * S, y + nc * S, S, hi[k], scale[k], shift[k], A)
+                NK_BY_ACT(act, NK_CALL)
 #undef NK_CALL
-        }
+            }
     } else if (out_nhwc) {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t ns = 0; ns < N * S; ns++) {
-            int64_t o = (ns / S) * C;
+            int64_t o = per_nc ? (ns / S) * C : 0;
 #define NK_CALL(A) NK_NAME(nk_apply_row)(x + ns * C, y + ns * C, C, hi + o, scale + o, shift + o, A)
             NK_BY_ACT(act, NK_CALL)
 #undef NK_CALL
@@ -454,9 +467,9 @@ static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int6
             for (int64_t c0 = 0; c0 < C; c0 += NK_TILE) {
                 int64_t c1 = c0 + NK_TILE < C ? c0 + NK_TILE : C;
                 for (int64_t c = c0; c < c1; c++) {
-                    int64_t k = n * C + c;
+                    int64_t k = n * C + c, kp = per_nc ? k : c;
 #define NK_CALL(A) \
-    NK_NAME(nk_apply_strided)(x + (n * S) * C + c, y + k * S, C, s0, s1, hi[k], scale[k], shift[k], A)
+    NK_NAME(nk_apply_strided)(x + (n * S) * C + c, y + k * S, C, s0, s1, hi[kp], scale[kp], shift[kp], A)
                     NK_BY_ACT(act, NK_CALL)
 #undef NK_CALL
                 }
@@ -488,26 +501,32 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
             var_out[k] = len > 0 ? m2 / (double)len : NAN;
         }
     } else {
-        double *mean_nc = (double *)malloc(sizeof(double) * (size_t)(N * C + 1));
-        double *m2_nc = (double *)malloc(sizeof(double) * (size_t)(N * C + 1));
-        NK_NAME(nk_nc_moments)(x, N, C, S, in_nhwc, mean_nc, m2_nc, nt);
-        nk_sets_from_nc(mean_nc, m2_nc, N, C, S, groups, mean_out, var_out);
+        /* BatchNorm channels-last: the N*S rows are summed as one sample's, split among the threads
+         * regardless of samples, so that no per-(n, c) moments are kept or merged */
+        int64_t sn = groups == 0 && in_nhwc ? 1 : N, ss = sn == 1 ? N * S : S;
+        double *mean_nc = (double *)malloc(sizeof(double) * (size_t)(sn * C + 1));
+        double *m2_nc = (double *)malloc(sizeof(double) * (size_t)(sn * C + 1));
+        NK_NAME(nk_nc_moments)(x, sn, C, ss, in_nhwc, mean_nc, m2_nc, nt);
+        nk_sets_from_nc(mean_nc, m2_nc, sn, C, ss, groups, mean_out, var_out);
         free(mean_nc);
         free(m2_nc);
     }
     for (int64_t k = 0; k < sets; k++) rstd_out[k] = 1.0 / sqrt(var_out[k] + eps);
-    NK_A *hi = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
-    NK_A *scale = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
-    NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N * C + 1));
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t c = 0; c < C; c++) {
-            int64_t k = nk_set_of(n, c, C, groups);
+    /* the affine constants per (n, c), or per channel for BatchNorm, whose sets are channels */
+    int64_t P = groups > 0 ? N * C : C, D = groups > 0 ? C / groups : 1;
+    NK_A *hi = (NK_A *)malloc(sizeof(NK_A) * (size_t)(P + 1));
+    NK_A *scale = (NK_A *)malloc(sizeof(NK_A) * (size_t)(P + 1));
+    NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * (size_t)(P + 1));
+    for (int64_t n = 0, i = 0; i < P; n++)
+        for (int64_t c = 0, g = 0, d = 0; c < C; c++, i++) {
+            int64_t k = groups > 0 ? n * groups + g : c;
             double a = rstd_out[k] * (w ? (double)w[c] : 1.0);
-            hi[n * C + c] = (NK_A)mean_out[k];
-            scale[n * C + c] = (NK_A)a;
-            shift[n * C + c] = (NK_A)((b ? (double)b[c] : 0.0) - (mean_out[k] - (double)hi[n * C + c]) * a);
+            hi[i] = (NK_A)mean_out[k];
+            scale[i] = (NK_A)a;
+            shift[i] = (NK_A)((b ? (double)b[c] : 0.0) - (mean_out[k] - (double)hi[i]) * a);
+            if (++d == D) d = 0, g++;
         }
-    NK_NAME(nk_apply)(x, y, N, C, S, in_nhwc, out_nhwc, hi, scale, shift, act, nt);
+    NK_NAME(nk_apply)(x, y, N, C, S, in_nhwc, out_nhwc, groups > 0, hi, scale, shift, act, nt);
     free(hi);
     free(scale);
     free(shift);
@@ -625,28 +644,33 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
                           int64_t groups, const NK_A *w, const NK_A *b, const NK_A *mean, const NK_A *rstd,
                           int train, int act, double *dw, double *db, int nt) {
     nt = nk_threads(nt);
-    size_t nc_count = (size_t)(N * C + 1);
-    int64_t sets = groups > 0 ? N * groups : C;
-    /* per (n, c) constants: xhat = ((x - mh) - ml) * r; z = xhat * zw + zb */
-    NK_A *mh = (NK_A *)malloc(sizeof(NK_A) * nc_count), *ml = (NK_A *)calloc(nc_count, sizeof(NK_A));
-    NK_A *r = (NK_A *)malloc(sizeof(NK_A) * nc_count);
-    NK_A *zw = (NK_A *)malloc(sizeof(NK_A) * nc_count), *zb = (NK_A *)malloc(sizeof(NK_A) * nc_count);
-    double *a0 = (double *)calloc(nc_count, sizeof(double)); /* sum (x - shift) */
-    double *a1 = (double *)calloc(nc_count, sizeof(double)); /* sum dz */
-    double *a2 = (double *)calloc(nc_count, sizeof(double)); /* sum dz (x - m_hi) */
+    /* The constants and sums between the passes are kept per (n, c) for GroupNorm/InstanceNorm and
+     * per channel for BatchNorm, whose sets are channels: BatchNorm's pass 1 sums each channel over
+     * every sample directly, and nothing of size N*C is kept or reduced afterwards. */
+    const int per_nc = groups > 0;
+    const int64_t NP = per_nc ? N : 1, P = NP * C; /* the (n, c) slots: i = n * C + c, n < NP */
+    size_t pc = (size_t)(P + 1);
+    int64_t sets = per_nc ? N * groups : C;
+    /* per slot constants: xhat = ((x - mh) - ml) * r; z = xhat * zw + zb */
+    NK_A *mh = (NK_A *)malloc(sizeof(NK_A) * pc), *ml = (NK_A *)calloc(pc, sizeof(NK_A));
+    NK_A *r = (NK_A *)malloc(sizeof(NK_A) * pc);
+    NK_A *zw = (NK_A *)malloc(sizeof(NK_A) * pc), *zb = (NK_A *)malloc(sizeof(NK_A) * pc);
+    double *a0 = (double *)calloc(pc, sizeof(double)); /* sum (x - shift) */
+    double *a1 = (double *)calloc(pc, sizeof(double)); /* sum dz */
+    double *a2 = (double *)calloc(pc, sizeof(double)); /* sum dz (x - m_hi) */
     /* the shift of each set: the saved mean for SiLU (its derivative in pass 1 needs the input's
      * normalized value), else the median of three elements of the set (its first, middle and
      * last): a shift inside the bulk of the data even when one of them is an outlier. Once per
      * set, not per (n, c): three scattered loads each would cost more than a small set's sums. */
     NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * (size_t)(sets + 1));
-    int64_t D = groups > 0 ? C / groups : 1;
-    /* the set of each (n, c), without a division per element; the per-(n, c) and per-set loops below
+    int64_t D = per_nc ? C / groups : 1;
+    /* the set of each slot, without a division per element; the per-slot and per-set loops below
      * run on every thread: at small S (7x7) they took as long as a pass over the data when serial.
      * Each sum over a set still adds its terms in the serial order, so the results are unchanged. */
-    int64_t *kset = (int64_t *)malloc(sizeof(int64_t) * nc_count);
-    for (int64_t n = 0, i = 0; n < N; n++)
+    int64_t *kset = (int64_t *)malloc(sizeof(int64_t) * pc);
+    for (int64_t n = 0, i = 0; n < NP; n++)
         for (int64_t c = 0, g = 0, d = 0; c < C; c++, i++) {
-            kset[i] = groups > 0 ? n * groups + g : c;
+            kset[i] = per_nc ? n * groups + g : c;
             if (++d == D) d = 0, g++;
         }
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -655,8 +679,8 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
             shift[k] = mean[k];
             continue;
         }
-        int64_t n = groups > 0 ? k / groups : 0, c0 = groups > 0 ? (k % groups) * D : k;
-        int64_t nn[3] = {n, groups > 0 ? n : (N - 1) / 2, groups > 0 ? n : N - 1};
+        int64_t n = per_nc ? k / groups : 0, c0 = per_nc ? (k % groups) * D : k;
+        int64_t nn[3] = {n, per_nc ? n : (N - 1) / 2, per_nc ? n : N - 1};
         int64_t cc[3] = {c0, c0 + (D - 1) / 2, c0 + D - 1}, ss[3] = {0, (S - 1) / 2, S - 1};
         NK_A v[3];
         for (int t = 0; t < 3; t++)
@@ -665,7 +689,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         shift[k] = v[2] < lo ? lo : (v[2] > hi ? hi : v[2]);
     }
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
-    for (int64_t n = 0; n < N; n++)
+    for (int64_t n = 0; n < NP; n++)
         for (int64_t c = 0; c < C; c++) {
             int64_t i = n * C + c, k = kset[i];
             mh[i] = shift[k];
@@ -675,35 +699,45 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         }
     /* pass 1 */
     if (!nhwc) {
+        /* per (n, c) run; BatchNorm adds a channel's runs over the samples in order on one thread */
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t nc = 0; nc < N * C; nc++) {
-            const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
-            if (act)
-                NK_NAME(nk_sums_run)(xr, dyr, S, mh[nc], r[nc], zw[nc], zb[nc], 1, a0 + nc, a1 + nc, a2 + nc);
-            else
-                NK_NAME(nk_sums_run)(xr, dyr, S, mh[nc], r[nc], zw[nc], zb[nc], 0, a0 + nc, a1 + nc, a2 + nc);
+        for (int64_t i = 0; i < P; i++) {
+            double s0 = 0, s1 = 0, s2 = 0, t0, t1, t2;
+            for (int64_t n = per_nc ? i / C : 0; n < (per_nc ? i / C + 1 : N); n++) {
+                int64_t nc = per_nc ? i : n * C + i;
+                const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
+                if (act)
+                    NK_NAME(nk_sums_run)(xr, dyr, S, mh[i], r[i], zw[i], zb[i], 1, &t0, &t1, &t2);
+                else
+                    NK_NAME(nk_sums_run)(xr, dyr, S, mh[i], r[i], zw[i], zb[i], 0, &t0, &t1, &t2);
+                s0 += t0, s1 += t1, s2 += t2;
+            }
+            a0[i] = s0, a1[i] = s1, a2[i] = s2;
         }
     } else {
-        int64_t B = nk_row_blocks(N, S, nt);
-        int64_t rows_per_block = (S + B - 1) / B;
-        int64_t sub = NK_ROWS / C > 0 ? NK_ROWS / C : 1;
-        double *p0 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
-        double *p1 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
-        double *p2 = (double *)calloc((size_t)(N * B * C + 1), sizeof(double));
+        /* blocks of rows of a sample; BatchNorm's rows are all one set's, so its N*S rows are
+         * split among the threads as if they were one sample's */
+        int64_t SR = per_nc ? S : N * S;
+        int64_t B = nk_row_blocks(NP, SR, nt);
+        int64_t rows_per_block = (SR + B - 1) / B;
+        int64_t sub = nk_sub_rows(C);
+        double *p0 = (double *)calloc((size_t)(NP * B * C + 1), sizeof(double));
+        double *p1 = (double *)calloc((size_t)(NP * B * C + 1), sizeof(double));
+        double *p2 = (double *)calloc((size_t)(NP * B * C + 1), sizeof(double));
 #pragma omp parallel num_threads(nt)
         {
             NK_A *u0 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
             NK_A *u1 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C), *u2 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
 #pragma omp for schedule(static)
-            for (int64_t task = 0; task < N * B; task++) {
+            for (int64_t task = 0; task < NP * B; task++) {
                 int64_t n = task / B, bk = task % B;
-                int64_t r0 = bk * rows_per_block, r1 = r0 + rows_per_block < S ? r0 + rows_per_block : S;
+                int64_t r0 = bk * rows_per_block, r1 = r0 + rows_per_block < SR ? r0 + rows_per_block : SR;
                 const NK_A *cm = mh + n * C, *cr = r + n * C, *cw = zw + n * C, *cb = zb + n * C;
                 for (int64_t s0 = r0; s0 < r1; s0 += sub) {
                     int64_t s1 = s0 + sub < r1 ? s0 + sub : r1;
                     for (int64_t c = 0; c < C; c++) u0[c] = 0, u1[c] = 0, u2[c] = 0;
                     for (int64_t s = s0; s < s1; s++) {
-                        const NK_T *xr = x + (n * S + s) * C, *dyr = dy + (n * S + s) * C;
+                        const NK_T *xr = x + (n * SR + s) * C, *dyr = dy + (n * SR + s) * C;
                         if (act)
                             NK_NAME(nk_sums_row)(xr, dyr, C, cm, cr, cw, cb, 1, u0, u1, u2);
                         else
@@ -717,7 +751,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
             free(u1);
             free(u2);
         }
-        for (int64_t n = 0; n < N; n++)
+        for (int64_t n = 0; n < NP; n++)
             for (int64_t bk = 0; bk < B; bk++)
                 for (int64_t c = 0; c < C; c++) {
                     int64_t t = (n * B + bk) * C + c;
@@ -732,24 +766,20 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     /* pass 1's centre, which SiLU's derivative keeps in pass 2 (mh becomes the exact mean below) */
     NK_A *zc = NULL;
     if (act) {
-        zc = (NK_A *)malloc(sizeof(NK_A) * nc_count);
-        memcpy(zc, mh, sizeof(NK_A) * (size_t)(N * C));
+        zc = (NK_A *)malloc(sizeof(NK_A) * pc);
+        memcpy(zc, mh, sizeof(NK_A) * (size_t)P);
     }
     /* the exact mean of each set (train: statistics of x) gives the low part of the centre */
-    double set_count = groups > 0 ? (double)(C / groups) * (double)S : (double)N * (double)S;
+    double set_count = per_nc ? (double)D * (double)S : (double)N * (double)S;
+    double slot_count = per_nc ? (double)S : (double)N * (double)S; /* elements summed per slot */
     if (train) {
         double *sx = (double *)calloc((size_t)sets + 1, sizeof(double));
-        if (groups > 0) { /* a sample's sets are its own */
+        /* a sample's sets are its own (GroupNorm); a channel's slot is its set (BatchNorm) */
 #pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t n = 0; n < N; n++)
-                for (int64_t c = 0; c < C; c++) sx[kset[n * C + c]] += a0[n * C + c] + (double)S * (double)mh[n * C + c];
-        } else { /* a channel's set is its own */
-#pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t c = 0; c < C; c++)
-                for (int64_t n = 0; n < N; n++) sx[c] += a0[n * C + c] + (double)S * (double)mh[n * C + c];
-        }
+        for (int64_t n = 0; n < NP; n++)
+            for (int64_t c = 0; c < C; c++) sx[kset[n * C + c]] += a0[n * C + c] + slot_count * (double)mh[n * C + c];
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
-        for (int64_t n = 0; n < N; n++)
+        for (int64_t n = 0; n < NP; n++)
             for (int64_t c = 0; c < C; c++) {
                 int64_t i = n * C + c, k = kset[i];
                 double m = sx[k] / set_count;
@@ -763,7 +793,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         /* eval: pass 1 was centred on a shift inside the data, not on the fixed mean (running
          * statistics may lie far from this batch), so sum dz (x - m) = sum dz (x - K) - (m - K) sum dz */
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
-        for (int64_t n = 0; n < N; n++)
+        for (int64_t n = 0; n < NP; n++)
             for (int64_t c = 0; c < C; c++) {
                 int64_t i = n * C + c, k = kset[i];
                 a2[i] = (double)r[i] * (a2[i] - ((double)mean[k] - (double)mh[i]) * a1[i]);
@@ -771,39 +801,31 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
             }
     } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t i = 0; i < N * C; i++) a2[i] *= (double)r[i];
+        for (int64_t i = 0; i < P; i++) a2[i] *= (double)r[i];
     }
-    /* the parameter gradients */
+    /* the parameter gradients: a channel's slots over the samples */
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < C; c++) {
         double sw = 0, sb = 0;
-        for (int64_t n = 0; n < N; n++) sw += a2[n * C + c], sb += a1[n * C + c];
+        for (int64_t n = 0; n < NP; n++) sw += a2[n * C + c], sb += a1[n * C + c];
         if (dw) dw[c] = sw;
         if (db) db[c] = sb;
     }
     /* dx = rstd * (w dz - mean_set(w dz) - xhat mean_set(w dz xhat)): cancel first, then scale */
     double *g1 = (double *)calloc((size_t)sets + 1, sizeof(double)), *g2 = (double *)calloc((size_t)sets + 1, sizeof(double));
-    if (train && groups > 0) {
+    if (train) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t n = 0; n < N; n++)
+        for (int64_t n = 0; n < NP; n++)
             for (int64_t c = 0; c < C; c++) {
                 int64_t k = kset[n * C + c];
                 double wc = w ? (double)w[c] : 1.0;
                 g1[k] += wc * a1[n * C + c];
                 g2[k] += wc * a2[n * C + c];
             }
-    } else if (train) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t c = 0; c < C; c++)
-            for (int64_t n = 0; n < N; n++) {
-                double wc = w ? (double)w[c] : 1.0;
-                g1[c] += wc * a1[n * C + c];
-                g2[c] += wc * a2[n * C + c];
-            }
     }
-    NK_A *k2 = (NK_A *)malloc(sizeof(NK_A) * nc_count), *k3 = (NK_A *)malloc(sizeof(NK_A) * nc_count);
+    NK_A *k2 = (NK_A *)malloc(sizeof(NK_A) * pc), *k3 = (NK_A *)malloc(sizeof(NK_A) * pc);
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
-    for (int64_t n = 0; n < N; n++)
+    for (int64_t n = 0; n < NP; n++)
         for (int64_t c = 0; c < C; c++) {
             int64_t i = n * C + c, k = kset[i];
             k2[i] = (NK_A)(-g2[k] / set_count);
@@ -811,21 +833,23 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         }
     /* pass 2 */
     if (!nhwc) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t nc = 0; nc < N * C; nc++) {
-            const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
-            NK_T *dxr = dx + nc * S;
-            if (act)
-                NK_NAME(nk_dx)(xr, dyr, dxr, S, 0, mh + nc, ml + nc, zc + nc, r + nc, zw + nc, zb + nc, k2 + nc,
-                               k3 + nc, 1);
-            else
-                NK_NAME(nk_dx)(xr, dyr, dxr, S, 0, mh + nc, ml + nc, mh + nc, r + nc, zw + nc, zb + nc, k2 + nc,
-                               k3 + nc, 0);
-        }
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t c = 0; c < C; c++) {
+                int64_t nc = n * C + c, i = per_nc ? nc : c;
+                const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
+                NK_T *dxr = dx + nc * S;
+                if (act)
+                    NK_NAME(nk_dx)(xr, dyr, dxr, S, 0, mh + i, ml + i, zc + i, r + i, zw + i, zb + i, k2 + i,
+                                   k3 + i, 1);
+                else
+                    NK_NAME(nk_dx)(xr, dyr, dxr, S, 0, mh + i, ml + i, mh + i, r + i, zw + i, zb + i, k2 + i,
+                                   k3 + i, 0);
+            }
     } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t ns = 0; ns < N * S; ns++) {
-            int64_t o = (ns / S) * C;
+            int64_t o = per_nc ? (ns / S) * C : 0;
             const NK_T *xr = x + ns * C, *dyr = dy + ns * C;
             NK_T *dxr = dx + ns * C;
             if (act)
@@ -849,6 +873,24 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     free(shift);
     free(zc);
     free(kset);
+}
+
+/* BatchNorm's running statistics, updated in place (either may be NULL) as torch ops would, in double:
+ * run = run * (1 - momentum) + stat * momentum, with the variance made unbiased by var_factor first.
+ * One call for what would be eight small torch ops. The volatile products keep the compiler from
+ * fusing them into FMAs, which would round differently from the torch-op formula it replaces. */
+void NK_NAME(nk_running_update)(NK_A *run_mean, NK_A *run_var, const double *mean, const double *var, int64_t C,
+                                double momentum, double var_factor) {
+    for (int64_t c = 0; c < C; c++) {
+        if (run_mean) {
+            volatile double kept = (double)run_mean[c] * (1.0 - momentum), added = mean[c] * momentum;
+            run_mean[c] = (NK_A)(kept + added);
+        }
+        if (run_var) {
+            volatile double kept = (double)run_var[c] * (1.0 - momentum), added = var[c] * var_factor * momentum;
+            run_var[c] = (NK_A)(kept + added);
+        }
+    }
 }
 
 /* the channels-first row norms (LayerNorm2d), with the same macros */
