@@ -15,6 +15,7 @@ Needs transformers and timm (``pip install -e ".[models]"``)::
 
     python benchmarks/convert_speed.py                      # everything, about 10 minutes on 2 cores
     python benchmarks/convert_speed.py --only convnext --reps 15
+    python benchmarks/convert_speed.py --only channels_last      # ResNet-50 and a BatchNorm, channels-last
     python benchmarks/convert_speed.py --only modules --compile   # torch.compile on both sides
     python benchmarks/convert_speed.py --out docs/benchmarks/convert/convert-2core.json
     python benchmarks/convert_speed.py --device cuda --out docs/benchmarks/convert/convert-h200.json
@@ -191,6 +192,16 @@ def cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
             lambda: compare("timm resnet50_gn, 8x3x224x224", timm.create_model("resnet50_gn"), images, reps,
                             train=True),
         ],
+        "channels_last": [  # what CPU users run CNNs in for oneDNN's convolutions
+            lambda: compare("BatchNorm2d(512), 32x512x7x7 channels_last", torch.nn.BatchNorm2d(512),
+                            torch.randn(32, 512, 7, 7).contiguous(memory_format=cl), 3 * reps, train=True),
+            lambda: compare("timm resnet50 channels_last, 8x3x160x160",
+                            timm.create_model("resnet50", num_classes=10).to(memory_format=cl),
+                            torch.randn(8, 3, 160, 160).contiguous(memory_format=cl), reps),
+            lambda: compare("timm resnet50 channels_last, 8x3x160x160",
+                            timm.create_model("resnet50", num_classes=10).to(memory_format=cl),
+                            torch.randn(8, 3, 160, 160).contiguous(memory_format=cl), reps, train=True),
+        ],
         "resnet": [
             lambda: compare("timm resnet18, 8x3x224x224", timm.create_model("resnet18", num_classes=10), images,
                             reps),
@@ -261,7 +272,7 @@ def gpu_cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=11, help="paired repetitions per whole model (x3 per module)")
-    groups = ["modules", "llama", "convnext", "mobilenet", "groupnorm", "resnet"]
+    groups = ["modules", "llama", "convnext", "mobilenet", "groupnorm", "channels_last", "resnet"]
     parser.add_argument("--only", nargs="*", choices=groups, help="run only these groups")
     parser.add_argument("--out", type=Path, help="write the rows, machine and versions to this JSON file")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",

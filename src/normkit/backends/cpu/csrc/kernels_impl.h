@@ -699,13 +699,14 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         }
     /* pass 1 */
     if (!nhwc) {
-        /* per (n, c) run; BatchNorm adds a channel's runs over the samples in order on one thread */
+        /* per (n, c) run; BatchNorm adds a channel's runs over the samples in order on one thread
+         * (its slot i is the channel, run n * C + i) */
+        const int64_t runs = per_nc ? 1 : N, run_step = per_nc ? 0 : C * S;
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t i = 0; i < P; i++) {
             double s0 = 0, s1 = 0, s2 = 0, t0, t1, t2;
-            for (int64_t n = per_nc ? i / C : 0; n < (per_nc ? i / C + 1 : N); n++) {
-                int64_t nc = per_nc ? i : n * C + i;
-                const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
+            const NK_T *xr = x + i * S, *dyr = dy + i * S;
+            for (int64_t n = 0; n < runs; n++, xr += run_step, dyr += run_step) {
                 if (act)
                     NK_NAME(nk_sums_run)(xr, dyr, S, mh[i], r[i], zw[i], zb[i], 1, &t0, &t1, &t2);
                 else
