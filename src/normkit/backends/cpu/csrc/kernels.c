@@ -192,6 +192,7 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 }
 
 #define NK_BLOCK 2048  /* elements per exact two-pass block: fits L1 with room to spare */
+#define NK_PAR_SLOTS 4096 /* (n, c) slots from which the backward's bookkeeping loops are threaded */
 #define NK_ROWS 16384  /* elements per channels-last sub-block (rows x C): its per-channel merge is amortized */
 #define NK_SUB_MAX 256 /* ... and at most this many rows, the terms of each float partial sum (few channels) */
 /* rows per channels-last sub-block of C channels */
