@@ -183,7 +183,8 @@ def chan_forward(
     n, c, s = dims
     sets = n * groups if groups > 0 else c
     if need_stats:
-        mean, rstd, var = (torch.empty(sets, dtype=torch.float64) for _ in range(3))  # no views: ops return them
+        # three tensors, not views of one: the custom ops return them, and outputs may not alias
+        mean, rstd, var = (torch.empty(sets, dtype=torch.float64) for _ in range(3))
     else:
         mean = rstd = var = None
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
@@ -204,13 +205,15 @@ def running_update(
     """BatchNorm's running statistics updated in place from the float64 batch ``mean`` and biased ``var``:
     ``run = run * (1 - momentum) + stat * momentum`` in float64, the variance times ``var_factor``
     (count / (count - 1)) first. One kernel call where the buffers are contiguous vectors of the
-    arithmetic dtype (the usual case), else (and under torch.compile) the same formula in torch ops."""
+    arithmetic dtype (the usual case, inference tensors included, which torch's kernel too updates outside
+    inference mode), else (and under torch.compile) the same formula in torch ops."""
     ref = running_mean if running_mean is not None else running_var
     if ref is None:
         return
     acc = arithmetic_dtype(ref.dtype)
     if not torch.compiler.is_compiling() and all(
-        r is None or (r.dtype == acc and r.dim() == 1 and r.is_contiguous()) for r in (running_mean, running_var)
+        r is None or (r.dtype == acc and r.dim() == 1 and r.is_contiguous())
+        for r in (running_mean, running_var)
     ):
         _fn("nk_running_update", acc)(
             _ptr(running_mean), _ptr(running_var), mean.data_ptr(), var.data_ptr(), mean.numel(), float(momentum),
