@@ -532,6 +532,25 @@ def test_double_backward_and_torch_func_use_the_reference_formulas(device):
     torch.testing.assert_close(per_sample, expected)
 
 
+def test_sum_partials_of_two_buffers_in_one_launch(device):
+    """A weight's and a bias's partials summed by one launch give each one's sums bit for bit, in the
+    order of the arguments, None for None; more than two buffers, or two shapes, are refused."""
+    from normkit.backends.triton.kernels.reduce import sum_partials
+
+    a, b = torch.randn(37, 70, device=device), torch.randn(37, 70, device=device) * 1e3
+    (sa,), (sb,) = sum_partials(a), sum_partials(b)
+    pa, pb = sum_partials(a, b)
+    assert torch.equal(pa, sa) and torch.equal(pb, sb)
+    assert_close(pa, a.double().sum(0), FP32)
+    assert_close(pb, b.double().sum(0), FP32)
+    none, only = sum_partials(None, b)
+    assert none is None and torch.equal(only, sb)
+    with pytest.raises(ValueError):
+        sum_partials(a, b, a)
+    with pytest.raises(ValueError):
+        sum_partials(a, b[:5])
+
+
 def test_block_cap_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         with config.block_cap(12):

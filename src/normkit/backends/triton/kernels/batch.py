@@ -248,7 +248,7 @@ def batch_forward(
         mean = torch.stack([fixed_mean.to(torch.float32), torch.zeros_like(fixed_mean, dtype=torch.float32)])
         var = fixed_var.to(torch.float32, copy=True)
         return y, mean, torch.rsqrt(var + eps), var
-    part = [torch.empty((lay.splits, lay.c), dtype=torch.float32, device=dev) for _ in range(3)]
+    part = torch.empty((3, lay.splits, lay.c), dtype=torch.float32, device=dev).unbind(0)  # three (splits, C)
     mean = torch.empty((2, lay.c), dtype=torch.float32, device=dev)
     rstd, var = (torch.empty(lay.c, dtype=torch.float32, device=dev) for _ in range(2))
     _partial_stats_kernel[lay.split_grid](
@@ -280,13 +280,12 @@ def batch_backward(
     need_dw = need_dw and weight is not None
     sum_dy = sum_dy_xhat = None
     if training or need_dw or need_db:
-        part_dw = torch.empty((lay.splits, lay.c), dtype=torch.float32, device=dev)
-        part_db = torch.empty_like(part_dw)
+        part_dw, part_db = torch.empty((2, lay.splits, lay.c), dtype=torch.float32, device=dev)
         _partial_grads_kernel[lay.split_grid](
             dyk, lay.x, mean, rstd, part_dw, part_db, *lay.dims, lay.items, lay.items_per_split,
             BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, num_warps=lay.warps,
         )
-        sum_dy_xhat, sum_dy = sum_partials(part_dw), sum_partials(part_db)
+        sum_dy_xhat, sum_dy = sum_partials(part_dw, part_db)
     dx = torch.empty_like(lay.x)
     count = x.numel() // lay.c
     _apply_grad_kernel[lay.apply_grid](

@@ -3,7 +3,8 @@ update of BatchNorm/InstanceNorm running statistics.
 
 Parameter gradients (and BatchNorm's per-channel sums) are first summed by many programs, each into its
 own row of a ``(P, N)`` float32 buffer; :func:`sum_partials` then adds the P rows of each column in an
-order fixed by P alone. With no atomics anywhere the result does not depend on which program finished first.
+order fixed by P alone (a weight's and a bias's buffers in one launch). With no atomics anywhere the
+result does not depend on which program finished first.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ __all__ = ["sum_partials", "update_running_stats"]
 
 
 @triton.jit
-def _sum_partials_kernel(P, OUT, num_rows, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _column_sums(P, OUT, num_rows, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     # BLOCK_R rows per step, so that many loads are in flight (one row per step left a program waiting
@@ -33,16 +34,34 @@ def _sum_partials_kernel(P, OUT, num_rows, N, BLOCK_R: tl.constexpr, BLOCK_N: tl
     tl.store(OUT + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
-def sum_partials(partials: Tensor) -> Tensor:
-    """Column sums of a contiguous float32 ``(P, N)`` buffer, in a fixed order: float32 ``(N,)``."""
-    num_rows, n = partials.shape
-    out = torch.empty(n, dtype=torch.float32, device=partials.device)
+@triton.jit
+def _sum_partials_kernel(P, OUT, P2, OUT2, num_rows, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid axis 1 picks the buffer: a weight's and a bias's partials are summed by one launch
+    if tl.program_id(1) == 0:
+        _column_sums(P, OUT, num_rows, N, BLOCK_R, BLOCK_N)
+    else:
+        _column_sums(P2, OUT2, num_rows, N, BLOCK_R, BLOCK_N)
+
+
+def sum_partials(*partials: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Column sums of one or two contiguous float32 ``(P, N)`` buffers of one shape, in a fixed order,
+    in one launch: a float32 ``(N,)`` for each buffer, None for each None (a launch costs host time,
+    which small norms on a GPU are short of)."""
+    given = [p for p in partials if p is not None]
+    if len(given) > 2 or any(p.shape != given[0].shape for p in given):
+        raise ValueError("sum_partials takes at most two buffers of one shape")
+    if not given:
+        return tuple(None for _ in partials)
+    num_rows, n = given[0].shape
+    outs = [torch.empty(n, dtype=torch.float32, device=p.device) for p in given]
+    second = 1 if len(given) == 2 else 0
     block_n = min(64, config.next_power_of_2(max(n, 1)))
     block_r = min(32, config.next_power_of_2(max(num_rows, 1)))
-    _sum_partials_kernel[(config.cdiv(n, block_n),)](
-        partials, out, num_rows, n, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4
+    _sum_partials_kernel[(config.cdiv(n, block_n), len(given))](
+        given[0], outs[0], given[second], outs[second], num_rows, n, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4
     )
-    return out
+    found = iter(outs)
+    return tuple(None if p is None else next(found) for p in partials)
 
 
 @triton.jit

@@ -297,6 +297,5 @@ def row_backward(
         HAS_WEIGHT=weight is not None, NEED_DW=need_dw, NEED_DB=need_db,
         num_warps=config.warps_for(block_m * block_n),
     )
-    dw = sum_partials(dw_part) if dw_part is not None else None
-    db = sum_partials(db_part) if db_part is not None else None
+    dw, db = sum_partials(dw_part, db_part)
     return dx, dw, db

@@ -241,6 +241,5 @@ def set_backward(
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, NEED_DW=need_dw, NEED_DB=need_db,
         num_warps=config.warps_for(per_program * block_c * block_s),
     )
-    dw = sum_partials(dw_part) if dw_part is not None else None
-    db = sum_partials(db_part) if db_part is not None else None
+    dw, db = sum_partials(dw_part, db_part)
     return dx, dw, db
