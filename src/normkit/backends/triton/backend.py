@@ -115,7 +115,7 @@ class TritonBackend(Backend):
         y, mean, _, var = ops.batch(x, _flat(weight), _flat(bias), None, None, eps)
         if running_mean is not None:
             count = x.numel() // x.shape[1]
-            ops.update_running_stats(running_mean, running_var, mean.detach().sum(0), var.detach(), momentum, count)
+            ops.update_running_stats(running_mean, running_var, mean.detach(), var.detach(), momentum, count)
         return y
 
     def instance_norm(self, x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):

@@ -13,7 +13,8 @@ read, so each reduction has two stages, both in a fixed order (bitwise reproduci
   :func:`~.reduce.sum_partials` adds them (these are dbias and dweight), and :func:`_apply_grad_kernel`
   writes ``dx = rstd · (g - c1 - xhat · c2)`` with ``g = dy · w`` (eval: ``g · rstd``).
 
-The running statistics are updated by :func:`~.reduce.update_running_stats` from the batch statistics.
+The running statistics are updated by :func:`~.reduce.update_running_stats` from the batch statistics
+(it adds the (2, C) mean's halves itself).
 """
 
 from __future__ import annotations

@@ -65,10 +65,14 @@ def sum_partials(*partials: Tensor | None) -> tuple[Tensor | None, ...]:
 
 
 @triton.jit
-def _update_running_kernel(RUNNING_MEAN, RUNNING_VAR, MEAN, VAR, C, momentum, unbias, BLOCK: tl.constexpr):
+def _update_running_kernel(
+    RUNNING_MEAN, RUNNING_VAR, MEAN, VAR, C, momentum, unbias, BLOCK: tl.constexpr, PAIR: tl.constexpr
+):
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = c < C
     mean = tl.load(MEAN + c, mask=mask, other=0.0)
+    if PAIR:  # BatchNorm's (2, C) mean: a shift and the mean relative to it, added as torch's sum(0) would
+        mean = mean + tl.load(MEAN + C + c, mask=mask, other=0.0)
     var = tl.load(VAR + c, mask=mask, other=0.0) * unbias
     rm = tl.load(RUNNING_MEAN + c, mask=mask, other=0.0).to(tl.float32)
     rv = tl.load(RUNNING_VAR + c, mask=mask, other=0.0).to(tl.float32)
@@ -81,14 +85,16 @@ def update_running_stats(
 ) -> None:
     """``running = (1 - momentum) * running + momentum * batch`` in place, with the variance made
     unbiased (times ``count / (count - 1)``), as :func:`normkit.reference.batch_norm` does.
-    ``mean`` and ``var`` (the biased batch variance) are float32 ``(C,)``; the running tensors keep
-    their dtype. Non-contiguous running tensors are updated through a contiguous copy."""
-    c = mean.numel()
+    ``mean`` and ``var`` (the biased batch variance) are float32 ``(C,)``, or ``mean`` is BatchNorm's
+    contiguous ``(2, C)`` pair, whose rows the kernel adds (no separate sum, one launch fewer); the
+    running tensors keep their dtype. Non-contiguous running tensors are updated through a contiguous copy."""
+    c = var.numel()
     block = min(1024, config.next_power_of_2(max(c, 1)))
     rm = running_mean if running_mean.is_contiguous() else running_mean.contiguous()
     rv = running_var if running_var.is_contiguous() else running_var.contiguous()
     _update_running_kernel[(config.cdiv(c, block),)](
-        rm, rv, mean, var, c, float(momentum), count / max(count - 1, 1), BLOCK=block, num_warps=4
+        rm, rv, mean, var, c, float(momentum), count / max(count - 1, 1), BLOCK=block, PAIR=mean.dim() == 2,
+        num_warps=4,
     )
     if rm is not running_mean:
         running_mean.copy_(rm)
