@@ -185,37 +185,25 @@ _TritonRows = _eager_function("_TritonRows", _rows_forward, _rows_setup, _rows_b
 
 
 # RMSNorm whose normalized value is rounded before the weight multiplies it (Hugging Face Llama's
-# order): eager only, the backend composes it under torch.compile. The backward is RMSNorm's.
+# order): eager only, the backend composes it under torch.compile. The forward has _rows_forward's
+# signature, so that RMSNorm's setup and backward serve it unchanged.
 
 
-def _rounded_forward(x: Tensor, weight: Tensor, n: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _rounded_forward(
+    x: Tensor, residual: None, weight: Tensor, bias: None, n: int, eps: float, rms: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y, _, _, rstd = _rows.row_forward(x, None, weight, None, n, eps, True, round_first=True)
     return y.view(x.shape), _empty(x), _empty(x), rstd
 
 
-def _rounded_setup(ctx, inputs, output) -> None:
-    x, weight, n, eps = inputs
-    _rows_setup(ctx, (x, None, weight, None, n, eps, True), output)
-
-
-def _rounded_backward(ctx, dy, _dh, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[:2]
-    if torch.is_grad_enabled() or wrapped(dy):
-        dx, dw, _ = _rows_backward_differentiable(ctx, dy, x, weight)
-    else:
-        dx, dw, _ = _rows_backward_kernels(dy, x, None, weight, mean, rstd, ctx.n, True, need_w, False)
-    return (dx if need_x else None), _grad_to(dw, weight, need_w), None, None
-
-
-_TritonRowsRounded = _eager_function("_TritonRowsRounded", _rounded_forward, _rounded_setup, _rounded_backward)
+_TritonRowsRounded = _eager_function("_TritonRowsRounded", _rounded_forward, _rows_setup, _rows_backward)
 
 
 def rms_rounded_scale(x: Tensor, weight: Tensor, n: int, eps: float) -> Tensor:
     """``weight * rms_norm(x).to(x.dtype)`` in one kernel (eager calls only)."""
     if _needs_grad(x, weight):
-        return _TritonRowsRounded.apply(x, weight, n, eps)[0]
-    return _rounded_forward(x, weight, n, eps)[0]
+        return _TritonRowsRounded.apply(x, None, weight, None, n, eps, True)[0]
+    return _rounded_forward(x, None, weight, None, n, eps, True)[0]
 
 
 def rows(
