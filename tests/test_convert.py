@@ -288,6 +288,16 @@ HF_MODELS = {
     "qwen2": (_hf, ("Qwen2ForCausalLM", "Qwen2Config"), {}, {"Qwen2RMSNorm": 5}),
     "qwen3": (_hf, ("Qwen3ForCausalLM", "Qwen3Config"), {"head_dim": 16}, {"Qwen3RMSNorm": 9}),
     "gemma": (_hf, ("GemmaForCausalLM", "GemmaConfig"), {"head_dim": 16}, {"GemmaRMSNorm": 5}),
+    # copies of a handled class's code (normkit.conversion.families), matched by their code
+    "phi3": (_hf, ("Phi3ForCausalLM", "Phi3Config"), {"pad_token_id": 0}, {"Phi3RMSNorm": 5}),
+    "mixtral": (_hf, ("MixtralForCausalLM", "MixtralConfig"), {"num_local_experts": 4}, {"MixtralRMSNorm": 5}),
+    "granite": (_hf, ("GraniteForCausalLM", "GraniteConfig"), {}, {"GraniteRMSNorm": 5}),
+    # the weight multiplies before the cast back; Olmo2's q/k norms span all heads
+    "olmo2": (_hf, ("Olmo2ForCausalLM", "Olmo2Config"), {}, {"Olmo2RMSNorm": 9}),
+    "gpt_oss": (_hf, ("GptOssForCausalLM", "GptOssConfig"), {"head_dim": 16, "num_local_experts": 4},
+                {"GptOssRMSNorm": 5}),
+    # LayerNorm without a bias; its q/k norms have a (heads, head_dim) weight
+    "cohere": (_hf, ("CohereForCausalLM", "CohereConfig"), {"use_qk_norm": True}, {"CohereLayerNorm": 7}),
 }
 
 
@@ -310,6 +320,21 @@ def test_hugging_face_t5(train):
 
     inputs = {"input_ids": IDS["input_ids"], "decoder_input_ids": IDS["input_ids"][:, :5]}
     check_equivalent(make, inputs, train=train, expect={"T5LayerNorm": 12})
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_hugging_face_convnext(train):
+    """transformers' own ConvNext LayerNorm (a subclass of nn.LayerNorm), channels-first and -last."""
+    transformers = pytest.importorskip("transformers")
+
+    def make():
+        torch.manual_seed(0)
+        config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                             num_labels=5, image_size=32)
+        return transformers.ConvNextForImageClassification(config)
+
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    check_equivalent(make, {"pixel_values": images}, train=train, expect={"ConvNextLayerNorm": 4, "LayerNorm": 1})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -10,7 +10,8 @@ checks against the original class are untouched. ``revert`` switches the class b
 
 Only classes that normkit has a handler for are converted, and only on an exact class match: a
 third-party subclass may override ``forward`` (timm's ``BatchNormAct2d`` adds an activation), so its
-parent's handler would change what it computes. Everything that looks like a norm but is not
+parent's handler would change what it computes. A transformers norm class whose code is a copy of a
+handled class's is converted as that class (:mod:`.families`). Everything that looks like a norm but is not
 converted is reported with the reason (see :func:`plan`). Before the first module of a class is
 converted, the converted forward is checked against the original on a small random input (in a
 copy of the module, in eval mode); a class whose installed version computes something else than the
@@ -94,6 +95,18 @@ def _parameter_dtype(module: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _variant(module: torch.nn.Module) -> tuple:
+    """What picks a different path through a converted forward within one class (a channels-first or
+    -last ConvNext norm, a Gemma3n norm with or without its weight, a per-head weight): each variant is
+    checked on its own."""
+    weight = getattr(module, "weight", None)
+    return (
+        getattr(module, "data_format", None),
+        getattr(module, "with_scale", None),
+        weight.dim() if isinstance(weight, torch.Tensor) else None,
+    )
+
+
 def _agrees(module: torch.nn.Module, handler: Handler) -> str:
     """'' if the converted forward matches the original on a sample input, else why not."""
     try:
@@ -138,7 +151,7 @@ def plan(
     """
     chosen = _select(kinds)
     report = ConversionReport()
-    verdicts: dict[type, str] = {}
+    verdicts: dict[tuple, str] = {}
     for name, module in model.named_modules():
         cls = type(module)
         if getattr(module, _ORIGINAL, None) is not None:
@@ -153,10 +166,11 @@ def plan(
             reason = f"kind {handler.kind!r} not selected"
             report.left.append(Site(name, qualified_name(cls), handler.kind, None, reason))
             continue
-        if check and cls not in verdicts:
-            verdicts[cls] = _agrees(module, handler)
-        if check and verdicts[cls]:
-            report.left.append(Site(name, qualified_name(cls), handler.kind, None, verdicts[cls]))
+        key = (cls, _variant(module))
+        if check and key not in verdicts:
+            verdicts[key] = _agrees(module, handler)
+        if check and verdicts[key]:
+            report.left.append(Site(name, qualified_name(cls), handler.kind, None, verdicts[key]))
             continue
         target = _fused_target(model, name, module, handler) if fused else None
         target = target or handler.target(cls)
@@ -218,12 +232,13 @@ def convert(
     """Switch every normalization module of ``model`` that normkit knows to normkit's computation.
 
     Covers every torch.nn norm class (BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm1d/2d/3d,
-    LayerNorm, GroupNorm, RMSNorm); Hugging Face transformers' Llama, Mistral, Qwen2, Qwen3 and
-    Gemma/Gemma2/Gemma3 RMSNorms and T5's LayerNorm, each with its own casting (see
-    :mod:`normkit.conversion.forwards`); timm's LayerNorm, LayerNorm2d, GroupNorm, GroupNorm1, RmsNorm,
-    RmsNorm2d and the norm+activation modules BatchNormAct2d, GroupNormAct, GroupNorm1Act,
-    LayerNormAct and LayerNormAct2d (:func:`known_classes` lists them). State_dict keys and values
-    are unchanged; :func:`revert` undoes it.
+    LayerNorm, GroupNorm, RMSNorm); Hugging Face transformers' Llama, Mistral, Qwen2, Qwen3,
+    Gemma/Gemma2/Gemma3, Gemma3n, Olmo2, Helium RMSNorms, T5's and Cohere's LayerNorm and ConvNext's,
+    each with its own casting (see :mod:`normkit.conversion.forwards`), and every other transformers
+    norm class whose code is a copy of one of those (:mod:`normkit.conversion.families`); timm's
+    LayerNorm, LayerNorm2d, GroupNorm, GroupNorm1, RmsNorm, RmsNorm2d and the norm+activation modules
+    BatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct and LayerNormAct2d (:func:`known_classes`
+    lists the handled classes). State_dict keys and values are unchanged; :func:`revert` undoes it.
 
     Args:
         model: the model (or a single norm module).

@@ -17,8 +17,13 @@ from ..nn.batchnorm import _BatchNormMixin
 
 __all__ = [
     "LlamaStyleRMSNorm",
+    "WeightThenCastRMSNorm",
+    "HeliumStyleRMSNorm",
     "GemmaStyleRMSNorm",
+    "Gemma3nStyleRMSNorm",
+    "CohereStyleLayerNorm",
     "T5StyleLayerNorm",
+    "ChannelsFirstOrLastLayerNorm",
     "TimmLayerNorm",
     "TimmLayerNorm2d",
     "TimmGroupNorm",
@@ -42,15 +47,43 @@ class LlamaStyleRMSNorm:
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         x = hidden_states
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # the kernel given the weight computes round(round(x * rstd) * w), as the two steps do:
-            # one pass over memory instead of two, the same bits
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
-        # the original computes in float32 whatever the input: so does normkit for float16/bfloat16;
-        # it rounds the normalized value to x's dtype, then multiplies by the weight
-        if x.dtype == torch.float64:
-            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.variance_epsilon).to(x.dtype)
-        return F._rms_norm_rounded_scale(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+        if self.weight.shape == x.shape[-1:] and x.dtype != torch.float64:
+            if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+                # the kernel given the weight computes round(round(x * rstd) * w), as the two steps do:
+                # one pass over memory instead of two, the same bits
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+            # 16-bit input: normkit computes in float32 (as the original does), rounds the normalized
+            # value to x's dtype, then multiplies by the weight
+            return F._rms_norm_rounded_scale(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+        # float64 input (the original computes it in float32), or a weight that broadcasts otherwise
+        # (some models' per-head norms): normkit's norm, the original's casts and multiply
+        work = x.float() if x.dtype == torch.float64 else x
+        return self.weight * F.rms_norm(work, (x.shape[-1],), None, self.variance_epsilon).to(x.dtype)
+
+
+class WeightThenCastRMSNorm:
+    """Olmo2, Olmo3, GPT-OSS and their copies: float32 statistics, times the weight (promoted with
+    float32), *then* one rounding to the input's dtype (``(w * normalize(x.float())).to(x.dtype)``)."""
+
+    #: Helium's copy casts the weight to float32 first (a float64 weight then computes in float32)
+    _weight_to_float32 = False
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        x, w = hidden_states, self.weight
+        if w.shape == x.shape[-1:] and w.dtype == x.dtype and x.dtype != torch.float64:
+            # the kernel multiplies by the weight in float32 and rounds once, as the original does
+            return F.rms_norm(x, (x.shape[-1],), w, self.variance_epsilon)
+        if self._weight_to_float32:
+            w = w.float()
+        normalized = F.rms_norm(x.float(), (x.shape[-1],), None, self.variance_epsilon)
+        return (w * normalized).to(x.dtype)
+
+
+class HeliumStyleRMSNorm(WeightThenCastRMSNorm):
+    """Helium, Nemotron-H and their copies: as :class:`WeightThenCastRMSNorm`, the weight cast to
+    float32 before it multiplies (``(w.float() * normalize(x.float())).to(x.dtype)``)."""
+
+    _weight_to_float32 = True
 
 
 class GemmaStyleRMSNorm:
@@ -61,6 +94,33 @@ class GemmaStyleRMSNorm:
         scale = 1.0 + self.weight.float()
         y = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), scale, self.eps)
         return y.type_as(x)
+
+
+class Gemma3nStyleRMSNorm:
+    """Gemma3n, Gemma4 and their copies: as Gemma's but the weight is the scale itself, and optional
+    (``with_scale``): ``(normalize(x.float()) * w.float()).type_as(x)``, one rounding."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight.float() if self.with_scale else None
+        if scale is not None and scale.shape != x.shape[-1:]:
+            return (F.rms_norm(x.float(), (x.shape[-1],), None, self.eps) * scale).type_as(x)
+        y = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), scale, self.eps)
+        return y.type_as(x)
+
+
+class CohereStyleLayerNorm:
+    """Cohere, Cohere2: LayerNorm without a bias, in float32, times the weight in float32, then one
+    rounding to the input's dtype. The weight may be (heads, head_dim) (their per-head q/k norms):
+    then the norm is normkit's and the multiply the original's."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        x, scale = hidden_states, self.weight.float()
+        if scale.shape != x.shape[-1:]:
+            normalized = F.layer_norm(x.float(), (x.shape[-1],), None, None, self.variance_epsilon)
+            return (scale * normalized).to(x.dtype)
+        y = F.layer_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), scale, None,
+                         self.variance_epsilon)
+        return y.to(x.dtype)
 
 
 class T5StyleLayerNorm:
@@ -81,6 +141,17 @@ class T5StyleLayerNorm:
         if half_weight:
             normalized = normalized.to(self.weight.dtype)
         return self.weight * normalized
+
+
+class ChannelsFirstOrLastLayerNorm:
+    """ConvNext, SAM and their copies (subclasses of nn.LayerNorm): LayerNorm over the channels, which
+    are dim 1 (``data_format="channels_first"``, computed without the original's permuted copy, the
+    output laid out channels-last as the original's is) or the last dim."""
+
+    def forward(self, features: Tensor) -> Tensor:
+        if self.data_format == "channels_first":
+            return F.channel_layer_norm(features, self.weight, self.bias, self.eps)
+        return F.layer_norm(features, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 # --------------------------------------------------------------------------------------------------

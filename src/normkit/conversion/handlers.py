@@ -1,7 +1,8 @@
 """Which module classes :func:`normkit.convert` knows, and what each becomes.
 
 A handler matches one class *exactly* (by its import path: a subclass may override ``forward``, so it
-is never converted by its parent's handler) and gives the class the module is switched to:
+is never converted by its parent's handler), or a transformers class whose code is a copy of a handled
+one's (:mod:`normkit.conversion.families`), and gives the class the module is switched to:
 
 * a torch.nn norm becomes normkit's class of the same name (a subclass of it, with no state of its own);
 * a Hugging Face or timm norm becomes a class made on the fly from a forward mixin
@@ -16,14 +17,15 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .. import nn as nk
 from . import forwards as fw
+from .families import family_of
 
-__all__ = ["KINDS", "Handler", "handler_for", "qualified_name", "swap_class", "swap_class_by_name"]
+__all__ = ["FAMILIES", "KINDS", "Handler", "handler_for", "qualified_name", "swap_class", "swap_class_by_name"]
 
 #: the kinds of norm ``convert(kinds=...)`` selects from
 KINDS: tuple[str, ...] = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
@@ -92,7 +94,9 @@ def swap_class_by_name(name: str) -> type:
 
 
 def _rows(m: torch.nn.Module) -> torch.Tensor:
-    shape = tuple(getattr(m, "normalized_shape", None) or m.weight.shape)
+    weight = getattr(m, "weight", None)
+    # a norm without a weight (Gemma3n's with_scale=False) keeps no size: any will do
+    shape = tuple(getattr(m, "normalized_shape", None) or (weight.shape if weight is not None else (8,)))
     return torch.randn(3, 5, *shape)
 
 
@@ -102,6 +106,10 @@ def _channels(dims: int) -> Callable[[torch.nn.Module], torch.Tensor]:
         return torch.randn(4, c, *([5, 3, 4][: dims - 2]))
 
     return sample
+
+
+def _channels_first_or_last(m: torch.nn.Module) -> torch.Tensor:
+    return _channels(4)(m) if m.data_format == "channels_first" else _rows(m)
 
 
 def _offset_by_data(sample: Callable[[torch.nn.Module], torch.Tensor]) -> Callable[[torch.nn.Module], torch.Tensor]:
@@ -144,7 +152,32 @@ _TRANSFORMERS: list[Handler] = [
         for model, cls in [("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm")]
     ),
     Handler(f"{_HF}.t5.modeling_t5.T5LayerNorm", "rms_norm", "transformers", swap_class(fw.T5StyleLayerNorm), _rows),
+    Handler(f"{_HF}.olmo2.modeling_olmo2.Olmo2RMSNorm", "rms_norm", "transformers",
+            swap_class(fw.WeightThenCastRMSNorm), _rows),
+    Handler(f"{_HF}.helium.modeling_helium.HeliumRMSNorm", "rms_norm", "transformers",
+            swap_class(fw.HeliumStyleRMSNorm), _rows),
+    Handler(f"{_HF}.gemma3n.modeling_gemma3n.Gemma3nRMSNorm", "rms_norm", "transformers",
+            swap_class(fw.Gemma3nStyleRMSNorm), _rows),
+    Handler(f"{_HF}.cohere.modeling_cohere.CohereLayerNorm", "layer_norm", "transformers",
+            swap_class(fw.CohereStyleLayerNorm), _rows),
+    Handler(f"{_HF}.convnext.modeling_convnext.ConvNextLayerNorm", "layer_norm", "transformers",
+            swap_class(fw.ChannelsFirstOrLastLayerNorm), _channels_first_or_last),
 ]
+
+#: transformers classes whose copies in other models are converted as they are (see :mod:`.families`)
+FAMILIES: tuple[str, ...] = tuple(
+    f"{_HF}.{path}"
+    for path in (
+        "llama.modeling_llama.LlamaRMSNorm",
+        "gemma.modeling_gemma.GemmaRMSNorm",
+        "t5.modeling_t5.T5LayerNorm",
+        "olmo2.modeling_olmo2.Olmo2RMSNorm",
+        "helium.modeling_helium.HeliumRMSNorm",
+        "gemma3n.modeling_gemma3n.Gemma3nRMSNorm",
+        "cohere.modeling_cohere.CohereLayerNorm",
+        "convnext.modeling_convnext.ConvNextLayerNorm",
+    )
+)
 
 _L = "timm.layers"
 _TIMM: list[Handler] = [
@@ -165,9 +198,21 @@ _TIMM: list[Handler] = [
 _HANDLERS: dict[str, Handler] = {h.qualname: h for h in (*_TORCH, *_TRANSFORMERS, *_TIMM)}
 
 
+_family_handlers: dict[type, Handler | None] = {}
+
+
 def handler_for(cls: type) -> Handler | None:
-    """The handler of exactly this class, or None."""
-    return _HANDLERS.get(qualified_name(cls))
+    """The handler of exactly this class, or of the transformers class whose code it copies (see
+    :mod:`.families`), or None."""
+    handler = _HANDLERS.get(qualified_name(cls))
+    if handler is not None or "Norm" not in cls.__name__ or not cls.__module__.startswith("transformers."):
+        return handler  # a model's other classes are not parsed
+    if cls not in _family_handlers:
+        canonical = family_of(cls, FAMILIES)
+        _family_handlers[cls] = (
+            None if canonical is None else replace(_HANDLERS[canonical], qualname=qualified_name(cls))
+        )
+    return _family_handlers[cls]
 
 
 def known_classes() -> list[str]:

@@ -1,0 +1,186 @@
+"""Hugging Face norm classes converted as copies of a handled class's code (normkit.conversion.families).
+
+Every norm class of the installed transformers that belongs to a family is built, converted and
+compared with its original: float32 outputs and gradients, bfloat16 outputs against the float32
+original with the original in bfloat16 as the baseline. Classes whose code differs are left alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import pickle
+
+import pytest
+import torch
+
+import normkit
+from normkit import conversion
+from normkit.conversion.families import code_signature, family_of, members
+from normkit.conversion.handlers import FAMILIES, handler_for
+from normkit.testing import assert_close
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight:UserWarning")
+
+_FAKE_MODULE = "transformers.models.normkit_test.modeling_normkit_test"
+
+
+def _instances(cls: type) -> list[torch.nn.Module]:
+    """The class built with a hidden size of 24, in each of its data formats; random parameters."""
+    kwargs = [{}]
+    if "data_format" in inspect.signature(cls.__init__).parameters:
+        kwargs = [{"data_format": "channels_last"}, {"data_format": "channels_first"}]
+    out = []
+    for kw in kwargs:
+        module = cls(24, **kw)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.5 + 0.75)
+        out.append(module)
+    return out
+
+
+def _sample(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    shape = (2, 24, 5, 3) if getattr(module, "data_format", None) == "channels_first" else (3, 5, 24)
+    return (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
+
+
+def _check(original: torch.nn.Module) -> None:
+    converted = copy.deepcopy(original)
+    report = conversion.plan(converted)
+    assert len(report.converted) == 1 and not report.left, report
+    normkit.convert(converted)
+    # float32: outputs and every gradient
+    x = _sample(original, torch.float32)
+    outs, grads = [], []
+    for model in (original, converted):
+        model.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        y = model(leaf)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)))
+        outs.append(y.detach())
+        grads.append([leaf.grad, *(p.grad for p in model.parameters())])
+    assert outs[1].dtype == outs[0].dtype
+    assert_close(outs[1], outs[0].double(), torch.float32, msg="float32 output")
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert_close(got, want.double(), torch.float32, msg="float32 gradient")
+    # bfloat16: within the bound of the float32 original, with the original in bfloat16 as the baseline
+    lo = _sample(original, torch.bfloat16)
+    with torch.no_grad():
+        truth = original(lo.float()).double()
+        want = copy.deepcopy(original).to(torch.bfloat16)(lo)
+        got = copy.deepcopy(converted).to(torch.bfloat16)(lo)
+    assert got.dtype == want.dtype
+    assert_close(got, truth, want.dtype, baseline=want, msg="bfloat16 output")
+
+
+def test_every_copy_in_transformers_converts_and_matches():
+    found = list(members(FAMILIES))
+    per_family: dict[str, int] = {}
+    failures = []
+    for cls, canonical in found:
+        per_family[canonical] = per_family.get(canonical, 0) + 1
+        for module in _instances(cls):
+            try:
+                _check(module)
+            except AssertionError as e:
+                failures.append(f"{cls.__module__}.{cls.__qualname__}: {e}")
+    assert not failures, "\n".join(failures)
+    # the scan found the copies (transformers 5 has over a hundred of Llama's alone)
+    assert per_family.get(FAMILIES[0], 0) >= 10, per_family
+    assert len(found) >= 20, per_family
+
+
+# norm classes that live, as far as normkit can tell, in a transformers model; their code is here
+
+
+def _init(self, hidden_size, eps=1e-6):
+    torch.nn.Module.__init__(self)
+    self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+    self.variance_epsilon = eps
+
+
+def _llama_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm's code with a docstring, annotations and comments of its own."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)  # a comment
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+def _olmo2_forward(self, hidden_states):
+    # one change from Llama's: the weight multiplies in float32, before the cast (Olmo2's code)
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return (self.weight * hidden_states).to(input_dtype)
+
+
+def _other_forward(self, hidden_states):
+    # no family's: the epsilon added outside the square root
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states / (variance.sqrt() + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+def _model_class(name: str, forward, base: type = torch.nn.Module, module: str = _FAKE_MODULE) -> type:
+    return type(name, (base,), {"__init__": _init, "forward": forward, "__module__": module})
+
+
+CopiedRMSNorm = _model_class("CopiedRMSNorm", _llama_forward)
+OlmoLikeRMSNorm = _model_class("OlmoLikeRMSNorm", _olmo2_forward)
+OtherRMSNorm = _model_class("OtherRMSNorm", _other_forward)
+
+
+def test_a_class_is_matched_by_its_code():
+    llama, olmo2 = FAMILIES[0], next(f for f in FAMILIES if f.endswith("Olmo2RMSNorm"))
+    assert llama.endswith("LlamaRMSNorm")
+    assert family_of(CopiedRMSNorm, FAMILIES) == llama
+    assert family_of(OlmoLikeRMSNorm, FAMILIES) == olmo2
+    assert family_of(OtherRMSNorm, FAMILIES) is None and handler_for(OtherRMSNorm) is None
+    # the same forward on another base class is not matched (its code may rely on the base's)
+    assert family_of(_model_class("SubRMSNorm", _llama_forward, base=CopiedRMSNorm), FAMILIES) is None
+    # outside transformers nothing is matched by its code
+    assert family_of(_model_class("CopiedRMSNorm", _llama_forward, module=__name__), FAMILIES) is None
+    assert code_signature(CopiedRMSNorm) != code_signature(OlmoLikeRMSNorm)
+
+
+def test_copies_convert_with_their_family_s_casts_and_others_are_left():
+    model = torch.nn.Sequential(CopiedRMSNorm(24), OlmoLikeRMSNorm(24), OtherRMSNorm(24))
+    report = conversion.plan(model)
+    assert [s.name for s in report.converted] == ["0", "1"]
+    assert [(s.name, s.reason) for s in report.left] == [("2", "no normkit handler for this class")]
+    for cls in (CopiedRMSNorm, OlmoLikeRMSNorm):
+        _check(cls(24))
+
+
+def test_each_variant_of_a_class_is_checked(monkeypatch):
+    """ConvNext's LayerNorm takes a different path channels-first and channels-last: both are checked."""
+    from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
+
+    checked = []
+    agrees = conversion._agrees
+    monkeypatch.setattr(conversion, "_agrees", lambda m, h: checked.append(m.data_format) or agrees(m, h))
+    model = torch.nn.Sequential(
+        ConvNextLayerNorm(8, data_format="channels_first"), ConvNextLayerNorm(8, data_format="channels_first"),
+        ConvNextLayerNorm(8, data_format="channels_last"),
+    )
+    assert len(conversion.plan(model).converted) == 3
+    assert checked == ["channels_first", "channels_last"]
+
+
+def test_a_converted_copy_pickles():
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
+    module = normkit.convert(Phi3RMSNorm(16))
+    again = pickle.loads(pickle.dumps(module))
+    assert type(again) is type(module) and isinstance(again, Phi3RMSNorm)
+    x = torch.randn(2, 16)
+    assert torch.equal(again(x), module(x))
