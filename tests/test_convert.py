@@ -210,15 +210,19 @@ def test_subclasses_and_unknown_norms_are_left_with_reasons():
         def forward(self, x):
             return x
 
-    model = torch.nn.Sequential(MyLayerNorm(3), MyBatchNorm(3), WeirdNorm(), torch.nn.LayerNorm(3))
+    class ConvNorm(torch.nn.Sequential):  # a block named after its norm: not a norm itself
+        pass
+
+    block = ConvNorm(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3))
+    model = torch.nn.Sequential(MyLayerNorm(3), MyBatchNorm(3), WeirdNorm(), torch.nn.LayerNorm(3), block)
     report = conversion.plan(model)
-    assert [s.name for s in report.converted] == ["3"]
+    assert [s.name for s in report.converted] == ["3", "4.1"]
     reasons = {s.name: s.reason for s in report.left}
     assert reasons["0"] == "subclass of LayerNorm with its own forward: only exact classes are converted"
     assert reasons["1"] == "subclass of BatchNorm2d: only exact classes are converted"
     assert reasons["2"] == "no normkit handler for this class"
     text = str(report)
-    assert "1 converted, 3 left" in text and "WeirdNorm" in text
+    assert "2 converted, 3 left" in text and "WeirdNorm" in text
 
 
 def test_a_handler_that_disagrees_with_the_installed_class_is_not_used(monkeypatch):
@@ -445,6 +449,22 @@ def test_timm_layers(fused):
     check_equivalent(make, torch.randn(3, 8, 5, 5), train=True, expect=expect, fused=fused)
     model = normkit.convert(make(), fused=fused)
     assert isinstance(model[0], layers.GroupNormAct) and model[0]._silu_fusable() is fused
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_timm_metaformer_norms_without_bias(train):
+    pytest.importorskip("timm")
+    from timm.models.metaformer import LayerNorm2dNoBias, LayerNormNoBias
+
+    def make():
+        return torch.nn.Sequential(LayerNorm2dNoBias(6), torch.nn.Conv2d(6, 6, 1), Permute(), LayerNormNoBias(6))
+
+    check_equivalent(make, torch.randn(2, 6, 5, 4), train=train, expect={"LayerNorm2dNoBias": 1, "LayerNormNoBias": 1})
+
+
+class Permute(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
 
 
 def test_timm_subclass_with_its_own_forward_is_left():

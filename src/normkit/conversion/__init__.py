@@ -85,7 +85,13 @@ def _select(kinds: Iterable[str] | None) -> frozenset[str]:
 
 def _looks_like_norm(module: torch.nn.Module) -> bool:
     norm_bases = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
-    return isinstance(module, norm_bases) or bool(_NORMISH.search(type(module).__name__))
+    if isinstance(module, norm_bases):
+        return True
+    if not _NORMISH.search(type(module).__name__):
+        return False
+    # a block named after its norm (timm's ConvNormAct, LeViT's LinearNorm) holds layers with parameters
+    # of their own: it is not a norm, and the norm inside it is converted or reported on its own
+    return not any(True for child in module.children() for _ in child.parameters())
 
 
 def _parameter_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -193,6 +193,10 @@ _TIMM: list[Handler] = [
     Handler(f"{_L}.norm_act.GroupNorm1Act", "group_norm", "timm", swap_class(fw.TimmGroupNormAct), _channels(4)),
     Handler(f"{_L}.norm_act.LayerNormAct", "layer_norm", "timm", swap_class(fw.TimmLayerNormAct), _rows),
     Handler(f"{_L}.norm_act.LayerNormAct2d", "layer_norm", "timm", swap_class(fw.TimmLayerNormAct2d), _channels(4)),
+    # MetaFormer's (CAFormer, ConvFormer) bias-free LayerNorms: the parent's forward, with no bias
+    Handler("timm.models.metaformer.LayerNormNoBias", "layer_norm", "timm", swap_class(fw.TimmLayerNorm), _rows),
+    Handler("timm.models.metaformer.LayerNorm2dNoBias", "layer_norm", "timm", swap_class(fw.TimmLayerNorm2d),
+            _channels(4)),
 ]
 
 _HANDLERS: dict[str, Handler] = {h.qualname: h for h in (*_TORCH, *_TRANSFORMERS, *_TIMM)}
