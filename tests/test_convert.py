@@ -300,6 +300,13 @@ HF_MODELS = {
     "olmo2": (_hf, ("Olmo2ForCausalLM", "Olmo2Config"), {}, {"Olmo2RMSNorm": 9}),
     "gpt_oss": (_hf, ("GptOssForCausalLM", "GptOssConfig"), {"head_dim": 16, "num_local_experts": 4},
                 {"GptOssRMSNorm": 5}),
+    # Llama 4: Llama's casts (its epsilon named eps) and weightless q/k norms; OLMo: LayerNorm without
+    # parameters; NanoChat: weightless RMSNorms throughout
+    "llama4": (_hf, ("Llama4ForCausalLM", "Llama4TextConfig"),
+               {"head_dim": 16, "num_local_experts": 2, "intermediate_size_mlp": 128, "pad_token_id": 0},
+               {"Llama4TextRMSNorm": 5, "Llama4TextL2Norm": 2}),
+    "olmo": (_hf, ("OlmoForCausalLM", "OlmoConfig"), {"pad_token_id": 0}, {"OlmoLayerNorm": 5}),
+    "nanochat": (_hf, ("NanoChatForCausalLM", "NanoChatConfig"), {}, {"NanoChatRMSNorm": 9}),
     # LayerNorm without a bias; its q/k norms have a (heads, head_dim) weight
     "cohere": (_hf, ("CohereForCausalLM", "CohereConfig"), {"use_qk_norm": True}, {"CohereLayerNorm": 7}),
 }

@@ -17,10 +17,14 @@ from ..nn.batchnorm import _BatchNormMixin
 
 __all__ = [
     "LlamaStyleRMSNorm",
+    "Llama4StyleRMSNorm",
     "WeightThenCastRMSNorm",
     "HeliumStyleRMSNorm",
+    "Float32ScaleRMSNorm",
     "GemmaStyleRMSNorm",
     "Gemma3nStyleRMSNorm",
+    "UnweightedRMSNorm",
+    "OlmoStyleLayerNorm",
     "CohereStyleLayerNorm",
     "T5StyleLayerNorm",
     "ChannelsFirstOrLastLayerNorm",
@@ -45,20 +49,32 @@ class LlamaStyleRMSNorm:
     """Llama, Mistral, Qwen2, Qwen3: statistics in float32, the normalized value rounded to the input's
     dtype, *then* multiplied by the weight (``weight * normalize(x.float()).to(x.dtype)``)."""
 
+    @property
+    def _eps(self) -> float:
+        return self.variance_epsilon
+
     def forward(self, hidden_states: Tensor) -> Tensor:
-        x = hidden_states
+        x, eps = hidden_states, self._eps
         if self.weight.shape == x.shape[-1:] and x.dtype != torch.float64:
             if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
                 # the kernel given the weight computes round(round(x * rstd) * w), as the two steps do:
                 # one pass over memory instead of two, the same bits
-                return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+                return F.rms_norm(x, (x.shape[-1],), self.weight, eps)
             # 16-bit input: normkit computes in float32 (as the original does), rounds the normalized
             # value to x's dtype, then multiplies by the weight
-            return F._rms_norm_rounded_scale(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+            return F._rms_norm_rounded_scale(x, (x.shape[-1],), self.weight, eps)
         # float64 input (the original computes it in float32), or a weight that broadcasts otherwise
         # (some models' per-head norms): normkit's norm, the original's casts and multiply
         work = x.float() if x.dtype == torch.float64 else x
-        return self.weight * F.rms_norm(work, (x.shape[-1],), None, self.variance_epsilon).to(x.dtype)
+        return self.weight * F.rms_norm(work, (x.shape[-1],), None, eps).to(x.dtype)
+
+
+class Llama4StyleRMSNorm(LlamaStyleRMSNorm):
+    """Llama 4's text RMSNorm: Llama's computation, its epsilon called ``eps``."""
+
+    @property
+    def _eps(self) -> float:
+        return self.eps
 
 
 class WeightThenCastRMSNorm:
@@ -86,26 +102,54 @@ class HeliumStyleRMSNorm(WeightThenCastRMSNorm):
     _weight_to_float32 = True
 
 
-class GemmaStyleRMSNorm:
-    """Gemma, Gemma2, Gemma3: the weight is stored as an offset from 1 and applied in float32 before
-    the single rounding to the input's dtype (``(normalize(x.float()) * (1 + w.float())).type_as(x)``)."""
+class Float32ScaleRMSNorm:
+    """Moshi and its copies: float32 statistics, times the weight in float32, then one rounding to the
+    input's dtype (``(normalize(x.float()) * w.float()).type_as(x)``). The subclasses below differ
+    only in the scale."""
+
+    def _scale(self) -> Tensor | None:
+        return self.weight.float()
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = 1.0 + self.weight.float()
-        y = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), scale, self.eps)
-        return y.type_as(x)
-
-
-class Gemma3nStyleRMSNorm:
-    """Gemma3n, Gemma4 and their copies: as Gemma's but the weight is the scale itself, and optional
-    (``with_scale``): ``(normalize(x.float()) * w.float()).type_as(x)``, one rounding."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight.float() if self.with_scale else None
-        if scale is not None and scale.shape != x.shape[-1:]:
+        scale = self._scale()
+        if scale is not None and scale.shape != x.shape[-1:]:  # a weight that broadcasts otherwise
             return (F.rms_norm(x.float(), (x.shape[-1],), None, self.eps) * scale).type_as(x)
         y = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), scale, self.eps)
         return y.type_as(x)
+
+
+class GemmaStyleRMSNorm(Float32ScaleRMSNorm):
+    """Gemma, Gemma2, Gemma3 and their copies: the weight is stored as an offset from 1 and applied in
+    float32 before the single rounding to the input's dtype (``(normalize(x.float()) * (1 +
+    w.float())).type_as(x)``)."""
+
+    def _scale(self) -> Tensor:
+        return 1.0 + self.weight.float()
+
+
+class Gemma3nStyleRMSNorm(Float32ScaleRMSNorm):
+    """Gemma3n, Gemma4 and their copies: the weight is the scale, and optional (``with_scale``)."""
+
+    def _scale(self) -> Tensor | None:
+        return self.weight.float() if self.with_scale else None
+
+
+class UnweightedRMSNorm(Float32ScaleRMSNorm):
+    """NanoChat, Falcon-Mamba's weightless norm, Llama 4's L2 norm and their copies: no weight,
+    ``normalize(x.float()).type_as(x)``."""
+
+    def _scale(self) -> None:
+        return None
+
+
+class OlmoStyleLayerNorm:
+    """OLMo (the first): LayerNorm without weight or bias in float32, eps 1e-5 (fixed in its code), then
+    rounded to the input's dtype."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        x = hidden_states
+        return F.layer_norm(x.float() if x.dtype == torch.float64 else x, self.normalized_shape, None, None,
+                            1e-5).to(x.dtype)
 
 
 class CohereStyleLayerNorm:
