@@ -474,11 +474,43 @@ class Permute(torch.nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
+def test_frozen_batch_norms():
+    """torchvision's FrozenBatchNorm2d, DETR's copy and timm's FrozenBatchNormAct2d: inference BatchNorm
+    from buffers; the input's gradient flows, nothing else has one."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    from timm.layers import FrozenBatchNormAct2d
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
+
+    gen = torch.Generator().manual_seed(0)
+    for make in (lambda: FrozenBatchNorm2d(6, eps=1e-3), lambda: DetrFrozenBatchNorm2d(6),
+                 lambda: FrozenBatchNormAct2d(6, act_layer=torch.nn.SiLU)):
+        original = make()
+        for name, t in original.named_buffers():
+            t.copy_(torch.rand(6, generator=gen) + 0.5 if name == "running_var" else torch.randn(6, generator=gen))
+        converted = normkit.convert(copy.deepcopy(original))
+        assert type(converted) is not type(original) and isinstance(converted, type(original))
+        x = torch.randn(2, 6, 5, 4, generator=gen) * 2
+        outs, grads = [], []
+        for model in (original, converted):
+            leaf = x.clone().requires_grad_()
+            y = model(leaf)
+            y.backward(torch.ones_like(y))
+            outs.append(y.detach())
+            grads.append(leaf.grad)
+        assert_close(outs[1], outs[0].double(), torch.float32, msg=f"{type(original).__name__} output")
+        assert_close(grads[1], grads[0].double(), torch.float32, msg=f"{type(original).__name__} input gradient")
+        with torch.no_grad():
+            lo = x.to(torch.bfloat16)
+            want, got = copy.deepcopy(original).to(torch.bfloat16)(lo), copy.deepcopy(converted).to(torch.bfloat16)(lo)
+        assert got.dtype == want.dtype
+        assert_close(got, outs[0].double(), torch.bfloat16, baseline=want)
+
+
 def test_timm_subclass_with_its_own_forward_is_left():
     layers = pytest.importorskip("timm.layers")
-    from timm.layers.norm_act import FrozenBatchNormAct2d
-
-    report = conversion.plan(torch.nn.Sequential(layers.LayerNorm2dFp32(8), FrozenBatchNormAct2d(8)))
+    report = conversion.plan(torch.nn.Sequential(layers.LayerNorm2dFp32(8), layers.RmsNormFp32(8)))
     reasons = [s.reason for s in report.left]
     assert reasons[0].startswith("subclass of LayerNorm with its own forward")
     assert reasons[1] == "no normkit handler for this class"

@@ -37,16 +37,17 @@ def _instances(cls: type) -> list[torch.nn.Module]:
     for kw in kwargs:
         module = cls(*size, **kw)
         gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.copy_(torch.rand(p.shape, generator=gen) * 0.5 + 0.75)
+        with torch.no_grad():  # frozen BatchNorms keep their weight and bias as buffers
+            for t in (*module.parameters(), *module.buffers()):
+                t.copy_(torch.rand(t.shape, generator=gen) * 0.5 + 0.75)
         out.append(module)
     return out
 
 
 def _sample(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
-    shape = (2, 24, 5, 3) if getattr(module, "data_format", None) == "channels_first" else (3, 5, 24)
+    channels_first = getattr(module, "data_format", None) == "channels_first" or hasattr(module, "running_mean")
+    shape = (2, 24, 5, 3) if channels_first else (3, 5, 24)  # frozen BatchNorms: (N, C, H, W)
     return (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
 
 

@@ -28,6 +28,9 @@ __all__ = [
     "CohereStyleLayerNorm",
     "T5StyleLayerNorm",
     "ChannelsFirstOrLastLayerNorm",
+    "FrozenBatchNorm2d",
+    "DetrFrozenBatchNorm2d",
+    "TimmFrozenBatchNormAct2d",
     "TimmLayerNorm",
     "TimmLayerNorm2d",
     "TimmGroupNorm",
@@ -198,6 +201,28 @@ class ChannelsFirstOrLastLayerNorm:
         return F.layer_norm(features, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+class FrozenBatchNorm2d:
+    """torchvision's FrozenBatchNorm2d: BatchNorm in inference, its statistics and affine held in buffers.
+    The original folds them into ``x * scale + shift`` per channel, which normkit's inference BatchNorm
+    computes in one pass (the constants in float64, so equal up to float32 rounding)."""
+
+    @property
+    def _eps(self) -> float:
+        return self.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:  # the original's (1, C, 1, 1) reshapes broadcast any other shape their own way
+            return super().forward(x)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self._eps)
+
+
+class DetrFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """DETR's copy of torchvision's (and its copies': RT-DETR, Grounding DINO, Table Transformer, ...),
+    its epsilon 1e-5 fixed in the code."""
+
+    _eps = 1e-5
+
+
 # --------------------------------------------------------------------------------------------------
 # timm (its "fast norm" path, an apex/autocast option, is replaced too: normkit computes in float32)
 # --------------------------------------------------------------------------------------------------
@@ -282,6 +307,13 @@ class TimmBatchNormAct2d(_ActMixin):
                                     self.eps, activation)
         y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps)
         return self._post(y)
+
+
+class TimmFrozenBatchNormAct2d(FrozenBatchNorm2d, _ActMixin):
+    """timm.layers.FrozenBatchNormAct2d: torchvision's FrozenBatchNorm2d, then drop and act."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._post(FrozenBatchNorm2d.forward(self, x)) if x.dim() == 4 else super().forward(x)
 
 
 class TimmGroupNormAct(_ActMixin):

@@ -37,7 +37,7 @@ class Handler:
 
     qualname: str  # the original class's import path, e.g. "torch.nn.modules.normalization.LayerNorm"
     kind: str
-    source: str  # "torch", "transformers" or "timm"
+    source: str  # "torch", "torchvision", "transformers" or "timm"
     target: Callable[[type], type]  # original class -> converted class
     #: an input that exercises the module, for the check that the conversion gives the same output
     sample: Callable[[torch.nn.Module], torch.Tensor]
@@ -112,6 +112,11 @@ def _channels_first_or_last(m: torch.nn.Module) -> torch.Tensor:
     return _channels(4)(m) if m.data_format == "channels_first" else _rows(m)
 
 
+def _buffers_sample(m: torch.nn.Module) -> torch.Tensor:
+    """A frozen BatchNorm keeps its size only in its buffers."""
+    return torch.randn(2, m.running_mean.shape[0], 5, 3)
+
+
 def _offset_by_data(sample: Callable[[torch.nn.Module], torch.Tensor]) -> Callable[[torch.nn.Module], torch.Tensor]:
     return lambda m: sample(m) * 2.0 + 0.5
 
@@ -166,10 +171,17 @@ _TRANSFORMERS: list[Handler] = [
             swap_class(fw.UnweightedRMSNorm), _rows),
     Handler(f"{_HF}.olmo.modeling_olmo.OlmoLayerNorm", "layer_norm", "transformers",
             swap_class(fw.OlmoStyleLayerNorm), _rows),
+    Handler(f"{_HF}.detr.modeling_detr.DetrFrozenBatchNorm2d", "batch_norm", "transformers",
+            swap_class(fw.DetrFrozenBatchNorm2d), _offset_by_data(_buffers_sample)),
     Handler(f"{_HF}.cohere.modeling_cohere.CohereLayerNorm", "layer_norm", "transformers",
             swap_class(fw.CohereStyleLayerNorm), _rows),
     Handler(f"{_HF}.convnext.modeling_convnext.ConvNextLayerNorm", "layer_norm", "transformers",
             swap_class(fw.ChannelsFirstOrLastLayerNorm), _channels_first_or_last),
+]
+
+_TORCHVISION: list[Handler] = [
+    Handler("torchvision.ops.misc.FrozenBatchNorm2d", "batch_norm", "torchvision", swap_class(fw.FrozenBatchNorm2d),
+            _offset_by_data(_buffers_sample)),
 ]
 
 #: transformers classes whose copies in other models are converted as they are (see :mod:`.families`)
@@ -186,6 +198,7 @@ FAMILIES: tuple[str, ...] = tuple(
         "llama4.modeling_llama4.Llama4TextRMSNorm",
         "llama4.modeling_llama4.Llama4TextL2Norm",
         "olmo.modeling_olmo.OlmoLayerNorm",
+        "detr.modeling_detr.DetrFrozenBatchNorm2d",
         "cohere.modeling_cohere.CohereLayerNorm",
         "convnext.modeling_convnext.ConvNextLayerNorm",
     )
@@ -201,6 +214,8 @@ _TIMM: list[Handler] = [
     Handler(f"{_L}.norm.RmsNorm2d", "rms_norm", "timm", swap_class(fw.TimmRmsNorm2d), _channels(4)),
     Handler(f"{_L}.norm_act.BatchNormAct2d", "batch_norm", "timm", swap_class(fw.TimmBatchNormAct2d),
             _offset_by_data(_channels(4))),
+    Handler(f"{_L}.norm_act.FrozenBatchNormAct2d", "batch_norm", "timm", swap_class(fw.TimmFrozenBatchNormAct2d),
+            _offset_by_data(_buffers_sample)),
     Handler(f"{_L}.norm_act.GroupNormAct", "group_norm", "timm", swap_class(fw.TimmGroupNormAct), _channels(4)),
     Handler(f"{_L}.norm_act.GroupNorm1Act", "group_norm", "timm", swap_class(fw.TimmGroupNormAct), _channels(4)),
     Handler(f"{_L}.norm_act.LayerNormAct", "layer_norm", "timm", swap_class(fw.TimmLayerNormAct), _rows),
@@ -211,7 +226,7 @@ _TIMM: list[Handler] = [
             _channels(4)),
 ]
 
-_HANDLERS: dict[str, Handler] = {h.qualname: h for h in (*_TORCH, *_TRANSFORMERS, *_TIMM)}
+_HANDLERS: dict[str, Handler] = {h.qualname: h for h in (*_TORCH, *_TORCHVISION, *_TRANSFORMERS, *_TIMM)}
 
 
 _family_handlers: dict[type, Handler | None] = {}
