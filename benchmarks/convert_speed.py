@@ -16,6 +16,7 @@ Needs transformers and timm (``pip install -e ".[models]"``)::
     python benchmarks/convert_speed.py                      # everything, about 10 minutes on 2 cores
     python benchmarks/convert_speed.py --only convnext --reps 15
     python benchmarks/convert_speed.py --only channels_last      # ResNet-50 and a BatchNorm, channels-last
+    python benchmarks/convert_speed.py --only detection          # frozen BatchNorms: torchvision, RT-DETR
     python benchmarks/convert_speed.py --only modules --compile   # torch.compile on both sides
     python benchmarks/convert_speed.py --out docs/benchmarks/convert/convert-2core.json
     python benchmarks/convert_speed.py --device cuda --out docs/benchmarks/convert/convert-h200.json
@@ -137,6 +138,28 @@ def _llama(dtype: torch.dtype, hidden: int = 512, layers: int = 2, vocab: int = 
     return transformers.LlamaForCausalLM(config).to(dtype)
 
 
+def _frozen_backbone() -> torch.nn.Module:
+    """torchvision's ResNet-50 as its detection models build it, with FrozenBatchNorm2d, and non-trivial
+    frozen statistics (a fresh one's are the identity)."""
+    import torchvision
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                m.running_mean.normal_(0.0, 0.1, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+    return model
+
+
+def _rt_detr() -> torch.nn.Module:
+    """Hugging Face RT-DETR from its default config (ResNet-50-vd backbone with frozen BatchNorms)."""
+    return transformers.RTDetrForObjectDetection(transformers.RTDetrConfig(use_pretrained_backbone=False))
+
+
 def cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
     """The benchmark cases by group, each a thunk that builds its inputs and runs :func:`compare`."""
     images = torch.randn(8, 3, 224, 224)
@@ -201,6 +224,12 @@ def cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
             lambda: compare("timm resnet50 channels_last, 8x3x160x160",
                             timm.create_model("resnet50", num_classes=10).to(memory_format=cl),
                             torch.randn(8, 3, 160, 160).contiguous(memory_format=cl), reps, train=True),
+        ],
+        "detection": [  # frozen BatchNorms: the original folds them into 6 torch ops, 2 of them full passes
+            lambda: compare("torchvision resnet50, FrozenBatchNorm2d, 8x3x160x160", _frozen_backbone(),
+                            torch.randn(8, 3, 160, 160), reps),
+            lambda: compare("transformers RT-DETR (r50vd), 2x3x320x320", _rt_detr(),
+                            {"pixel_values": torch.randn(2, 3, 320, 320)}, reps),
         ],
         "resnet": [
             lambda: compare("timm resnet18, 8x3x224x224", timm.create_model("resnet18", num_classes=10), images,
@@ -272,7 +301,7 @@ def gpu_cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=11, help="paired repetitions per whole model (x3 per module)")
-    groups = ["modules", "llama", "convnext", "mobilenet", "groupnorm", "channels_last", "resnet"]
+    groups = ["modules", "llama", "convnext", "mobilenet", "groupnorm", "channels_last", "detection", "resnet"]
     parser.add_argument("--only", nargs="*", choices=groups, help="run only these groups")
     parser.add_argument("--out", type=Path, help="write the rows, machine and versions to this JSON file")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
