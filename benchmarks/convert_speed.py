@@ -268,6 +268,10 @@ def gpu_cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
             lambda: compare("timm efficientnet_b0_gn, 64x3x224x224", timm.create_model("efficientnet_b0_gn"),
                             images(64), reps, train=True, fused=True),
         ],
+        "detection": [
+            lambda: compare("torchvision resnet50, FrozenBatchNorm2d, 64x3x224x224", _frozen_backbone(), images(64),
+                            reps),
+        ],
         "modules": [
             lambda: compare("LlamaRMSNorm(4096), 8x2048x4096 bf16", LlamaRMSNorm(4096).to(bf16),
                             torch.randn(8, 2048, 4096, dtype=bf16), 3 * reps),
