@@ -145,13 +145,14 @@ def _frozen_backbone() -> torch.nn.Module:
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     model = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # on the CPU, whatever the default device (--device cuda)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, FrozenBatchNorm2d):
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-                m.running_mean.normal_(0.0, 0.1, generator=gen)
-                m.weight.uniform_(0.5, 1.5, generator=gen)
+                c = m.running_var.shape
+                m.running_var.copy_(torch.rand(c, generator=gen, device="cpu") + 0.5)
+                m.running_mean.copy_(torch.randn(c, generator=gen, device="cpu") * 0.1)
+                m.weight.copy_(torch.rand(c, generator=gen, device="cpu") + 0.5)
     return model
 
 
