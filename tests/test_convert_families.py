@@ -187,3 +187,50 @@ def test_a_converted_copy_pickles():
     assert type(again) is type(module) and isinstance(again, Phi3RMSNorm)
     x = torch.randn(2, 16)
     assert torch.equal(again(x), module(x))
+
+
+def test_converted_norms_compile_fullgraph():
+    """The new handlers' forwards (their casts, broadcasting weights, frozen statistics) trace without a
+    graph break and give eager mode's outputs and gradients."""
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+    from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
+    from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nRMSNorm
+    from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm, Llama4TextRMSNorm
+    from transformers.models.olmo.modeling_olmo import OlmoLayerNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows = torch.nn.Sequential(
+                Olmo2RMSNorm(12), Gemma3nRMSNorm(12), Llama4TextRMSNorm(12), Llama4TextL2Norm(), OlmoLayerNorm(12),
+                CohereLayerNorm(12),
+            )
+            self.per_head = CohereLayerNorm((3, 4))
+            self.image = torch.nn.Sequential(ConvNextLayerNorm(12, data_format="channels_first"),
+                                             DetrFrozenBatchNorm2d(12))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.per_head(self.rows(x).unflatten(-1, (3, 4))).flatten(-2)
+            return self.image(h.transpose(1, 2).unsqueeze(-1))
+
+    model = Model()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+    normkit.convert(model)
+    assert not conversion.plan(model).converted  # all of them converted already
+    x = torch.randn(2, 5, 12, generator=gen)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (model, compiled):
+        leaf = x.clone().requires_grad_()
+        y = fn(leaf)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), leaf.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert_close(got, want.double(), torch.float32)
+    torch._dynamo.reset()
