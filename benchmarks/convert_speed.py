@@ -156,6 +156,14 @@ def _frozen_backbone() -> torch.nn.Module:
     return model
 
 
+def _detr() -> torch.nn.Module:
+    """Hugging Face DETR from its config, with transformers' own ResNet-50 as the backbone (not timm's),
+    whose BatchNorms DETR replaces with its frozen ones."""
+    backbone = transformers.ResNetConfig(out_features=["stage4"])
+    config = transformers.DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False)
+    return transformers.DetrForObjectDetection(config)
+
+
 def _rt_detr() -> torch.nn.Module:
     """Hugging Face RT-DETR from its default config (ResNet-50-vd backbone with frozen BatchNorms)."""
     return transformers.RTDetrForObjectDetection(transformers.RTDetrConfig(use_pretrained_backbone=False))
@@ -229,6 +237,8 @@ def cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
         "detection": [  # frozen BatchNorms: the original folds them into 6 torch ops, 2 of them full passes
             lambda: compare("torchvision resnet50, FrozenBatchNorm2d, 8x3x160x160", _frozen_backbone(),
                             torch.randn(8, 3, 160, 160), reps),
+            lambda: compare("transformers DETR (ResNet-50), 2x3x320x320", _detr(),
+                            {"pixel_values": torch.randn(2, 3, 320, 320)}, reps),
             lambda: compare("transformers RT-DETR (r50vd), 2x3x320x320", _rt_detr(),
                             {"pixel_values": torch.randn(2, 3, 320, 320)}, reps),
         ],
