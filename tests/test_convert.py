@@ -348,6 +348,34 @@ def test_hugging_face_convnext(train):
     check_equivalent(make, {"pixel_values": images}, train=train, expect={"ConvNextLayerNorm": 4, "LayerNorm": 1})
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_hugging_face_detr(train):
+    """DETR with transformers' own ResNet backbone, whose BatchNorms it freezes (DetrFrozenBatchNorm2d)."""
+    transformers = pytest.importorskip("transformers")
+
+    def make():
+        torch.manual_seed(0)
+        backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                                             out_features=["stage4"])
+        config = transformers.DetrConfig(use_timm_backbone=False, backbone_config=backbone,
+                                         use_pretrained_backbone=False, d_model=32, encoder_layers=1,
+                                         decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                                         encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5, dropout=0.0)
+        model = transformers.DetrForObjectDetection(config)
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():  # non-trivial frozen statistics and affine (buffers, not parameters)
+            for name, t in model.named_buffers():
+                if "running_var" in name or name.endswith(".weight"):
+                    t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+                elif "running_mean" in name or name.endswith(".bias"):
+                    t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+        return model
+
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    check_equivalent(make, {"pixel_values": images}, train=train,
+                     expect={"DetrFrozenBatchNorm2d": 16, "LayerNorm": 6})
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_llama_rms_norm_in_16_bit_one_pass(dtype):
     """A 16-bit Llama RMSNorm (its weight in the same dtype) runs as one op that rounds the normalized
