@@ -162,7 +162,9 @@ class CohereStyleLayerNorm:
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         x, scale = hidden_states, self.weight.float()
-        if scale.shape != x.shape[-1:]:
+        # a 16-bit input with the float32 scale is a mixed-dtype LayerNorm, which torch's (and so normkit's)
+        # CUDA LayerNorm refuses: there too, the float32 norm and the original's multiply
+        if scale.shape != x.shape[-1:] or (not x.is_cpu and x.dtype != torch.float32):
             normalized = F.layer_norm(x.float(), (x.shape[-1],), None, None, self.variance_epsilon)
             return (scale * normalized).to(x.dtype)
         y = F.layer_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), scale, None,
