@@ -234,3 +234,12 @@ def test_converted_norms_compile_fullgraph():
     for got, want in zip(results[1], results[0], strict=True):
         assert_close(got, want.double(), torch.float32)
     torch._dynamo.reset()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from normkit.conversion import families
+
+    result = doctest.testmod(families, extraglobs={"normkit": normkit}, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 4 and result.failed == 0

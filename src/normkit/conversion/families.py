@@ -45,8 +45,23 @@ def _function_tree(fn) -> str:
 
 @functools.cache
 def code_signature(cls: type) -> str | None:
-    """What decides ``cls``'s computation, as text: its bases and its methods' syntax trees (None where
-    the source cannot be read, e.g. a class defined in an interactive session)."""
+    """What decides ``cls``'s computation, as text: its bases and its methods' syntax trees.
+
+    Args:
+        cls: a module class.
+
+    Returns:
+        The text two classes share exactly when their code is the same up to comments, docstrings,
+        annotations and decorators; None where the source cannot be read (a class defined in an
+        interactive session).
+
+    Example::
+
+        >>> from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+        >>> from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        >>> code_signature(MistralRMSNorm) == code_signature(LlamaRMSNorm)
+        True
+    """
     parts = [",".join(f"{b.__module__}.{b.__qualname__}" for b in cls.__bases__)]
     for name in _METHODS:
         fn = getattr(cls, name, None)
@@ -68,7 +83,22 @@ def _import(path: str) -> type | None:
 
 
 def family_of(cls: type, canonicals: tuple[str, ...]) -> str | None:
-    """The canonical class (import path, from ``canonicals``) whose code ``cls``'s is, or None."""
+    """The family of a transformers class: the first of ``canonicals`` whose code ``cls``'s is.
+
+    Args:
+        cls: a module class; only classes defined in ``transformers`` are matched.
+        canonicals: import paths of the classes that head a family (:data:`.handlers.FAMILIES`); one that
+            the installed transformers does not have is skipped.
+
+    Returns:
+        The import path of the canonical class, or None (no family, or ``cls`` is a canonical itself).
+
+    Example::
+
+        >>> from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+        >>> family_of(Phi3RMSNorm, normkit.conversion.handlers.FAMILIES)
+        'transformers.models.llama.modeling_llama.LlamaRMSNorm'
+    """
     if not cls.__module__.startswith("transformers."):
         return None
     mine = code_signature(cls)
@@ -82,8 +112,17 @@ def family_of(cls: type, canonicals: tuple[str, ...]) -> str | None:
 
 
 def members(canonicals: tuple[str, ...]) -> Iterator[tuple[type, str]]:
-    """Every norm-like class of the installed transformers' models that belongs to a family, with its
-    canonical (imports every model's modeling module: about half a minute)."""
+    """Every class named like a norm in the installed transformers' models that belongs to a family.
+
+    Imports every model's modeling module (about 20 seconds); modules that need an optional dependency
+    are skipped.
+
+    Args:
+        canonicals: as in :func:`family_of`.
+
+    Yields:
+        ``(class, canonical import path)`` pairs.
+    """
     import pkgutil
 
     import torch
