@@ -241,6 +241,75 @@ def test_a_handler_that_disagrees_with_the_installed_class_is_not_used(monkeypat
     assert report.counts() == {}
 
 
+def test_a_forward_replaced_on_the_instance_is_left():
+    model = torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.LayerNorm(4))
+    model[0].forward = lambda x: x  # a monkeypatch: a new class would not change what runs
+    report = conversion.plan(model)
+    assert [s.name for s in report.converted] == ["1"]
+    assert report.left[0].name == "0" and "replaced on the instance" in report.left[0].reason
+
+
+def test_accelerate_hooks_run_the_converted_forward(monkeypatch):
+    """A model dispatched by accelerate (device_map, offloading) calls each module's forward through a hook
+    that kept the forward it found: converting must reach that one, and revert restore it."""
+    transformers = pytest.importorskip("transformers")
+    hooks = pytest.importorskip("accelerate.hooks")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+    _randomize(model)
+    hooks.attach_align_device_hook(model, execution_device=torch.device("cpu"))
+    ids = IDS["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    normkit.convert(model)
+    calls = []
+    rms_norm = normkit.functional.rms_norm
+    monkeypatch.setattr(normkit.functional, "rms_norm", lambda *a, **k: calls.append(1) or rms_norm(*a, **k))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert len(calls) == 5  # every RMSNorm, each once
+    assert_close(got, want.double(), torch.float32)
+    normkit.revert(model)
+    calls.clear()
+    with torch.no_grad():
+        again = model(input_ids=ids).logits
+    assert not calls and torch.equal(again, want)
+    # a hook removed after the conversion leaves the converted forward on the instance; revert replaces it
+    norm = model.model.norm
+    normkit.convert(model)
+    hooks.remove_hook_from_module(norm)
+    calls.clear()
+    norm(torch.randn(2, 64))
+    assert calls
+    normkit.revert(model)
+    calls.clear()
+    norm(torch.randn(2, 64))
+    assert not calls and type(norm).__name__ == "LlamaRMSNorm"
+
+
+def test_offloaded_weights_are_left_unless_unchecked(monkeypatch):
+    """accelerate's cpu_offload keeps the weights off the module (on the meta device) until a call: the
+    check cannot run on them, so the module is left with the reason; check=False converts it."""
+    transformers = pytest.importorskip("transformers")
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = _randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)))
+    with torch.no_grad():
+        want = model(input_ids=IDS["input_ids"]).logits
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    report = conversion.plan(model)
+    assert not report.converted and all("meta device" in s.reason for s in report.left)
+    normkit.convert(model, check=False)
+    assert conversion.plan(model).counts() == {}  # all converted now
+    calls = []
+    rms_norm = normkit.functional.rms_norm
+    monkeypatch.setattr(normkit.functional, "rms_norm", lambda *a, **k: calls.append(1) or rms_norm(*a, **k))
+    with torch.no_grad():
+        got = model(input_ids=IDS["input_ids"]).logits
+    assert len(calls) == 5
+    assert_close(got, want.double(), torch.float32)
+
+
 def test_fused_groupnorm_silu_in_sequential():
     def make():
         return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import re
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -115,10 +116,13 @@ def _variant(module: torch.nn.Module) -> tuple:
 
 def _agrees(module: torch.nn.Module, handler: Handler) -> str:
     """'' if the converted forward matches the original on a sample input, else why not."""
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        return ("its weights are not in memory (the meta device: offloaded by accelerate, or not yet loaded), so "
+                "the check cannot run; convert(..., check=False) converts it")
     try:
         original = copy.deepcopy(module).eval()
         converted = copy.deepcopy(module).eval()
-        converted.__class__ = handler.target(type(module))
+        _switch_class(converted, handler.target(type(module)))
         device = next((t.device for t in module.parameters()), torch.device("cpu"))
         dtype = _parameter_dtype(module)
         gen_state = torch.random.get_rng_state()
@@ -171,6 +175,10 @@ def plan(
         if handler.kind not in chosen:
             reason = f"kind {handler.kind!r} not selected"
             report.left.append(Site(name, qualified_name(cls), handler.kind, None, reason))
+            continue
+        instance_forward = _instance_forward(module)
+        if instance_forward:
+            report.left.append(Site(name, qualified_name(cls), handler.kind, None, instance_forward))
             continue
         key = (cls, _variant(module))
         if check and key not in verdicts:
@@ -283,7 +291,7 @@ def convert(
         if target.__name__ == "GroupNormSiLU":
             parent, act, key = _next_in_sequential(model, site.name)
             parent._modules[key] = _FusedAway(act)
-        module.__class__ = target
+        _switch_class(module, target)
         module.__dict__[_ORIGINAL] = original
         if fused and hasattr(module, "_silu_fusable"):
             module._normkit_fused = True
@@ -302,8 +310,45 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
         original = module.__dict__.pop(_ORIGINAL, None)
         if original is not None:
             module.__dict__.pop("_normkit_fused", None)
+            _restore_hooked_forward(module, original)
             module.__class__ = original
     return model
+
+
+# accelerate's hooks (device_map dispatch, offloading) replace a module's forward on the instance with a
+# wrapper that calls the forward found when the hook was added, kept bound as ``_old_forward``: switching
+# the class alone would leave that one running. Here the bound forward the hook held before conversion.
+_HOOKED_FORWARD = "_normkit_hooked_forward"
+
+
+def _instance_forward(module: torch.nn.Module) -> str:
+    """'' if calling ``module`` runs its class's forward (directly, or through accelerate's hook), else why
+    not: a forward set on the instance by something else, which switching the class would not change."""
+    if "forward" not in module.__dict__:
+        return ""
+    old = module.__dict__.get("_old_forward")
+    if "_hf_hook" in module.__dict__ and isinstance(old, types.MethodType) and old.__self__ is module:
+        return ""
+    return "its forward is replaced on the instance (not by accelerate's hooks): a new class would change nothing"
+
+
+def _switch_class(module: torch.nn.Module, target: type) -> None:
+    """``module`` becomes a ``target``, and the forward an accelerate hook calls becomes target's."""
+    module.__class__ = target
+    if "forward" in module.__dict__ and not _instance_forward(module):
+        module.__dict__.setdefault(_HOOKED_FORWARD, module.__dict__["_old_forward"])
+        module.__dict__["_old_forward"] = types.MethodType(target.forward, module)
+
+
+def _restore_hooked_forward(module: torch.nn.Module, original: type) -> None:
+    hooked = module.__dict__.pop(_HOOKED_FORWARD, None)
+    if hooked is None:
+        return
+    if "_old_forward" in module.__dict__:  # the hook is still there
+        module.__dict__["_old_forward"] = hooked
+    elif getattr(module.__dict__.get("forward"), "__func__", None) is type(module).forward:
+        # the hook was removed since, and put the converted forward it held back on the instance
+        module.__dict__["forward"] = types.MethodType(original.forward, module)
 
 
 def __getattr__(name: str) -> type:
