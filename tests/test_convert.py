@@ -417,6 +417,37 @@ def test_hugging_face_convnext(train):
     check_equivalent(make, {"pixel_values": images}, train=train, expect={"ConvNextLayerNorm": 4, "LayerNorm": 1})
 
 
+_PIXELS = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+HF_ENCODERS = {
+    # LayerNorm in float32, rounded, then the affine
+    "deberta": (lambda t: t.DebertaModel(t.DebertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                         intermediate_size=64, vocab_size=128,
+                                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+                IDS, {"DebertaLayerNorm": 5}),
+    # LayerNorm over the channels of (N, C, H, W) in its residual blocks
+    "vitdet": (lambda t: t.VitDetModel(t.VitDetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                      mlp_ratio=2, image_size=32, pretrain_image_size=32,
+                                                      patch_size=8, residual_block_indices=[1])),
+               _PIXELS, {"LayerNorm": 4, "VitDetLayerNorm": 3}),
+    # GroupNorm with one group
+    "poolformer": (lambda t: t.PoolFormerModel(t.PoolFormerConfig(hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1])),
+                   _PIXELS, {"PoolFormerGroupNorm": 8}),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(HF_ENCODERS))
+def test_hugging_face_encoders(name, train):
+    transformers = pytest.importorskip("transformers")
+    build, inputs, expect = HF_ENCODERS[name]
+
+    def make():
+        torch.manual_seed(0)
+        return build(transformers)
+
+    check_equivalent(make, inputs, train=train, expect=expect)
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_hugging_face_detr(train):
     """DETR with transformers' own ResNet backbone, whose BatchNorms it freezes (DetrFrozenBatchNorm2d)."""

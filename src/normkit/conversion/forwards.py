@@ -28,6 +28,10 @@ __all__ = [
     "CohereStyleLayerNorm",
     "T5StyleLayerNorm",
     "ChannelsFirstOrLastLayerNorm",
+    "DebertaStyleLayerNorm",
+    "ChannelsFirstLayerNorm",
+    "EsmcStyleLayerNorm",
+    "InputDtypeRMSNorm",
     "FrozenBatchNorm2d",
     "DetrFrozenBatchNorm2d",
     "TimmFrozenBatchNormAct2d",
@@ -170,6 +174,45 @@ class CohereStyleLayerNorm:
         y = F.layer_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), scale, None,
                          self.variance_epsilon)
         return y.to(x.dtype)
+
+
+class DebertaStyleLayerNorm:
+    """DeBERTa: LayerNorm in float32, rounded to the input's dtype, *then* times the weight plus the bias
+    (``w * normalize(x.float()).to(x.dtype) + b``)."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        x, w, b, eps = hidden_states, self.weight, self.bias, self.variance_epsilon
+        if x.dtype == w.dtype == b.dtype == torch.float32 and w.shape == b.shape == x.shape[-1:]:
+            return F.layer_norm(x, (x.shape[-1],), w, b, eps)  # the affine inside the kernel
+        work = x.float() if x.dtype == torch.float64 else x  # 16-bit: computed in float32, rounded once
+        return w * F.layer_norm(work, (x.shape[-1],), None, None, eps).to(x.dtype) + b
+
+
+class ChannelsFirstLayerNorm:
+    """ViTDet: LayerNorm over dim 1 of (N, C, H, W), the affine per channel, computed in the input's dtype
+    by the original (normkit: in float32 for 16-bit input), its output laid out as the input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.channel_layer_norm(x, self.weight, self.bias, self.eps)
+        return y.contiguous() if x.is_contiguous() else y
+
+
+class EsmcStyleLayerNorm:
+    """ESM C: torch's LayerNorm, then cast to the input's dtype."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        x = hidden_states
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class InputDtypeRMSNorm:
+    """ImageGPT: RMSNorm computed in the input's dtype by the original, ``x / sqrt(mean(x²) + eps) * w``
+    (normkit: in float32 for 16-bit input)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.shape != x.shape[-1:]:
+            return F.rms_norm(x, (x.shape[-1],), None, self.eps) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class T5StyleLayerNorm:

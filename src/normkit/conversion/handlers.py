@@ -177,6 +177,20 @@ _TRANSFORMERS: list[Handler] = [
             swap_class(fw.CohereStyleLayerNorm), _rows),
     Handler(f"{_HF}.convnext.modeling_convnext.ConvNextLayerNorm", "layer_norm", "transformers",
             swap_class(fw.ChannelsFirstOrLastLayerNorm), _channels_first_or_last),
+    Handler(f"{_HF}.deberta.modeling_deberta.DebertaLayerNorm", "layer_norm", "transformers",
+            swap_class(fw.DebertaStyleLayerNorm), _rows),
+    Handler(f"{_HF}.esmc.modeling_esmc.EsmcLayerNorm", "layer_norm", "transformers",
+            swap_class(fw.EsmcStyleLayerNorm), _rows),
+    Handler(f"{_HF}.vitdet.modeling_vitdet.VitDetLayerNorm", "layer_norm", "transformers",
+            swap_class(fw.ChannelsFirstLayerNorm), _channels(4)),
+    # a subclass of nn.LayerNorm that permutes, as timm's LayerNorm2d does
+    Handler(f"{_HF}.eomt.modeling_eomt.EomtLayerNorm2d", "layer_norm", "transformers",
+            swap_class(fw.TimmLayerNorm2d), _channels(4)),
+    # a subclass of nn.GroupNorm with one group whose forward is nn.GroupNorm's
+    Handler(f"{_HF}.poolformer.modeling_poolformer.PoolFormerGroupNorm", "group_norm", "transformers",
+            swap_class(fw.TimmGroupNorm), _channels(4)),
+    Handler(f"{_HF}.imagegpt.modeling_imagegpt.ImageGPTLayerNorm", "rms_norm", "transformers",
+            swap_class(fw.InputDtypeRMSNorm), _rows),
 ]
 
 _TORCHVISION: list[Handler] = [
@@ -201,6 +215,12 @@ FAMILIES: tuple[str, ...] = tuple(
         "detr.modeling_detr.DetrFrozenBatchNorm2d",
         "cohere.modeling_cohere.CohereLayerNorm",
         "convnext.modeling_convnext.ConvNextLayerNorm",
+        "deberta.modeling_deberta.DebertaLayerNorm",
+        "esmc.modeling_esmc.EsmcLayerNorm",
+        "vitdet.modeling_vitdet.VitDetLayerNorm",
+        "eomt.modeling_eomt.EomtLayerNorm2d",
+        "poolformer.modeling_poolformer.PoolFormerGroupNorm",
+        "imagegpt.modeling_imagegpt.ImageGPTLayerNorm",
     )
 )
 
