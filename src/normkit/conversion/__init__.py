@@ -249,12 +249,13 @@ def convert(
     LayerNorm, GroupNorm, RMSNorm) and torchvision's FrozenBatchNorm2d; Hugging Face transformers'
     RMSNorms of Llama, Llama 4, Mistral, Qwen2/3, Gemma/Gemma2/Gemma3/Gemma3n, Olmo2, Helium, Moshi and
     ImageGPT, the LayerNorms of T5, OLMo, Cohere, ConvNext, DeBERTa, ViTDet, EoMT and ESM C, PoolFormer's
-    GroupNorm and DETR's frozen BatchNorm, each with its own casting (see :mod:`normkit.conversion.forwards`), and every other transformers norm class whose code
-    is a copy of one of those (:mod:`normkit.conversion.families`); timm's LayerNorm, LayerNorm2d,
-    GroupNorm, GroupNorm1, RmsNorm, RmsNorm2d, MetaFormer's bias-free LayerNorms and the norm+activation
-    modules BatchNormAct2d, FrozenBatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct and
-    LayerNormAct2d (:func:`known_classes` lists the handled classes). State_dict keys and values are
-    unchanged; :func:`revert` undoes it.
+    GroupNorm and DETR's frozen BatchNorm, each with its own casting (see
+    :mod:`normkit.conversion.forwards`), and every other transformers norm class whose code is a copy
+    of one of those (:mod:`normkit.conversion.families`); timm's LayerNorm, LayerNorm2d, GroupNorm,
+    GroupNorm1, RmsNorm, RmsNorm2d, MetaFormer's bias-free LayerNorms and the norm+activation modules
+    BatchNormAct2d, FrozenBatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct and LayerNormAct2d
+    (:func:`known_classes` lists the handled classes). State_dict keys and values are unchanged;
+    :func:`revert` undoes it.
 
     Args:
         model: the model (or a single norm module).
