@@ -186,3 +186,19 @@ def test_double_backward(backend):
     b = torch.randn(6, **F64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x, w, b: NF.channel_layer_norm(x, w, b), (x, w, b))
     assert torch.autograd.gradcheck(lambda x, w: NF.channel_rms_norm(x, w), (x, w))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_an_in_place_op_on_the_output_keeps_gradients(backend, layout):
+    """timm's LayerNormAct2d applies an in-place ReLU to the norm's output: autograd allows it, as on the
+    composition's output, and the gradient is the composition's."""
+    x = laid_out(torch.randn(2, 6, 3, 4, **F64), layout)
+    w, b = torch.randn(6, **F64), torch.randn(6, **F64)
+    grads = []
+    for fn in (NF.channel_layer_norm, torch_channel_layer_norm):
+        leaf = x.clone().requires_grad_()
+        with normkit.use_backend(backend):
+            y = fn(leaf, w, b, 1e-5)
+        y.relu_().sum().backward()
+        grads.append(leaf.grad)
+    assert_close(grads[0], grads[1], torch.float64)

@@ -586,6 +586,41 @@ def test_timm_layers(fused):
     assert isinstance(model[0], layers.GroupNormAct) and model[0]._silu_fusable() is fused
 
 
+def test_timm_float32_and_rms_act_layers():
+    layers = pytest.importorskip("timm.layers")
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            layers.LayerNorm2dFp32(8), layers.RmsNorm2dFp32(8), layers.RmsNormAct2d(8, act_layer=torch.nn.GELU),
+            layers.LayerNormAct2dFp32(8, act_layer=torch.nn.SiLU), layers.RmsNormAct2dFp32(8), torch.nn.Flatten(2),
+            layers.LayerNormFp32(25), layers.RmsNormFp32(25), layers.RmsNormAct(25),
+            layers.LayerNormActFp32(25), layers.RmsNormActFp32(25, act_layer=torch.nn.SiLU),
+        )
+
+    expect = {name: 1 for name in ("LayerNorm2dFp32", "RmsNorm2dFp32", "RmsNormAct2d", "LayerNormAct2dFp32",
+                                   "RmsNormAct2dFp32", "LayerNormFp32", "RmsNormFp32", "RmsNormAct",
+                                   "LayerNormActFp32", "RmsNormActFp32")}
+    for train in (True, False):
+        check_equivalent(make, torch.randn(3, 8, 5, 5), train=train, expect=expect)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_timm_channel_norms_keep_the_original_layout(channels_last):
+    """A view downstream works on the converted output where it worked on the original's."""
+    layers = pytest.importorskip("timm.layers")
+    x = torch.randn(2, 8, 5, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for make in (lambda: layers.LayerNorm2d(8), lambda: layers.RmsNorm2d(8), lambda: layers.LayerNorm2dFp32(8),
+                 lambda: layers.RmsNorm2dFp32(8), lambda: layers.RmsNormAct2d(8), lambda: layers.LayerNormAct2d(8)):
+        original = make()
+        want, got = original(x), normkit.convert(copy.deepcopy(original))(x)
+        assert got.is_contiguous() == want.is_contiguous(), type(original).__name__
+        assert got.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(
+            memory_format=torch.channels_last), type(original).__name__
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_timm_metaformer_norms_without_bias(train):
     pytest.importorskip("timm")
@@ -638,7 +673,7 @@ def test_frozen_batch_norms():
 
 def test_timm_subclass_with_its_own_forward_is_left():
     layers = pytest.importorskip("timm.layers")
-    report = conversion.plan(torch.nn.Sequential(layers.LayerNorm2dFp32(8), layers.RmsNormFp32(8)))
+    report = conversion.plan(torch.nn.Sequential(layers.norm.LayerNormExp2d(8), layers.SimpleNorm(8)))
     reasons = [s.reason for s in report.left]
     assert reasons[0].startswith("subclass of LayerNorm with its own forward")
     assert reasons[1] == "no normkit handler for this class"

@@ -252,10 +252,10 @@ def convert(
     GroupNorm and DETR's frozen BatchNorm, each with its own casting (see
     :mod:`normkit.conversion.forwards`), and every other transformers norm class whose code is a copy
     of one of those (:mod:`normkit.conversion.families`); timm's LayerNorm, LayerNorm2d, GroupNorm,
-    GroupNorm1, RmsNorm, RmsNorm2d, MetaFormer's bias-free LayerNorms and the norm+activation modules
-    BatchNormAct2d, FrozenBatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct and LayerNormAct2d
-    (:func:`known_classes` lists the handled classes). State_dict keys and values are unchanged;
-    :func:`revert` undoes it.
+    GroupNorm1, RmsNorm, RmsNorm2d, their float32 (``*Fp32``) variants, MetaFormer's bias-free LayerNorms
+    and the norm+activation modules BatchNormAct2d, FrozenBatchNormAct2d, GroupNormAct, GroupNorm1Act,
+    LayerNormAct(2d) and RmsNormAct(2d) (:func:`known_classes` lists the handled classes). State_dict
+    keys and values are unchanged; :func:`revert` undoes it.
 
     Args:
         model: the model (or a single norm module).

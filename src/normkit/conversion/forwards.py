@@ -40,6 +40,12 @@ __all__ = [
     "TimmGroupNorm",
     "TimmRmsNorm",
     "TimmRmsNorm2d",
+    "TimmRmsNormAct",
+    "TimmRmsNormAct2d",
+    "TimmRmsNormFp32",
+    "TimmRmsNorm2dFp32",
+    "TimmLayerNormFp32",
+    "TimmLayerNorm2dFp32",
     "TimmBatchNormAct2d",
     "TimmGroupNormAct",
     "TimmLayerNormAct",
@@ -302,11 +308,85 @@ class TimmRmsNorm:
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
+def _laid_out_as(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` contiguous where ``x`` is: timm's RmsNorm2d (unlike its LayerNorm2d) computes on x as laid
+    out, so its output is channels-first for channels-first input, where channel_rms_norm's is not."""
+    return y.contiguous() if x.is_contiguous() else y
+
+
 class TimmRmsNorm2d:
     """timm.layers.RmsNorm2d: RMSNorm over the channels of (N, C, H, W), per position."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.channel_rms_norm(x, self.weight, self.eps)
+        return _laid_out_as(F.channel_rms_norm(x, self.weight, self.eps), x)
+
+
+def _float32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float()
+
+
+def _fp32_input(x: Tensor, layer_norm: bool) -> Tensor:
+    """What a timm ``*Fp32`` norm's ``x.float()`` becomes: float16/bfloat16 input as it is, where normkit
+    takes it with float32 parameters (computed in float32, rounded once, as the original's cast back
+    does), which ``layer_norm`` ops on a GPU do not; float32 as it is; anything else as float32."""
+    if x.dtype == torch.float32 or (x.dtype in (torch.float16, torch.bfloat16) and (x.is_cpu or not layer_norm)):
+        return x
+    return x.float()
+
+
+class TimmRmsNormAct:
+    """timm's ``RmsNormAct`` and the ``*Fp32`` norms: LayerNorm or RMSNorm over the trailing dims or, ``2d``,
+    the channels of (N, C, H, W); the Fp32 ones in float32 (parameters cast to float32, the output back
+    to the input's dtype); then ``drop`` and ``act`` where the module has them (the Act classes)."""
+
+    _rms, _two_d, _fp32 = True, False, False
+
+    def _norm(self, x: Tensor) -> Tensor:
+        w, b = self.weight, getattr(self, "bias", None)
+        if self._fp32:  # mixed dtypes: LayerNorm and the channel norms only on the CPU (torch's rule)
+            w, b, x_in = _float32(w), _float32(b), _fp32_input(x, layer_norm=not self._rms or self._two_d)
+        else:
+            x_in = x
+        if self._rms:
+            y = (F.channel_rms_norm(x_in, w, self.eps) if self._two_d
+                 else F.rms_norm(x_in, self.normalized_shape, w, self.eps))
+        else:
+            y = (F.channel_layer_norm(x_in, w, b, self.eps) if self._two_d
+                 else F.layer_norm(x_in, self.normalized_shape, w, b, self.eps))
+        y = y.to(x.dtype) if self._fp32 else y
+        return _laid_out_as(y, x) if self._rms and self._two_d else y
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._norm(x)
+        return self.act(self.drop(y)) if hasattr(self, "act") else y
+
+
+class TimmRmsNormAct2d(TimmRmsNormAct):
+    _two_d = True
+
+
+class TimmRmsNormFp32(TimmRmsNormAct):
+    """timm's RmsNormFp32 and RmsNormActFp32."""
+
+    _fp32 = True
+
+
+class TimmRmsNorm2dFp32(TimmRmsNormAct):
+    """timm's RmsNorm2dFp32 and RmsNormAct2dFp32."""
+
+    _two_d, _fp32 = True, True
+
+
+class TimmLayerNormFp32(TimmRmsNormAct):
+    """timm's LayerNormFp32 and LayerNormActFp32."""
+
+    _rms, _fp32 = False, True
+
+
+class TimmLayerNorm2dFp32(TimmRmsNormAct):
+    """timm's LayerNorm2dFp32 and LayerNormAct2dFp32."""
+
+    _rms, _two_d, _fp32 = False, True, True
 
 
 class _ActMixin:

@@ -240,6 +240,22 @@ _TIMM: list[Handler] = [
     Handler(f"{_L}.norm_act.GroupNorm1Act", "group_norm", "timm", swap_class(fw.TimmGroupNormAct), _channels(4)),
     Handler(f"{_L}.norm_act.LayerNormAct", "layer_norm", "timm", swap_class(fw.TimmLayerNormAct), _rows),
     Handler(f"{_L}.norm_act.LayerNormAct2d", "layer_norm", "timm", swap_class(fw.TimmLayerNormAct2d), _channels(4)),
+    # the float32 variants and RMSNorm+activation
+    *(
+        Handler(f"{_L}.{path}", kind, "timm", swap_class(mixin), sample)
+        for path, kind, mixin, sample in [
+            ("norm.LayerNormFp32", "layer_norm", fw.TimmLayerNormFp32, _rows),
+            ("norm.LayerNorm2dFp32", "layer_norm", fw.TimmLayerNorm2dFp32, _channels(4)),
+            ("norm.RmsNormFp32", "rms_norm", fw.TimmRmsNormFp32, _rows),
+            ("norm.RmsNorm2dFp32", "rms_norm", fw.TimmRmsNorm2dFp32, _channels(4)),
+            ("norm_act.LayerNormActFp32", "layer_norm", fw.TimmLayerNormFp32, _rows),
+            ("norm_act.LayerNormAct2dFp32", "layer_norm", fw.TimmLayerNorm2dFp32, _channels(4)),
+            ("norm_act.RmsNormAct", "rms_norm", fw.TimmRmsNormAct, _rows),
+            ("norm_act.RmsNormAct2d", "rms_norm", fw.TimmRmsNormAct2d, _channels(4)),
+            ("norm_act.RmsNormActFp32", "rms_norm", fw.TimmRmsNormFp32, _rows),
+            ("norm_act.RmsNormAct2dFp32", "rms_norm", fw.TimmRmsNorm2dFp32, _channels(4)),
+        ]
+    ),
     # MetaFormer's (CAFormer, ConvFormer) bias-free LayerNorms: the parent's forward, with no bias
     Handler("timm.models.metaformer.LayerNormNoBias", "layer_norm", "timm", swap_class(fw.TimmLayerNorm), _rows),
     Handler("timm.models.metaformer.LayerNorm2dNoBias", "layer_norm", "timm", swap_class(fw.TimmLayerNorm2d),

@@ -259,8 +259,15 @@ def chan_backward(
 
 
 def channels_last_like(x: Tensor) -> Tensor:
-    """An empty tensor of x's shape laid out channels-last: (N, *, C) contiguous, channels moved to dim 1."""
-    return x.new_empty((x.shape[0], *x.shape[2:], x.shape[1])).movedim(-1, 1)
+    """An empty tensor of x's shape laid out channels-last: (N, *, C) in memory, channels at dim 1. Made
+    with its strides rather than as a view of an (N, *, C) tensor: a custom autograd Function that
+    returned a view could not have an in-place op (timm's in-place activations) applied to its output."""
+    c, spatial = x.shape[1], x.shape[2:]
+    strides, step = [], c
+    for size in reversed(spatial):
+        strides.append(step)
+        step *= size
+    return torch.empty_strided(tuple(x.shape), (step, 1, *reversed(strides)), dtype=x.dtype, device=x.device)
 
 
 def is_channels_last(t: Tensor) -> bool:
