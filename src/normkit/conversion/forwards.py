@@ -53,6 +53,26 @@ __all__ = [
 ]
 
 
+def _laid_out_as(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` contiguous where ``x`` is: a norm that computes over dim 1 of x as it is laid out (ViTDet's,
+    timm's RmsNorm2d, unlike timm's LayerNorm2d, which permutes) gives channels-first output for
+    channels-first input, where channel_layer_norm's and channel_rms_norm's is channels-last."""
+    return y.contiguous() if x.is_contiguous() else y
+
+
+def _float32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float()
+
+
+def _fp32_input(x: Tensor, layer_norm: bool) -> Tensor:
+    """What a timm ``*Fp32`` norm's ``x.float()`` becomes: float16/bfloat16 input as it is, where normkit
+    takes it with float32 parameters (computed in float32, rounded once, as the original's cast back
+    does), which ``layer_norm`` ops on a GPU do not; float32 as it is; anything else as float32."""
+    if x.dtype == torch.float32 or (x.dtype in (torch.float16, torch.bfloat16) and (x.is_cpu or not layer_norm)):
+        return x
+    return x.float()
+
+
 # --------------------------------------------------------------------------------------------------
 # Hugging Face transformers
 # --------------------------------------------------------------------------------------------------
@@ -199,8 +219,7 @@ class ChannelsFirstLayerNorm:
     by the original (normkit: in float32 for 16-bit input), its output laid out as the input."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.channel_layer_norm(x, self.weight, self.bias, self.eps)
-        return y.contiguous() if x.is_contiguous() else y
+        return _laid_out_as(F.channel_layer_norm(x, self.weight, self.bias, self.eps), x)
 
 
 class EsmcStyleLayerNorm:
@@ -308,30 +327,11 @@ class TimmRmsNorm:
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
-def _laid_out_as(y: Tensor, x: Tensor) -> Tensor:
-    """``y`` contiguous where ``x`` is: timm's RmsNorm2d (unlike its LayerNorm2d) computes on x as laid
-    out, so its output is channels-first for channels-first input, where channel_rms_norm's is not."""
-    return y.contiguous() if x.is_contiguous() else y
-
-
 class TimmRmsNorm2d:
     """timm.layers.RmsNorm2d: RMSNorm over the channels of (N, C, H, W), per position."""
 
     def forward(self, x: Tensor) -> Tensor:
         return _laid_out_as(F.channel_rms_norm(x, self.weight, self.eps), x)
-
-
-def _float32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float()
-
-
-def _fp32_input(x: Tensor, layer_norm: bool) -> Tensor:
-    """What a timm ``*Fp32`` norm's ``x.float()`` becomes: float16/bfloat16 input as it is, where normkit
-    takes it with float32 parameters (computed in float32, rounded once, as the original's cast back
-    does), which ``layer_norm`` ops on a GPU do not; float32 as it is; anything else as float32."""
-    if x.dtype == torch.float32 or (x.dtype in (torch.float16, torch.bfloat16) and (x.is_cpu or not layer_norm)):
-        return x
-    return x.float()
 
 
 class TimmRmsNormAct:
