@@ -372,7 +372,7 @@ def test_explain_command_prints_and_draws(tmp_path, capsys):
 def test_env_lists_optional_packages(capsys):
     assert cli.main(["env"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("optional packages"))
-    assert "ray " in line and "transformers " in line and "timm " in line
+    assert "ray " in line and "transformers " in line and "timm " in line and "accelerate " in line
 
 
 def test_verify_matrix_on_cuda_gives_layer_and_group_norm_their_input_dtype():

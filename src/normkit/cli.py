@@ -144,7 +144,7 @@ def _devices_description() -> list[str]:
 
 
 #: packages that optional features use (extras ray, docs, bench; conversion targets; triton has its own row)
-_OPTIONAL = ("ray", "transformers", "timm", "torchvision", "matplotlib", "mkdocs")
+_OPTIONAL = ("ray", "transformers", "timm", "torchvision", "accelerate", "matplotlib", "mkdocs")
 
 
 def _optional_versions() -> list[str]:
