@@ -334,12 +334,13 @@ class TimmRmsNorm2d:
         return _laid_out_as(F.channel_rms_norm(x, self.weight, self.eps), x)
 
 
-class TimmRmsNormAct:
-    """timm's ``RmsNormAct`` and the ``*Fp32`` norms: LayerNorm or RMSNorm over the trailing dims or, ``2d``,
-    the channels of (N, C, H, W); the Fp32 ones in float32 (parameters cast to float32, the output back
-    to the input's dtype); then ``drop`` and ``act`` where the module has them (the Act classes)."""
+class _TimmNormVariant:
+    """timm's ``RmsNormAct`` and the ``*Fp32`` norms: LayerNorm or RMSNorm (``_rms``) over the trailing dims
+    or, ``_two_d``, the channels of (N, C, H, W); the Fp32 ones in float32 (parameters cast to float32, the
+    output back to the input's dtype); then ``drop`` and ``act`` where the module has them (the Act classes).
+    The mixins below set the flags."""
 
-    _rms, _two_d, _fp32 = True, False, False
+    _rms, _two_d, _fp32 = False, False, False
 
     def _norm(self, x: Tensor) -> Tensor:
         w, b = self.weight, getattr(self, "bias", None)
@@ -361,32 +362,40 @@ class TimmRmsNormAct:
         return self.act(self.drop(y)) if hasattr(self, "act") else y
 
 
-class TimmRmsNormAct2d(TimmRmsNormAct):
-    _two_d = True
+class TimmRmsNormAct(_TimmNormVariant):
+    """timm's RmsNormAct."""
+
+    _rms = True
 
 
-class TimmRmsNormFp32(TimmRmsNormAct):
+class TimmRmsNormAct2d(_TimmNormVariant):
+    """timm's RmsNormAct2d."""
+
+    _rms, _two_d = True, True
+
+
+class TimmRmsNormFp32(_TimmNormVariant):
     """timm's RmsNormFp32 and RmsNormActFp32."""
+
+    _rms, _fp32 = True, True
+
+
+class TimmRmsNorm2dFp32(_TimmNormVariant):
+    """timm's RmsNorm2dFp32 and RmsNormAct2dFp32."""
+
+    _rms, _two_d, _fp32 = True, True, True
+
+
+class TimmLayerNormFp32(_TimmNormVariant):
+    """timm's LayerNormFp32 and LayerNormActFp32."""
 
     _fp32 = True
 
 
-class TimmRmsNorm2dFp32(TimmRmsNormAct):
-    """timm's RmsNorm2dFp32 and RmsNormAct2dFp32."""
-
-    _two_d, _fp32 = True, True
-
-
-class TimmLayerNormFp32(TimmRmsNormAct):
-    """timm's LayerNormFp32 and LayerNormActFp32."""
-
-    _rms, _fp32 = False, True
-
-
-class TimmLayerNorm2dFp32(TimmRmsNormAct):
+class TimmLayerNorm2dFp32(_TimmNormVariant):
     """timm's LayerNorm2dFp32 and LayerNormAct2dFp32."""
 
-    _rms, _two_d, _fp32 = False, True, True
+    _two_d, _fp32 = True, True
 
 
 class _ActMixin:

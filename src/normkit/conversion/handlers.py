@@ -140,89 +140,49 @@ _TORCH: list[Handler] = [
 ]
 
 _HF = "transformers.models"
-_TRANSFORMERS: list[Handler] = [
-    *(
-        Handler(f"{_HF}.{model}.modeling_{model}.{cls}", "rms_norm", "transformers", swap_class(fw.LlamaStyleRMSNorm),
-                _rows)
-        for model, cls in [
-            ("llama", "LlamaRMSNorm"),
-            ("mistral", "MistralRMSNorm"),
-            ("qwen2", "Qwen2RMSNorm"),
-            ("qwen3", "Qwen3RMSNorm"),
-        ]
-    ),
-    *(
-        Handler(f"{_HF}.{model}.modeling_{model}.{cls}", "rms_norm", "transformers", swap_class(fw.GemmaStyleRMSNorm),
-                _rows)
-        for model, cls in [("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm")]
-    ),
-    Handler(f"{_HF}.t5.modeling_t5.T5LayerNorm", "rms_norm", "transformers", swap_class(fw.T5StyleLayerNorm), _rows),
-    Handler(f"{_HF}.olmo2.modeling_olmo2.Olmo2RMSNorm", "rms_norm", "transformers",
-            swap_class(fw.WeightThenCastRMSNorm), _rows),
-    Handler(f"{_HF}.helium.modeling_helium.HeliumRMSNorm", "rms_norm", "transformers",
-            swap_class(fw.HeliumStyleRMSNorm), _rows),
-    Handler(f"{_HF}.gemma3n.modeling_gemma3n.Gemma3nRMSNorm", "rms_norm", "transformers",
-            swap_class(fw.Gemma3nStyleRMSNorm), _rows),
-    Handler(f"{_HF}.moshi.modeling_moshi.MoshiRMSNorm", "rms_norm", "transformers",
-            swap_class(fw.Float32ScaleRMSNorm), _rows),
-    Handler(f"{_HF}.llama4.modeling_llama4.Llama4TextRMSNorm", "rms_norm", "transformers",
-            swap_class(fw.Llama4StyleRMSNorm), _rows),
-    Handler(f"{_HF}.llama4.modeling_llama4.Llama4TextL2Norm", "rms_norm", "transformers",
-            swap_class(fw.UnweightedRMSNorm), _rows),
-    Handler(f"{_HF}.olmo.modeling_olmo.OlmoLayerNorm", "layer_norm", "transformers",
-            swap_class(fw.OlmoStyleLayerNorm), _rows),
-    Handler(f"{_HF}.detr.modeling_detr.DetrFrozenBatchNorm2d", "batch_norm", "transformers",
-            swap_class(fw.DetrFrozenBatchNorm2d), _offset_by_data(_buffers_sample)),
-    Handler(f"{_HF}.cohere.modeling_cohere.CohereLayerNorm", "layer_norm", "transformers",
-            swap_class(fw.CohereStyleLayerNorm), _rows),
-    Handler(f"{_HF}.convnext.modeling_convnext.ConvNextLayerNorm", "layer_norm", "transformers",
-            swap_class(fw.ChannelsFirstOrLastLayerNorm), _channels_first_or_last),
-    Handler(f"{_HF}.deberta.modeling_deberta.DebertaLayerNorm", "layer_norm", "transformers",
-            swap_class(fw.DebertaStyleLayerNorm), _rows),
-    Handler(f"{_HF}.esmc.modeling_esmc.EsmcLayerNorm", "layer_norm", "transformers",
-            swap_class(fw.EsmcStyleLayerNorm), _rows),
-    Handler(f"{_HF}.vitdet.modeling_vitdet.VitDetLayerNorm", "layer_norm", "transformers",
-            swap_class(fw.ChannelsFirstLayerNorm), _channels(4)),
+#: (model, class, kind, forward mixin, sample); Llama's first: a copy of several classes' code (Mistral's is
+#: Llama's) is matched to the first of them
+_TRANSFORMERS_TABLE = [
+    ("llama", "LlamaRMSNorm", "rms_norm", fw.LlamaStyleRMSNorm, _rows),
+    ("mistral", "MistralRMSNorm", "rms_norm", fw.LlamaStyleRMSNorm, _rows),
+    ("qwen2", "Qwen2RMSNorm", "rms_norm", fw.LlamaStyleRMSNorm, _rows),
+    ("qwen3", "Qwen3RMSNorm", "rms_norm", fw.LlamaStyleRMSNorm, _rows),
+    ("gemma", "GemmaRMSNorm", "rms_norm", fw.GemmaStyleRMSNorm, _rows),
+    ("gemma2", "Gemma2RMSNorm", "rms_norm", fw.GemmaStyleRMSNorm, _rows),
+    ("gemma3", "Gemma3RMSNorm", "rms_norm", fw.GemmaStyleRMSNorm, _rows),
+    ("t5", "T5LayerNorm", "rms_norm", fw.T5StyleLayerNorm, _rows),
+    ("olmo2", "Olmo2RMSNorm", "rms_norm", fw.WeightThenCastRMSNorm, _rows),
+    ("helium", "HeliumRMSNorm", "rms_norm", fw.HeliumStyleRMSNorm, _rows),
+    ("gemma3n", "Gemma3nRMSNorm", "rms_norm", fw.Gemma3nStyleRMSNorm, _rows),
+    ("moshi", "MoshiRMSNorm", "rms_norm", fw.Float32ScaleRMSNorm, _rows),
+    ("llama4", "Llama4TextRMSNorm", "rms_norm", fw.Llama4StyleRMSNorm, _rows),
+    ("llama4", "Llama4TextL2Norm", "rms_norm", fw.UnweightedRMSNorm, _rows),
+    ("imagegpt", "ImageGPTLayerNorm", "rms_norm", fw.InputDtypeRMSNorm, _rows),
+    ("olmo", "OlmoLayerNorm", "layer_norm", fw.OlmoStyleLayerNorm, _rows),
+    ("cohere", "CohereLayerNorm", "layer_norm", fw.CohereStyleLayerNorm, _rows),
+    ("convnext", "ConvNextLayerNorm", "layer_norm", fw.ChannelsFirstOrLastLayerNorm, _channels_first_or_last),
+    ("deberta", "DebertaLayerNorm", "layer_norm", fw.DebertaStyleLayerNorm, _rows),
+    ("esmc", "EsmcLayerNorm", "layer_norm", fw.EsmcStyleLayerNorm, _rows),
+    ("vitdet", "VitDetLayerNorm", "layer_norm", fw.ChannelsFirstLayerNorm, _channels(4)),
     # a subclass of nn.LayerNorm that permutes, as timm's LayerNorm2d does
-    Handler(f"{_HF}.eomt.modeling_eomt.EomtLayerNorm2d", "layer_norm", "transformers",
-            swap_class(fw.TimmLayerNorm2d), _channels(4)),
+    ("eomt", "EomtLayerNorm2d", "layer_norm", fw.TimmLayerNorm2d, _channels(4)),
     # a subclass of nn.GroupNorm with one group whose forward is nn.GroupNorm's
-    Handler(f"{_HF}.poolformer.modeling_poolformer.PoolFormerGroupNorm", "group_norm", "transformers",
-            swap_class(fw.TimmGroupNorm), _channels(4)),
-    Handler(f"{_HF}.imagegpt.modeling_imagegpt.ImageGPTLayerNorm", "rms_norm", "transformers",
-            swap_class(fw.InputDtypeRMSNorm), _rows),
+    ("poolformer", "PoolFormerGroupNorm", "group_norm", fw.TimmGroupNorm, _channels(4)),
+    ("detr", "DetrFrozenBatchNorm2d", "batch_norm", fw.DetrFrozenBatchNorm2d, _offset_by_data(_buffers_sample)),
 ]
+_TRANSFORMERS: list[Handler] = [
+    Handler(f"{_HF}.{model}.modeling_{model}.{cls}", kind, "transformers", swap_class(mixin), sample)
+    for model, cls, kind, mixin, sample in _TRANSFORMERS_TABLE
+]
+
+#: transformers classes whose copies in other models are converted as they are (see :mod:`.families`): every
+#: handled one, in the table's order
+FAMILIES: tuple[str, ...] = tuple(h.qualname for h in _TRANSFORMERS)
 
 _TORCHVISION: list[Handler] = [
     Handler("torchvision.ops.misc.FrozenBatchNorm2d", "batch_norm", "torchvision", swap_class(fw.FrozenBatchNorm2d),
             _offset_by_data(_buffers_sample)),
 ]
-
-#: transformers classes whose copies in other models are converted as they are (see :mod:`.families`)
-FAMILIES: tuple[str, ...] = tuple(
-    f"{_HF}.{path}"
-    for path in (
-        "llama.modeling_llama.LlamaRMSNorm",
-        "gemma.modeling_gemma.GemmaRMSNorm",
-        "t5.modeling_t5.T5LayerNorm",
-        "olmo2.modeling_olmo2.Olmo2RMSNorm",
-        "helium.modeling_helium.HeliumRMSNorm",
-        "gemma3n.modeling_gemma3n.Gemma3nRMSNorm",
-        "moshi.modeling_moshi.MoshiRMSNorm",
-        "llama4.modeling_llama4.Llama4TextRMSNorm",
-        "llama4.modeling_llama4.Llama4TextL2Norm",
-        "olmo.modeling_olmo.OlmoLayerNorm",
-        "detr.modeling_detr.DetrFrozenBatchNorm2d",
-        "cohere.modeling_cohere.CohereLayerNorm",
-        "convnext.modeling_convnext.ConvNextLayerNorm",
-        "deberta.modeling_deberta.DebertaLayerNorm",
-        "esmc.modeling_esmc.EsmcLayerNorm",
-        "vitdet.modeling_vitdet.VitDetLayerNorm",
-        "eomt.modeling_eomt.EomtLayerNorm2d",
-        "poolformer.modeling_poolformer.PoolFormerGroupNorm",
-        "imagegpt.modeling_imagegpt.ImageGPTLayerNorm",
-    )
-)
 
 _L = "timm.layers"
 _TIMM: list[Handler] = [
