@@ -277,6 +277,28 @@ def test_batch_norm_of_many_samples_matches_truth(layout):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("channels", [3, 24])
+def test_eval_batch_norm_backward_matches_truth(channels, layout, dtype):
+    """With fixed statistics the backward is one pass over x and dy (dx = dy * w * rstd, and the
+    parameter gradients' sums from the same loads); channels-first with fewer than two channels per
+    thread it takes the two-pass path. Inputs far from the running mean exercise the shift's
+    correction, a batch of one and a single position the edges of the run and row loops."""
+    torch.manual_seed(channels)
+    rm, rv = torch.randn(channels), torch.rand(channels) + 0.5
+    for shape, offset in [((6, channels, 7, 5), 30.0), ((1, channels, 1, 1), 0.0), ((2, channels, 40, 40), -4.0)]:
+        x = (torch.randn(shape) * 3 + offset).to(dtype)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        for affine in (True, False):
+            w, b = (torch.randn(channels).to(dtype), torch.randn(channels).to(dtype)) if affine else (None, None)
+            _check(
+                lambda f, x, w, b: f.batch_norm(x, rm.to(x.dtype), rv.to(x.dtype), w, b, False),
+                [x, w, b], dtype, msg=f"{layout} {shape} affine={affine}",
+            )
+
+
 @pytest.mark.parametrize(
     "call",
     [

@@ -628,6 +628,97 @@ static inline __attribute__((always_inline)) void NK_NAME(nk_dx)(const NK_T *xr,
     }
 }
 
+/* BatchNorm's backward with fixed statistics (eval: the running statistics), in one pass over x and
+ * dy. dx = dy * (w * rstd) involves no statistic of the batch, so it is written from the same loads
+ * that give the parameter gradients' sums, sum dy and sum dy (x - K): three streams of memory where
+ * nk_chan_bwd's two passes take five. K is the median-of-three shift nk_chan_bwd uses, and the sums
+ * are corrected to the fixed mean m as there: sum dy (x - m) = sum dy (x - K) - (m - K) sum dy. */
+static void NK_NAME(nk_chan_bwd_fixed)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, int64_t C, int64_t S,
+                                       int nhwc, const NK_A *w, const NK_A *mean, const NK_A *rstd, double *dw,
+                                       double *db, int nt) {
+    size_t pc = (size_t)C + 1;
+    NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * pc), *wr = (NK_A *)malloc(sizeof(NK_A) * pc);
+    double *a1 = (double *)calloc(pc, sizeof(double)), *a2 = (double *)calloc(pc, sizeof(double));
+    for (int64_t c = 0; c < C; c++) {
+        int64_t nn[3] = {0, (N - 1) / 2, N - 1}, ss[3] = {0, (S - 1) / 2, S - 1};
+        NK_A v[3];
+        for (int t = 0; t < 3; t++) v[t] = NK_LOAD(x[nhwc ? (nn[t] * S + ss[t]) * C + c : (nn[t] * C + c) * S + ss[t]]);
+        NK_A lo = v[0] < v[1] ? v[0] : v[1], hi = v[0] < v[1] ? v[1] : v[0];
+        shift[c] = v[2] < lo ? lo : (v[2] > hi ? hi : v[2]);
+        wr[c] = (w ? w[c] : (NK_A)1) * rstd[c];
+    }
+    if (!nhwc) {
+        /* a channel's N runs on one thread, in order */
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t c = 0; c < C; c++) {
+            double s1 = 0, s2 = 0;
+            const NK_A k = shift[c], g = wr[c];
+            for (int64_t n = 0; n < N; n++) {
+                int64_t o = (n * C + c) * S;
+                const NK_T *xr = x + o, *dyr = dy + o;
+                NK_T *dxr = dx + o;
+                for (int64_t s0 = 0; s0 < S; s0 += NK_BLOCK) {
+                    int64_t s1e = s0 + NK_BLOCK < S ? s0 + NK_BLOCK : S;
+                    NK_A u1 = 0, u2 = 0;
+#pragma omp simd reduction(+ : u1, u2)
+                    for (int64_t j = s0; j < s1e; j++) {
+                        NK_A d = NK_LOAD(dyr[j]);
+                        u1 += d;
+                        u2 += d * (NK_LOAD(xr[j]) - k);
+                        dxr[j] = NK_STORE(d * g);
+                    }
+                    s1 += u1, s2 += u2;
+                }
+            }
+            a1[c] = s1, a2[c] = s2;
+        }
+    } else {
+        /* blocks of the N*S rows, each with its own partial sums, added in block order afterwards */
+        int64_t R = N * S, B = nk_row_blocks(1, R, nt), rows_per_block = (R + B - 1) / B, sub = nk_sub_rows(C);
+        double *p1 = (double *)calloc((size_t)(B * C + 1), sizeof(double));
+        double *p2 = (double *)calloc((size_t)(B * C + 1), sizeof(double));
+#pragma omp parallel num_threads(nt)
+        {
+            NK_A *u1 = (NK_A *)malloc(sizeof(NK_A) * pc), *u2 = (NK_A *)malloc(sizeof(NK_A) * pc);
+#pragma omp for schedule(static)
+            for (int64_t bk = 0; bk < B; bk++) {
+                int64_t r0 = bk * rows_per_block, r1 = r0 + rows_per_block < R ? r0 + rows_per_block : R;
+                double *q1 = p1 + bk * C, *q2 = p2 + bk * C;
+                for (int64_t s0 = r0; s0 < r1; s0 += sub) {
+                    int64_t s1e = s0 + sub < r1 ? s0 + sub : r1;
+                    for (int64_t c = 0; c < C; c++) u1[c] = 0, u2[c] = 0;
+                    for (int64_t s = s0; s < s1e; s++) {
+                        const NK_T *xr = x + s * C, *dyr = dy + s * C;
+                        NK_T *dxr = dx + s * C;
+#pragma omp simd
+                        for (int64_t c = 0; c < C; c++) {
+                            NK_A d = NK_LOAD(dyr[c]);
+                            u1[c] += d;
+                            u2[c] += d * (NK_LOAD(xr[c]) - shift[c]);
+                            dxr[c] = NK_STORE(d * wr[c]);
+                        }
+                    }
+                    for (int64_t c = 0; c < C; c++) q1[c] += u1[c], q2[c] += u2[c];
+                }
+            }
+            free(u1);
+            free(u2);
+        }
+        for (int64_t bk = 0; bk < B; bk++)
+            for (int64_t c = 0; c < C; c++) a1[c] += p1[bk * C + c], a2[c] += p2[bk * C + c];
+        free(p1);
+        free(p2);
+    }
+    for (int64_t c = 0; c < C; c++) {
+        if (dw) dw[c] = (double)rstd[c] * (a2[c] - ((double)mean[c] - (double)shift[c]) * a1[c]);
+        if (db) db[c] = a1[c];
+    }
+    free(shift);
+    free(wr);
+    free(a1);
+    free(a2);
+}
+
 /* Backward of nk_chan_fwd (same layout for x, dy and dx). train: the statistics came from x (they
  * are differentiated); otherwise they were constants (eval BatchNorm).
  *
@@ -644,6 +735,12 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
                           int64_t groups, const NK_A *w, const NK_A *b, const NK_A *mean, const NK_A *rstd,
                           int train, int act, double *dw, double *db, int nt) {
     nt = nk_threads(nt);
+    if (!train && !act && groups == 0 && (nhwc || C >= 2 * (int64_t)nt)) {
+        /* fixed statistics (eval BatchNorm): one pass. Channels-first, it shares the channels among
+         * the threads; with fewer than two a thread, the two-pass path's threading over (n, c) wins */
+        NK_NAME(nk_chan_bwd_fixed)(x, dy, dx, N, C, S, nhwc, w, mean, rstd, dw, db, nt);
+        return;
+    }
     /* The constants and sums between the passes are kept per (n, c) for GroupNorm/InstanceNorm and
      * per channel for BatchNorm, whose sets are channels: BatchNorm's pass 1 sums each channel over
      * every sample directly, and nothing of size N*C is kept or reduced afterwards. */
