@@ -133,6 +133,7 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
             /* LayerNorm's statistics: nk_row_moments (shifted sums, so float rounding is relative
              * to the row's spread, not to its mean). RMSNorm sums x^2. */
             NK_A sum = 0;
+            const NK_A *row = buf;
             if (res) { /* h = round(x + residual) is written out and normalized */
                 const NK_T *rr = res + i * N;
                 NK_T *hr = hout + i * N;
@@ -142,13 +143,15 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
                     hr[j] = h;
                     buf[j] = NK_LOAD(h);
                 }
+            } else if (sizeof(NK_T) == sizeof(NK_A)) {
+                row = (const NK_A *)xr; /* float or double data: read in place, no copy */
             } else {
 #pragma omp simd
                 for (int64_t j = 0; j < N; j++) buf[j] = NK_LOAD(xr[j]);
             }
-            if (rms) sum = NK_NAME(nk_dot)(buf, buf, N);
+            if (rms) sum = NK_NAME(nk_dot)(row, row, N);
             NK_A rstd;
-            double var = 0, mean_d = rms ? 0.0 : NK_NAME(nk_row_moments)(buf, N, &var);
+            double var = 0, mean_d = rms ? 0.0 : NK_NAME(nk_row_moments)(row, N, &var);
             /* centre by mean = hi + lo: (x - hi) is exact near the mean, lo restores the bits float lost */
             NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean);
             if (rms) {
@@ -159,19 +162,19 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
             if (rstd_out) rstd_out[i] = rstd; /* NULL: inference, nothing saved for a backward */
             if (w && b) {
 #pragma omp simd
-                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((buf[j] - mean) - mean_lo) * rstd * w[j] + b[j]);
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((row[j] - mean) - mean_lo) * rstd * w[j] + b[j]);
             } else if (w && round_first) {
 #pragma omp simd
-                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(NK_LOAD(NK_STORE(((buf[j] - mean) - mean_lo) * rstd)) * w[j]);
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(NK_LOAD(NK_STORE(((row[j] - mean) - mean_lo) * rstd)) * w[j]);
             } else if (w) {
 #pragma omp simd
-                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((buf[j] - mean) - mean_lo) * rstd * w[j]);
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((row[j] - mean) - mean_lo) * rstd * w[j]);
             } else if (b) {
 #pragma omp simd
-                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((buf[j] - mean) - mean_lo) * rstd + b[j]);
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((row[j] - mean) - mean_lo) * rstd + b[j]);
             } else {
 #pragma omp simd
-                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((buf[j] - mean) - mean_lo) * rstd);
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((row[j] - mean) - mean_lo) * rstd);
             }
         }
         free(buf);
