@@ -71,6 +71,8 @@ def _launch_everything() -> None:
     for dtype, n in ((bf16, 4096), (f16, 20000)):  # Llama's order: rounded before the weight (one tile, blocks)
         rows.row_forward(torch.zeros(3, n, dtype=dtype), None, torch.zeros(n, dtype=dtype), None, n, 1e-6, True,
                          round_first=True)
+    for dtype, n in ((bf16, 1024), (f16, 20000)):  # DeepSeek-V4's order: the scale rounded (one tile, blocks)
+        rows.row_forward(torch.zeros(3, n, dtype=dtype), None, None, None, n, 1e-6, True, round_rstd=True)
     # groups: every dtype x layout x (shape, groups) x SiLU, so that each tile shape the heuristics pick
     # is compiled: InstanceNorm of few channels and positions, GroupNorm(32) of small and large images
     # (positions in blocks), one wide group; then float16 without affine parameters

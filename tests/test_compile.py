@@ -166,6 +166,26 @@ def test_batch_norm_act_compiles(backend_name):
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
+def test_rms_norm_rounded_rstd_compiles(backend_name):
+    """DeepSeek-V4's weightless RMSNorm traces as its composition (the one-pass kernels stay eager), with
+    eager mode's bits (the same rounding order) and gradients."""
+    torch._dynamo.reset()
+
+    def fn(x):
+        return NF._rms_norm_rounded_rstd(x, (16,), 1e-6)
+
+    x = torch.randn(3, 5, 16).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(3, 5, 16).to(torch.bfloat16)
+    with normkit.use_backend(backend_name):
+        eager = fn(x)
+        (eager_grad,) = torch.autograd.grad(eager, (x,), dy)
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(x)
+        (compiled_grad,) = torch.autograd.grad(compiled, (x,), dy)
+    assert torch.equal(compiled, eager)
+    assert_close(compiled_grad, eager_grad.double(), baseline=eager_grad)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
 def test_rms_norm_rounded_scale_compiles(backend_name):
     """The 16-bit Llama-order RMSNorm traces as its composition (the cpu backend's one pass stays eager),
     outputs and gradients as in eager mode."""

@@ -323,6 +323,20 @@ def _rms_norm_rounded_scale(
     return _laid_out(y, _suggested_format(input))
 
 
+def _rms_norm_rounded_rstd(input: Tensor, normalized_shape: Sequence[int], eps: float) -> Tensor:
+    """``input * rsqrt(mean(input.float()²) + eps).to(input.dtype)``: DeepSeek-V4's weightless RMSNorm,
+    whose float32 scale is rounded to the input's dtype before it multiplies the input. One pass on a
+    backend with the kernel for it (cpu and triton), saving the input and one float per row for the
+    backward. Used by converted DeepSeek-V4-style norms."""
+    shape = _as_shape(normalized_shape)
+    if has_torch_function_variadic(input):  # a tensor subclass sees the original's torch ops
+        dims = tuple(range(-len(shape), 0))
+        return input * torch.rsqrt(input.float().square().mean(dims, keepdim=True) + eps).to(input.dtype)
+    _rms_norm_checks(input, shape, None)
+    y = resolve(input).rms_norm_rounded_rstd(input, shape, eps)
+    return _laid_out(y, _suggested_format(input))
+
+
 # --------------------------------------------------------------------------------------------------
 # Channels-first row norms: LayerNorm/RMSNorm over dim 1 at every position (timm's LayerNorm2d)
 # --------------------------------------------------------------------------------------------------

@@ -119,6 +119,12 @@ class Backend:
         (Hugging Face Llama's order; the product's dtype is torch's promotion of the two)."""
         return weight * self.rms_norm(x, normalized_shape, None, eps)
 
+    def rms_norm_rounded_rstd(self, x: Tensor, normalized_shape: Sequence[int], eps: float) -> Tensor:
+        """``x * rsqrt(mean(x.float()²) + eps).to(x.dtype)``: a weightless RMSNorm whose scale is computed
+        in float32 and rounded to x's dtype before it multiplies x (DeepSeek-V4's order)."""
+        dims = tuple(range(-len(normalized_shape), 0))
+        return x * torch.rsqrt(x.float().square().mean(dims, keepdim=True) + eps).to(x.dtype)
+
     def fused_add_layer_norm(
         self,
         x: Tensor,

@@ -168,11 +168,20 @@ class Gemma3nStyleRMSNorm(Float32ScaleRMSNorm):
 
 
 class UnweightedRMSNorm(Float32ScaleRMSNorm):
-    """NanoChat, Falcon-Mamba's weightless norm, Llama 4's L2 norm and their copies: no weight,
-    ``normalize(x.float()).type_as(x)``."""
+    """NanoChat, Falcon-Mamba's weightless norm, Llama 4's L2 norm, Inkling2's and their copies: no
+    weight, ``normalize(x.float()).type_as(x)``."""
 
     def _scale(self) -> None:
         return None
+
+
+class UnweightedRoundedScaleRMSNorm:
+    """DeepSeek-V4's weightless norm and its copies (GLM-5-Next's): the scale
+    ``rsqrt(mean(x.float()²) + eps)`` is computed in float32 and rounded to x's dtype *before* it
+    multiplies x (``x * scale.to(x.dtype)``), which in 16-bit differs from rounding the product once."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F._rms_norm_rounded_rstd(x, (x.shape[-1],), self.eps)
 
 
 class OlmoStyleLayerNorm:

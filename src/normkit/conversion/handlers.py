@@ -158,6 +158,8 @@ _TRANSFORMERS_TABLE = [
     ("llama4", "Llama4TextRMSNorm", "rms_norm", fw.Llama4StyleRMSNorm, _rows),
     ("llama4", "Llama4TextL2Norm", "rms_norm", fw.UnweightedRMSNorm, _rows),
     ("imagegpt", "ImageGPTLayerNorm", "rms_norm", fw.InputDtypeRMSNorm, _rows),
+    ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", "rms_norm", fw.UnweightedRoundedScaleRMSNorm, _rows),
+    ("inkling2", "Inkling2UnweightedRMSNorm", "rms_norm", fw.UnweightedRMSNorm, _rows),
     ("olmo", "OlmoLayerNorm", "layer_norm", fw.OlmoStyleLayerNorm, _rows),
     ("cohere", "CohereLayerNorm", "layer_norm", fw.CohereStyleLayerNorm, _rows),
     ("convnext", "ConvNextLayerNorm", "layer_norm", fw.ChannelsFirstOrLastLayerNorm, _channels_first_or_last),

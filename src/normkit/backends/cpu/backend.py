@@ -95,16 +95,16 @@ def _row_backward_differentiable(dy, h, weight, shape, eps, rms):
 class _RowNorm(torch.autograd.Function):
     """y = LayerNorm/RMSNorm(x) or, with a residual, (y, h) = (norm(x + residual), x + residual).
 
-    ``round_first``: y = round(round(x̂) · w) (see :func:`.kernels.row_forward`). The backward is the
-    same either way: it differentiates x̂ · w without the rounding in between, as it does the rounding
-    of y."""
+    ``rounding``: ``"xhat"``, y = round(round(x̂) · w); ``"rstd"``, y = round(x · round(rstd)) (see
+    :func:`.kernels.row_forward`). The backward is the same either way: it differentiates the norm
+    without the rounding in between, as it does the rounding of y."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, shape, eps, rms, round_first=False):
+    def forward(ctx, x, residual, weight, bias, shape, eps, rms, rounding=None):
         n = math.prod(shape)
         xc = x.contiguous()
         rc = residual.contiguous() if residual is not None else None
-        y, h, rstd = K.row_forward(xc, rc, weight, bias, n, eps, rms, round_first=round_first)
+        y, h, rstd = K.row_forward(xc, rc, weight, bias, n, eps, rms, rounding=rounding)
         ctx.shape, ctx.eps, ctx.rms, ctx.fused = shape, eps, rms, residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         # the input itself, not a contiguous copy of it: a copy made here has no grad_fn, and the
@@ -275,18 +275,18 @@ def _chan_backward_differentiable(ctx, dy, x, weight, bias, mean, rstd):
     return ref.batch_norm_backward(dy, x, weight, mean.double(), rstd.double(), False)
 
 
-def _row(x, residual, weight, bias, shape, eps, rms, round_first=False):
+def _row(x, residual, weight, bias, shape, eps, rms, rounding=None):
     """A row norm: through autograd when a gradient is wanted, else the kernel alone (inference
     skips the autograd.Function's overhead, which dominates at small sizes); under torch.compile, the
-    same kernels as custom ops (the caller composes ``round_first`` there)."""
+    same kernels as custom ops (the caller composes a ``rounding`` there)."""
     if torch.compiler.is_compiling():
         y, h, _ = ops.row_forward(x, residual, weight, bias, math.prod(shape), eps, rms)
         return y if residual is None else (y, h)
     if _needs_grad(x, residual, weight, bias):
-        return _RowNorm.apply(x, residual, weight, bias, shape, eps, rms, round_first)
+        return _RowNorm.apply(x, residual, weight, bias, shape, eps, rms, rounding)
     rc = residual.contiguous() if residual is not None else None
     y, h, _ = K.row_forward(x.contiguous(), rc, weight, bias, math.prod(shape), eps, rms, save_rstd=False,
-                            round_first=round_first)
+                            rounding=rounding)
     return y if residual is None else (y, h)
 
 
@@ -352,7 +352,14 @@ class CpuBackend(Backend):
         # elsewhere, and under torch.compile (its custom op has no such mode)
         if weight.dtype != x.dtype or torch.compiler.is_compiling() or self._fallback(x, weight):
             return super().rms_norm_rounded_scale(x, normalized_shape, weight, eps)
-        return _row(x, None, weight, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True, True)
+        return _row(x, None, weight, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True, "xhat")
+
+    def rms_norm_rounded_rstd(self, x, normalized_shape, eps):
+        # one pass for float32 and 16-bit data; float64 (whose scale the original computes in float32)
+        # and torch.compile (the custom op has no such mode) take the composition
+        if x.dtype == torch.float64 or torch.compiler.is_compiling() or self._fallback(x):
+            return super().rms_norm_rounded_rstd(x, normalized_shape, eps)
+        return _row(x, None, None, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True, "rstd")
 
     def fused_add_rms_norm(self, x, residual, normalized_shape, weight, eps):
         if self._fallback(x, residual, weight):

@@ -35,7 +35,7 @@ SUPPORTED_DTYPES = frozenset(_SUFFIX)
 
 _P, _I64, _D, _I = c_void_p, c_int64, c_double, c_int
 _SIGNATURES = {
-    # x, res, hout, w, b, y, rstd, M, N, eps, rms, threads
+    # x, res, hout, w, b, y, rstd, M, N, eps, rms, rounding, threads
     "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I, _I],
     # x, dy, dh, w, rstd, dx, dw, db, M, N, rms, threads
     "nk_row_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I, _I],
@@ -53,6 +53,10 @@ _SIGNATURES = {
 
 #: activation codes of the channel-norm forward kernel (NK_ACT_* in csrc/kernels.c)
 ACTIVATIONS = {None: 0, "silu": 1, "relu": 2, "hardswish": 3}
+
+#: rounding codes of the row forward kernel (NK_ROUND_* in csrc/kernels.c): what a two-step composition
+#: rounds to the data type before the last multiply, the normalized value or the scale
+ROUNDINGS = {None: 0, "xhat": 1, "rstd": 2}
 
 _lib: ctypes.CDLL | None = None
 _functions: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
@@ -114,13 +118,15 @@ def row_forward(
     eps: float,
     rms: bool,
     save_rstd: bool = True,
-    round_first: bool = False,
+    rounding: str | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """LayerNorm/RMSNorm over contiguous rows of length ``n`` (after ``h = x + residual``).
 
     Returns ``(y, h, rstd)`` (h is None without a residual; rstd None unless ``save_rstd``); the
-    backward recomputes the row means. ``round_first`` (a weight, no bias): the normalized value is
-    rounded to x's dtype before the weight multiplies it, ``round(round(x̂) · w)``.
+    backward recomputes the row means. ``rounding`` (:data:`ROUNDINGS`): ``"xhat"`` (a weight, no
+    bias): the normalized value is rounded to x's dtype before the weight multiplies it,
+    ``round(round(x̂) · w)``; ``"rstd"`` (RMSNorm without parameters): the scale is, ``round(x ·
+    round(rstd))``. rstd itself is saved unrounded either way.
     """
     numel = x.numel()
     m = numel // n
@@ -130,7 +136,7 @@ def row_forward(
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     _fn("nk_row_fwd", x.dtype)(
         x.data_ptr(), _ptr(residual), _ptr(h), _ptr(w), _ptr(b), y.data_ptr(), _ptr(rstd),
-        m, n, float(eps), int(rms), int(round_first), _threads(numel),
+        m, n, float(eps), int(rms), ROUNDINGS[rounding], _threads(numel),
     )
     return y, h, rstd
 

@@ -81,6 +81,12 @@ class TritonBackend(Backend):
         n = math.prod(normalized_shape)
         return ops.rms_rounded_scale(x, _flat(weight), n, ref.rms_norm_eps(x.dtype, eps))
 
+    def rms_norm_rounded_rstd(self, x, normalized_shape, eps):
+        # one kernel for float32 and 16-bit data; float64 and torch.compile take the composition
+        if x.dtype == torch.float64 or torch.compiler.is_compiling() or self._fallback(x):
+            return super().rms_norm_rounded_rstd(x, normalized_shape, eps)
+        return ops.rms_rounded_rstd(x, math.prod(normalized_shape), ref.rms_norm_eps(x.dtype, eps))
+
     def fused_add_rms_norm(self, x, residual, normalized_shape, weight, eps):
         if self._fallback(x, residual, weight):
             return self._reference.fused_add_rms_norm(x, residual, normalized_shape, weight, eps)

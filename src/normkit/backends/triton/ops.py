@@ -33,7 +33,7 @@ from .kernels.reduce import update_running_stats as _update_running_stats
 
 __all__ = [
     "rows", "sets", "batch", "update_running_stats", "rows_forward", "sets_forward", "batch_forward", "wrapped",
-    "rms_rounded_scale",
+    "rms_rounded_scale", "rms_rounded_rstd",
 ]
 
 _NS = "normkit_triton"
@@ -204,6 +204,29 @@ def rms_rounded_scale(x: Tensor, weight: Tensor, n: int, eps: float) -> Tensor:
     if _needs_grad(x, weight):
         return _TritonRowsRounded.apply(x, None, weight, None, n, eps, True)[0]
     return _rounded_forward(x, None, weight, None, n, eps, True)[0]
+
+
+# RMSNorm without parameters whose scale is rounded before it multiplies x (DeepSeek-V4's order): the
+# same arrangement, eager only.
+
+
+def _rounded_rstd_forward(
+    x: Tensor, residual: None, weight: None, bias: None, n: int, eps: float, rms: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, _, _, rstd = _rows.row_forward(x, None, None, None, n, eps, True, round_rstd=True)
+    return y.view(x.shape), _empty(x), _empty(x), rstd
+
+
+_TritonRowsRoundedRstd = _eager_function(
+    "_TritonRowsRoundedRstd", _rounded_rstd_forward, _rows_setup, _rows_backward
+)
+
+
+def rms_rounded_rstd(x: Tensor, n: int, eps: float) -> Tensor:
+    """``x * rms_rstd(x).to(x.dtype)`` in one kernel (eager calls only)."""
+    if _needs_grad(x):
+        return _TritonRowsRoundedRstd.apply(x, None, None, None, n, eps, True)[0]
+    return _rounded_rstd_forward(x, None, None, None, n, eps, True)[0]
 
 
 def rows(

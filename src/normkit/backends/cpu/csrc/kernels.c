@@ -205,6 +205,10 @@ static inline int64_t nk_sub_rows(int64_t C) {
 #define NK_CF_AHEAD 4  /* tiles ahead that the channels-first row norms prefetch */
 #endif
 #define NK_CF_CHUNK 32 /* channels per float partial sum there, before it is added in double */
+/* rounding codes of the row forward (kernels_impl.h, nk_row_fwd); match kernels.py */
+#define NK_ROUND_NONE 0
+#define NK_ROUND_XHAT 1
+#define NK_ROUND_RSTD 2
 /* activation codes of the channel-norm forward (kernels_impl.h, nk_act); match kernels.py */
 #define NK_ACT_NONE 0
 #define NK_ACT_SILU 1

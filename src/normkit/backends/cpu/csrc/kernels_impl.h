@@ -118,11 +118,16 @@ static inline double NK_NAME(nk_row_moments)(const NK_A *buf, int64_t n, double 
 
 /* LayerNorm (rms = 0) or RMSNorm (rms = 1) over rows of length N; with res != NULL, the row is
  * first h = round(x + res), written to hout (the fused residual add). rstd_out gets one value per
- * row (the mean is recomputed by the backward). round_first (a weight and no bias): y =
- * round(round(xhat) * w), the normalized value rounded to the data type before the weight multiplies
- * it, as Hugging Face's Llama RMSNorm computes it in two steps (the same as one rounding in float32). */
+ * row (the mean is recomputed by the backward). rounding, as two-step compositions in the data type
+ * round:
+ *   NK_ROUND_XHAT (a weight and no bias): y = round(round(xhat) * w), the normalized value rounded
+ *     to the data type before the weight multiplies it (Hugging Face's Llama RMSNorm);
+ *   NK_ROUND_RSTD (RMSNorm, neither weight nor bias): y = round(x * round(rstd)), the scale rounded
+ *     to the data type before it multiplies x (DeepSeek-V4's weightless RMSNorm; x times a 16-bit
+ *     value is exact in float, so the one rounding left is the product's).
+ * In float32 and float64 every rounding but the last is the identity. */
 void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A *w, const NK_A *b, NK_T *y,
-                         NK_A *rstd_out, int64_t M, int64_t N, double eps, int rms, int round_first, int nt) {
+                         NK_A *rstd_out, int64_t M, int64_t N, double eps, int rms, int rounding, int nt) {
 #pragma omp parallel num_threads(nk_threads(nt))
     {
         NK_A *buf = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N > 0 ? N : 1));
@@ -160,10 +165,14 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
                 rstd = (NK_A)(1.0 / sqrt(var + eps));
             }
             if (rstd_out) rstd_out[i] = rstd; /* NULL: inference, nothing saved for a backward */
-            if (w && b) {
+            if (rounding == NK_ROUND_RSTD) {
+                NK_A scale = NK_LOAD(NK_STORE(rstd));
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(row[j] * scale);
+            } else if (w && b) {
 #pragma omp simd
                 for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(((row[j] - mean) - mean_lo) * rstd * w[j] + b[j]);
-            } else if (w && round_first) {
+            } else if (w && rounding == NK_ROUND_XHAT) {
 #pragma omp simd
                 for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(NK_LOAD(NK_STORE(((row[j] - mean) - mean_lo) * rstd)) * w[j]);
             } else if (w) {

@@ -45,7 +45,7 @@ def _row_forward_kernel(
     M, N, stride_x, stride_r, stride_h, stride_y, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
     RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROUND_FIRST: tl.constexpr,
+    ROUND_FIRST: tl.constexpr, ROUND_RSTD: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -63,7 +63,10 @@ def _row_forward_kernel(
             x = h.to(tl.float32)  # the norm of h as rounded, as the unfused ops compute it
         if RMS:
             rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
-            xhat = x * rstd[:, None]
+            if ROUND_RSTD:  # the scale rounded to y's dtype before it multiplies x (DeepSeek-V4's order)
+                xhat = x * rounded(rstd, Y.dtype.element_ty).to(tl.float32)[:, None]
+            else:
+                xhat = x * rstd[:, None]
         else:
             shift = tl.sum(x, axis=1) / N
             d = tl.where(mask, x - shift[:, None], 0.0)  # exact where x is near its mean (Sterbenz)
@@ -129,7 +132,9 @@ def _row_forward_kernel(
                 x = tl.load(h_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            if RMS:
+            if RMS and ROUND_RSTD:
+                y = x * rounded(rstd, Y.dtype.element_ty).to(tl.float32)[:, None]
+            elif RMS:
                 y = x * rstd[:, None]
             else:
                 y = ((x - shift[:, None]) - mean[:, None]) * rstd[:, None]
@@ -241,12 +246,14 @@ def _rows(t: Tensor, n: int) -> Tensor:
 
 def row_forward(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool,
-    round_first: bool = False,
+    round_first: bool = False, round_rstd: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """Normalize each row of n elements: ``(y, h, mean, rstd)`` with y and h (x + residual, or None) of
     shape (M, n) in x's dtype, rstd float32 (M,) and mean float32 (2, M) (None for RMSNorm): a shift and
     the mean relative to it, whose sum is the mean to more bits than one float32 holds. ``round_first``:
-    the normalized value is rounded to x's dtype before the weight multiplies it."""
+    the normalized value is rounded to x's dtype before the weight multiplies it; ``round_rstd``
+    (RMSNorm without parameters): the scale is rounded to x's dtype before it multiplies x (rstd is
+    returned unrounded)."""
     x2 = _rows(x, n)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -262,7 +269,7 @@ def row_forward(
         mean if mean is not None else rstd, rstd,
         m, n, x2.stride(0), r2.stride(0) if r2 is not None else 0, n, n, eps,
         BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, RMS=rms, HAS_RESIDUAL=residual is not None,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROUND_FIRST=round_first,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROUND_FIRST=round_first, ROUND_RSTD=round_rstd,
         num_warps=config.warps_for(block_m * block_n),
     )
     return y, h, mean, rstd
