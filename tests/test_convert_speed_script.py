@@ -58,3 +58,20 @@ def test_write_records_machine_and_versions(convert_speed, tmp_path):
     assert saved["rows"] == rows and saved["device"] == "cpu"
     assert {"torch", "normkit", "transformers", "timm"} <= saved["versions"].keys()
     assert saved["machine"]
+
+
+def test_profile_convert_script_on_the_cpu(tmp_path):
+    """``benchmarks/profile_convert.py`` on a tiny timm model: both sides profiled in both modes, the norm
+    modules under their own rows (normkit's CPU kernels are no torch ops), the JSON written."""
+    spec = importlib.util.spec_from_file_location("profile_convert", _SCRIPT.with_name("profile_convert.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "profile.json"
+    assert module.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--top", "40",
+                        "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in results] == ["inference", "train step"]
+    for r in results:
+        assert r["speedup"] > 0 and r["original"]["kernel_ms"] is None  # no device time on the CPU
+        names = {t["name"] for t in r["converted"]["top"]}
+        assert "norm module: BatchNorm2d" in names
