@@ -100,6 +100,10 @@ class TorchOps:
     def _rms_norm_rounded_scale(x, shape, w, eps=None):
         return w * F.rms_norm(x, shape, None, eps).to(x.dtype)
 
+    @staticmethod
+    def _rms_norm_rounded_rstd(x, shape, eps):
+        return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
     def fused_add_rms_norm(self, x, r, shape, w=None, eps=None):
         h = self._add(x, r)
         return F.rms_norm(h, shape, w, eps), h
@@ -248,6 +252,19 @@ def test_rms_norm_rounded_before_the_weight(dtype, block, device):
     with cap(block):
         out, _ = check(op, [x, w], dtype, msg="rounded before the weight")
     assert torch.equal(out[0].detach(), TorchOps._rms_norm_rounded_scale(x, (40,), w, 1e-6))
+
+
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
+def test_rms_norm_scale_rounded_before_the_multiply(dtype, block, device):
+    """DeepSeek-V4's weightless order in one kernel: the scale rounded to x's dtype, then times x; the
+    composition's bits (x times a 16-bit scale is exact in float32), gradients under the bound."""
+    x = rand((5, 40), dtype, device, 2.0)
+    op = lambda f, x: f._rms_norm_rounded_rstd(x, (40,), 1e-6)  # noqa: E731
+    with cap(block):
+        out, _ = check(op, [x], dtype, msg="scale rounded before the multiply")
+    assert ran_triton(out[0], eager_function=True)
+    assert torch.equal(out[0].detach(), TorchOps._rms_norm_rounded_rstd(x, (40,), 1e-6))
 
 
 def test_bfloat16_parameters_with_bfloat16_input(device):
