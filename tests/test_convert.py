@@ -378,6 +378,12 @@ HF_MODELS = {
     "nanochat": (_hf, ("NanoChatForCausalLM", "NanoChatConfig"), {}, {"NanoChatRMSNorm": 9}),
     # LayerNorm without a bias; its q/k norms have a (heads, head_dim) weight
     "cohere": (_hf, ("CohereForCausalLM", "CohereConfig"), {"use_qk_norm": True}, {"CohereLayerNorm": 7}),
+    # weight before the cast (an Olmo2 copy), and weightless norms whose scale is rounded before the multiply
+    "deepseek_v4": (_hf, ("DeepseekV4ForCausalLM", "DeepseekV4Config"),
+                    {"moe_intermediate_size": 32, "head_dim": 32, "q_lora_rank": 32, "o_lora_rank": 32,
+                     "n_routed_experts": 4, "num_experts_per_tok": 2, "index_n_heads": 2, "index_head_dim": 16,
+                     "index_topk": 8, "qk_rope_head_dim": 16, "sliding_window": 8},
+                    {"DeepseekV4RMSNorm": 11, "DeepseekV4UnweightedRMSNorm": 7}),
 }
 
 
@@ -432,6 +438,12 @@ HF_ENCODERS = {
     # GroupNorm with one group
     "poolformer": (lambda t: t.PoolFormerModel(t.PoolFormerConfig(hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1])),
                    _PIXELS, {"PoolFormerGroupNorm": 8}),
+    # LayerNorm over the channels of (N, C, W), permuted around nn.LayerNorm
+    "squeezebert": (lambda t: t.SqueezeBertModel(t.SqueezeBertConfig(
+        hidden_size=32, embedding_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=128, q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2, intermediate_groups=2,
+        output_groups=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+        IDS, {"SqueezeBertLayerNorm": 4, "LayerNorm": 1}),
 }
 
 

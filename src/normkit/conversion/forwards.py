@@ -315,10 +315,19 @@ class TimmLayerNorm:
 
 
 class TimmLayerNorm2d:
-    """timm.layers.LayerNorm2d: LayerNorm over the channels of (N, C, H, W), per position."""
+    """timm.layers.LayerNorm2d: LayerNorm over the channels of (N, C, H, W), per position (and SqueezeBERT's
+    over the channels of (N, C, W), which permutes around ``nn.LayerNorm`` the same way)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.channel_layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class OffsetWeightLayerNorm:
+    """VideoPrism's LayerNorm (a subclass of ``nn.LayerNorm``): the weight is stored as an offset from 1,
+    ``layer_norm(x, weight + 1, bias)``, the sum in the weight's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)
 
 
 class TimmGroupNorm:

@@ -160,6 +160,9 @@ _TRANSFORMERS_TABLE = [
     ("imagegpt", "ImageGPTLayerNorm", "rms_norm", fw.InputDtypeRMSNorm, _rows),
     ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", "rms_norm", fw.UnweightedRoundedScaleRMSNorm, _rows),
     ("inkling2", "Inkling2UnweightedRMSNorm", "rms_norm", fw.UnweightedRMSNorm, _rows),
+    ("videoprism", "VideoPrismLayerNorm", "layer_norm", fw.OffsetWeightLayerNorm, _rows),
+    # subclasses of nn.LayerNorm that permute the channels of (N, C, W) last and back
+    ("squeezebert", "SqueezeBertLayerNorm", "layer_norm", fw.TimmLayerNorm2d, _channels(3)),
     ("olmo", "OlmoLayerNorm", "layer_norm", fw.OlmoStyleLayerNorm, _rows),
     ("cohere", "CohereLayerNorm", "layer_norm", fw.CohereStyleLayerNorm, _rows),
     ("convnext", "ConvNextLayerNorm", "layer_norm", fw.ChannelsFirstOrLastLayerNorm, _channels_first_or_last),

@@ -118,8 +118,8 @@ static inline double NK_NAME(nk_row_moments)(const NK_A *buf, int64_t n, double 
 
 /* LayerNorm (rms = 0) or RMSNorm (rms = 1) over rows of length N; with res != NULL, the row is
  * first h = round(x + res), written to hout (the fused residual add). rstd_out gets one value per
- * row (the mean is recomputed by the backward). rounding, as two-step compositions in the data type
- * round:
+ * row (the mean is recomputed by the backward). rounding: what a two-step composition in the data
+ * type rounds before its last multiply:
  *   NK_ROUND_XHAT (a weight and no bias): y = round(round(xhat) * w), the normalized value rounded
  *     to the data type before the weight multiplies it (Hugging Face's Llama RMSNorm);
  *   NK_ROUND_RSTD (RMSNorm, neither weight nor bias): y = round(x * round(rstd)), the scale rounded
