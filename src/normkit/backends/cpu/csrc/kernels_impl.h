@@ -773,43 +773,38 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     double *a0 = (double *)calloc(pc, sizeof(double)); /* sum (x - shift) */
     double *a1 = (double *)calloc(pc, sizeof(double)); /* sum dz */
     double *a2 = (double *)calloc(pc, sizeof(double)); /* sum dz (x - m_hi) */
-    /* the shift of each set: the saved mean for SiLU (its derivative in pass 1 needs the input's
+    /* A set's slots are contiguous: i = n * C + g * D + d for GroupNorm/InstanceNorm (set k = n *
+     * groups + g), the channel itself for BatchNorm. The bookkeeping below walks the sets, one loop
+     * before pass 1 and one after (each parallel loop is a synchronization of the threads). */
+    int64_t D = per_nc ? C / groups : 1;
+    /* Per set, its shift: the saved mean for SiLU (its derivative in pass 1 needs the input's
      * normalized value), else the median of three elements of the set (its first, middle and
      * last): a shift inside the bulk of the data even when one of them is an outlier. Once per
-     * set, not per (n, c): three scattered loads each would cost more than a small set's sums. */
-    NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * (size_t)(sets + 1));
-    int64_t D = per_nc ? C / groups : 1;
-    /* the set of each slot, without a division per element */
-    int64_t *kset = (int64_t *)malloc(sizeof(int64_t) * pc);
-    for (int64_t n = 0, i = 0; n < NP; n++)
-        for (int64_t c = 0, g = 0, d = 0; c < C; c++, i++) {
-            kset[i] = per_nc ? n * groups + g : c;
-            if (++d == D) d = 0, g++;
-        }
+     * set, not per (n, c): three scattered loads each would cost more than a small set's sums.
+     * Then its slots' constants. */
 #pragma omp parallel for num_threads(ntb) schedule(static)
     for (int64_t k = 0; k < sets; k++) {
+        int64_t n = per_nc ? k / groups : 0, c0 = per_nc ? (k % groups) * D : k, i0 = n * C + c0;
+        NK_A sh;
         if (act) {
-            shift[k] = mean[k];
-            continue;
+            sh = mean[k];
+        } else {
+            int64_t nn[3] = {n, per_nc ? n : (N - 1) / 2, per_nc ? n : N - 1};
+            int64_t cc[3] = {c0, c0 + (D - 1) / 2, c0 + D - 1}, ss[3] = {0, (S - 1) / 2, S - 1};
+            NK_A v[3];
+            for (int t = 0; t < 3; t++)
+                v[t] = NK_LOAD(x[nhwc ? (nn[t] * S + ss[t]) * C + cc[t] : (nn[t] * C + cc[t]) * S + ss[t]]);
+            NK_A lo = v[0] < v[1] ? v[0] : v[1], hi = v[0] < v[1] ? v[1] : v[0];
+            sh = v[2] < lo ? lo : (v[2] > hi ? hi : v[2]);
         }
-        int64_t n = per_nc ? k / groups : 0, c0 = per_nc ? (k % groups) * D : k;
-        int64_t nn[3] = {n, per_nc ? n : (N - 1) / 2, per_nc ? n : N - 1};
-        int64_t cc[3] = {c0, c0 + (D - 1) / 2, c0 + D - 1}, ss[3] = {0, (S - 1) / 2, S - 1};
-        NK_A v[3];
-        for (int t = 0; t < 3; t++)
-            v[t] = NK_LOAD(x[nhwc ? (nn[t] * S + ss[t]) * C + cc[t] : (nn[t] * C + cc[t]) * S + ss[t]]);
-        NK_A lo = v[0] < v[1] ? v[0] : v[1], hi = v[0] < v[1] ? v[1] : v[0];
-        shift[k] = v[2] < lo ? lo : (v[2] > hi ? hi : v[2]);
-    }
-#pragma omp parallel for collapse(2) num_threads(ntb) schedule(static)
-    for (int64_t n = 0; n < NP; n++)
-        for (int64_t c = 0; c < C; c++) {
-            int64_t i = n * C + c, k = kset[i];
-            mh[i] = shift[k];
+        for (int64_t d = 0; d < D; d++) {
+            int64_t i = i0 + d, c = c0 + d;
+            mh[i] = sh;
             r[i] = rstd[k];
             zw[i] = w ? w[c] : (NK_A)1;
             zb[i] = b ? b[c] : (NK_A)0;
         }
+    }
     /* pass 1 */
     if (!nhwc) {
         /* per (n, c) run; BatchNorm adds a channel's runs over the samples in order on one thread
@@ -883,39 +878,42 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         zc = (NK_A *)malloc(sizeof(NK_A) * pc);
         memcpy(zc, mh, sizeof(NK_A) * (size_t)P);
     }
-    /* the exact mean of each set (train: statistics of x) gives the low part of the centre */
     double set_count = per_nc ? (double)D * (double)S : (double)N * (double)S;
     double slot_count = per_nc ? (double)S : (double)N * (double)S; /* elements summed per slot */
-    if (train) {
-        double *sx = (double *)calloc((size_t)sets + 1, sizeof(double));
-        /* a sample's sets are its own (GroupNorm); a channel's slot is its set (BatchNorm) */
+    /* per set: its exact mean (train: statistics of x), which gives the low part of the centre; a2
+     * becomes sum dz * xhat; then the constants of dx = rstd * (w dz - mean_set(w dz) - xhat
+     * mean_set(w dz xhat)): cancel first, then scale. Each sum over a set's slots runs in slot order. */
+    NK_A *k2 = (NK_A *)malloc(sizeof(NK_A) * pc), *k3 = (NK_A *)malloc(sizeof(NK_A) * pc);
 #pragma omp parallel for num_threads(ntb) schedule(static)
-        for (int64_t n = 0; n < NP; n++)
-            for (int64_t c = 0; c < C; c++) sx[kset[n * C + c]] += a0[n * C + c] + slot_count * (double)mh[n * C + c];
-#pragma omp parallel for collapse(2) num_threads(ntb) schedule(static)
-        for (int64_t n = 0; n < NP; n++)
-            for (int64_t c = 0; c < C; c++) {
-                int64_t i = n * C + c, k = kset[i];
-                double m = sx[k] / set_count;
-                /* a2 <- sum dz * xhat; then centre pass 2 on the exact mean as hi + lo */
+    for (int64_t k = 0; k < sets; k++) {
+        int64_t n = per_nc ? k / groups : 0, c0 = per_nc ? (k % groups) * D : k, i0 = n * C + c0;
+        double g1 = 0, g2 = 0;
+        if (train) {
+            double sx = 0;
+            for (int64_t i = i0; i < i0 + D; i++) sx += a0[i] + slot_count * (double)mh[i];
+            double m = sx / set_count;
+            for (int64_t i = i0; i < i0 + D; i++) {
                 a2[i] = (double)r[i] * (a2[i] - (m - (double)mh[i]) * a1[i]);
                 mh[i] = (NK_A)m;
                 ml[i] = (NK_A)(m - (double)mh[i]);
+                double wc = w ? (double)w[c0 + i - i0] : 1.0;
+                g1 += wc * a1[i];
+                g2 += wc * a2[i];
             }
-        free(sx);
-    } else if (!act) {
-        /* eval: pass 1 was centred on a shift inside the data, not on the fixed mean (running
-         * statistics may lie far from this batch), so sum dz (x - m) = sum dz (x - K) - (m - K) sum dz */
-#pragma omp parallel for collapse(2) num_threads(ntb) schedule(static)
-        for (int64_t n = 0; n < NP; n++)
-            for (int64_t c = 0; c < C; c++) {
-                int64_t i = n * C + c, k = kset[i];
+        } else if (!act) {
+            /* eval: pass 1 was centred on a shift inside the data, not on the fixed mean (running
+             * statistics may lie far from this batch), so sum dz (x - m) = sum dz (x - K) - (m - K) sum dz */
+            for (int64_t i = i0; i < i0 + D; i++) {
                 a2[i] = (double)r[i] * (a2[i] - ((double)mean[k] - (double)mh[i]) * a1[i]);
                 mh[i] = mean[k];
             }
-    } else {
-#pragma omp parallel for num_threads(ntb) schedule(static)
-        for (int64_t i = 0; i < P; i++) a2[i] *= (double)r[i];
+        } else {
+            for (int64_t i = i0; i < i0 + D; i++) a2[i] *= (double)r[i];
+        }
+        for (int64_t i = i0; i < i0 + D; i++) {
+            k2[i] = (NK_A)(-g2 / set_count);
+            k3[i] = (NK_A)(-g1 / set_count);
+        }
     }
     /* the parameter gradients: a channel's slots over the samples */
 #pragma omp parallel for num_threads(ntb) schedule(static)
@@ -925,26 +923,6 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         if (dw) dw[c] = sw;
         if (db) db[c] = sb;
     }
-    /* dx = rstd * (w dz - mean_set(w dz) - xhat mean_set(w dz xhat)): cancel first, then scale */
-    double *g1 = (double *)calloc((size_t)sets + 1, sizeof(double)), *g2 = (double *)calloc((size_t)sets + 1, sizeof(double));
-    if (train) {
-#pragma omp parallel for num_threads(ntb) schedule(static)
-        for (int64_t n = 0; n < NP; n++)
-            for (int64_t c = 0; c < C; c++) {
-                int64_t k = kset[n * C + c];
-                double wc = w ? (double)w[c] : 1.0;
-                g1[k] += wc * a1[n * C + c];
-                g2[k] += wc * a2[n * C + c];
-            }
-    }
-    NK_A *k2 = (NK_A *)malloc(sizeof(NK_A) * pc), *k3 = (NK_A *)malloc(sizeof(NK_A) * pc);
-#pragma omp parallel for collapse(2) num_threads(ntb) schedule(static)
-    for (int64_t n = 0; n < NP; n++)
-        for (int64_t c = 0; c < C; c++) {
-            int64_t i = n * C + c, k = kset[i];
-            k2[i] = (NK_A)(-g2[k] / set_count);
-            k3[i] = (NK_A)(-g1[k] / set_count);
-        }
     /* pass 2 */
     if (!nhwc) {
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
@@ -980,13 +958,9 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     free(a0);
     free(a1);
     free(a2);
-    free(g1);
-    free(g2);
     free(k2);
     free(k3);
-    free(shift);
     free(zc);
-    free(kset);
 }
 
 /* BatchNorm's running statistics, updated in place (either may be NULL) as torch ops would, in double:
