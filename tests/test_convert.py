@@ -378,6 +378,13 @@ HF_MODELS = {
     "nanochat": (_hf, ("NanoChatForCausalLM", "NanoChatConfig"), {}, {"NanoChatRMSNorm": 9}),
     # LayerNorm without a bias; its q/k norms have a (heads, head_dim) weight
     "cohere": (_hf, ("CohereForCausalLM", "CohereConfig"), {"use_qk_norm": True}, {"CohereLayerNorm": 7}),
+    # Llama's RMSNorms, and a gated one (the gate after the norm) in its linear-attention layer
+    "qwen3_next": (_hf, ("Qwen3NextForCausalLM", "Qwen3NextConfig"),
+                   {"head_dim": 16, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+                    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "num_experts": 4,
+                    "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+                    "layer_types": ["linear_attention", "full_attention"]},
+                   {"Qwen3NextRMSNorm": 7, "Qwen3NextRMSNormGated": 1}),
     # weight before the cast (an Olmo2 copy), and weightless norms whose scale is rounded before the multiply
     "deepseek_v4": (_hf, ("DeepseekV4ForCausalLM", "DeepseekV4Config"),
                     {"moe_intermediate_size": 32, "head_dim": 32, "q_lora_rank": 32, "o_lora_rank": 32,
@@ -392,6 +399,20 @@ HF_MODELS = {
 def test_hugging_face_decoders(family, train):
     factory, names, extra, expect = HF_MODELS[family]
     check_equivalent(factory(*names, **extra), IDS, train=train, expect=expect)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_hugging_face_mamba2(train):
+    """Mamba-2: its RMSNorms and the gated one in each mixer (the gate before the norm, over groups)."""
+    transformers = pytest.importorskip("transformers")
+
+    def make():
+        torch.manual_seed(0)
+        config = transformers.Mamba2Config(hidden_size=64, num_hidden_layers=2, vocab_size=128, state_size=16,
+                                           num_heads=8, head_dim=16, n_groups=2, expand=2, chunk_size=8)
+        return transformers.Mamba2ForCausalLM(config)
+
+    check_equivalent(make, IDS, train=train, expect={"Mamba2RMSNorm": 3, "MambaRMSNormGated": 2})
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

@@ -33,6 +33,8 @@ def _instances(cls: type) -> list[torch.nn.Module]:
     if "data_format" in inspect.signature(cls.__init__).parameters:
         kwargs = [{"data_format": "channels_last"}, {"data_format": "channels_first"}]
     params = list(inspect.signature(cls.__init__).parameters)[1:]  # after self
+    if "group_size" in params:  # Mamba-2's gated norm normalizes groups of the last dim
+        kwargs = [{**kw, "group_size": 8} for kw in kwargs]
     size = (24,) if params and params[0] != "eps" else ()  # a weightless norm may take only its epsilon
     out = []
     for kw in kwargs:
@@ -45,15 +47,16 @@ def _instances(cls: type) -> list[torch.nn.Module]:
     return out
 
 
-def _sample(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The input the class's handler checks it on ((N, C, H, W) for channel norms, rows otherwise)."""
+def _sample(module: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The inputs the class's handler checks it on ((N, C, H, W) for channel norms, rows otherwise; a
+    gated norm's gate too)."""
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(1)
-        x = handler_for(type(module)).sample(module)
+        xs = handler_for(type(module)).sample(module)
     finally:
         torch.random.set_rng_state(state)
-    return (x * 2 + 0.5).to(dtype)
+    return tuple((x * 2 + 0.5).to(dtype) for x in (xs if isinstance(xs, tuple) else (xs,)))
 
 
 def _check(original: torch.nn.Module) -> None:
@@ -62,15 +65,15 @@ def _check(original: torch.nn.Module) -> None:
     assert len(report.converted) == 1 and not report.left, report
     normkit.convert(converted)
     # float32: outputs and every gradient
-    x = _sample(original, torch.float32)
+    xs = _sample(original, torch.float32)
     outs, grads = [], []
     for model in (original, converted):
         model.zero_grad(set_to_none=True)
-        leaf = x.clone().requires_grad_()
-        y = model(leaf)
+        leaves = [x.clone().requires_grad_() for x in xs]
+        y = model(*leaves)
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)))
         outs.append(y.detach())
-        grads.append([leaf.grad, *(p.grad for p in model.parameters())])
+        grads.append([*(leaf.grad for leaf in leaves), *(p.grad for p in model.parameters())])
     assert outs[1].dtype == outs[0].dtype
     assert outs[1].is_contiguous() == outs[0].is_contiguous()  # laid out as the original's
     assert_close(outs[1], outs[0].double(), torch.float32, msg="float32 output")
@@ -79,9 +82,9 @@ def _check(original: torch.nn.Module) -> None:
     # bfloat16: within the bound of the float32 original, with the original in bfloat16 as the baseline
     lo = _sample(original, torch.bfloat16)
     with torch.no_grad():
-        truth = original(lo.float()).double()
-        want = copy.deepcopy(original).to(torch.bfloat16)(lo)
-        got = copy.deepcopy(converted).to(torch.bfloat16)(lo)
+        truth = original(*(t.float() for t in lo)).double()
+        want = copy.deepcopy(original).to(torch.bfloat16)(*lo)
+        got = copy.deepcopy(converted).to(torch.bfloat16)(*lo)
     assert got.dtype == want.dtype
     assert_close(got, truth, want.dtype, baseline=want, msg="bfloat16 output")
 
@@ -250,6 +253,45 @@ def test_converted_norms_compile_fullgraph():
         results.append((y.detach(), leaf.grad))
     for got, want in zip(results[1], results[0], strict=True):
         assert_close(got, want.double(), torch.float32)
+    torch._dynamo.reset()
+
+
+def test_gated_and_rounded_scale_norms_compile_fullgraph():
+    """The gated RMSNorms (two inputs), DeepSeek-V4's rounded-scale norm and VideoPrism's offset weight trace
+    without a graph break and give eager mode's outputs and gradients, in float32 and bfloat16."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+    from transformers.models.videoprism.modeling_videoprism import VideoPrismLayerNorm
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.after = MambaRMSNormGated(16, group_size=8), Qwen3NextRMSNormGated(16)
+            self.rounded, self.offset = DeepseekV4UnweightedRMSNorm(), VideoPrismLayerNorm(16)
+
+        def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+            return self.offset(self.rounded(self.after(self.first(x, gate), gate)))
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = Model().to(dtype)
+        with torch.no_grad():
+            for t in model.parameters():
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+        normkit.convert(model)
+        assert not conversion.plan(model).converted
+        x, gate = (torch.randn(2, 5, 16, generator=gen).to(dtype) for _ in range(2))
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        results = []
+        for fn in (model, compiled):
+            leaves = [x.clone().requires_grad_(), gate.clone().requires_grad_()]
+            y = fn(*leaves)
+            y.backward(torch.ones_like(y))
+            results.append((y.detach(), *(leaf.grad for leaf in leaves)))
+        for got, want in zip(results[1], results[0], strict=True):
+            assert_close(got, want.double(), dtype)
     torch._dynamo.reset()
 
 

@@ -35,8 +35,9 @@ __all__ = ["KINDS", "ConversionReport", "Site", "convert", "known_classes", "pla
 
 # set on a converted module: the class it had before, for revert
 _ORIGINAL = "_normkit_original_class"
-# class names that look like norms: ...Norm, ...Norm2d, ...NormAct2d, ...NormFp32 (not NormMlpHead)
-_NORMISH = re.compile(r"Norm(\d?d)?(Act\d?d?)?(Fp32)?$")
+# class names that look like norms: ...Norm, ...Norm2d, ...NormAct2d, ...NormFp32, ...NormGated (the gated
+# RMSNorms of Mamba-2 hybrids and Qwen3-Next, reported as left) but not NormMlpHead
+_NORMISH = re.compile(r"Norm(\d?d)?(Act\d?d?)?(Fp32)?(Gated)?$")
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,13 @@ def _agrees(module: torch.nn.Module, handler: Handler) -> str:
         gen_state = torch.random.get_rng_state()
         try:
             torch.manual_seed(0)
-            x = handler.sample(module).to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
+            inputs = handler.sample(module)
         finally:
             torch.random.set_rng_state(gen_state)
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        inputs = [t.to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32) for t in inputs]
         with torch.no_grad():
-            want, got = original(x), converted(x)
+            want, got = original(*inputs), converted(*inputs)
     except Exception as e:  # a module that cannot run on the sample is not verified, so not converted
         return f"could not check the conversion on a sample input ({type(e).__name__}: {e})"
     if got.shape != want.shape or got.dtype != want.dtype:

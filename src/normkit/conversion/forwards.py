@@ -102,6 +102,33 @@ class LlamaStyleRMSNorm:
         return self.weight * F.rms_norm(work, (x.shape[-1],), None, eps).to(x.dtype)
 
 
+class GateAfterRMSNorm(LlamaStyleRMSNorm):
+    """Qwen3-Next's gated RMSNorm and its copies (Qwen3.5, OLMo-Hybrid, ...): Llama's RMSNorm (the
+    normalized value rounded to the input's dtype, then times the weight), times ``silu(gate)`` in
+    float32, rounded to the input's dtype once more. Another activation than SiLU runs the original."""
+
+    def forward(self, hidden_states: Tensor, gate: Tensor) -> Tensor:
+        if self.activation != "silu":
+            return super(LlamaStyleRMSNorm, self).forward(hidden_states, gate)
+        y = LlamaStyleRMSNorm.forward(self, hidden_states)
+        return (y * torch.nn.functional.silu(gate.to(torch.float32))).to(hidden_states.dtype)
+
+
+class GateFirstRMSNorm:
+    """Mamba-2's gated RMSNorm and its copies (Bamba, Zamba2, NemotronH, GraniteMoeHybrid): ``x *
+    silu(gate)`` in float32 (x alone without a gate), normalized over groups of ``group_size`` of the
+    last dim, rounded to the input's dtype, then times the weight."""
+
+    def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
+        h = hidden_states.to(torch.float32)
+        if gate is not None:
+            h = h * torch.nn.functional.silu(gate.to(torch.float32))
+        *prefix, last = h.shape
+        size = self.group_size
+        y = F.rms_norm(h.view(*prefix, last // size, size), (size,), None, self.variance_epsilon)
+        return self.weight * y.view(*prefix, last).to(hidden_states.dtype)
+
+
 class Llama4StyleRMSNorm(LlamaStyleRMSNorm):
     """Llama 4's text RMSNorm: Llama's computation, its epsilon called ``eps``."""
 

@@ -39,8 +39,9 @@ class Handler:
     kind: str
     source: str  # "torch", "torchvision", "transformers" or "timm"
     target: Callable[[type], type]  # original class -> converted class
-    #: an input that exercises the module, for the check that the conversion gives the same output
-    sample: Callable[[torch.nn.Module], torch.Tensor]
+    #: an input that exercises the module (or a tuple of its inputs), for the check that the conversion
+    #: gives the same output
+    sample: Callable[[torch.nn.Module], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
 def qualified_name(cls: type) -> str:
@@ -98,6 +99,12 @@ def _rows(m: torch.nn.Module) -> torch.Tensor:
     # a norm without a weight (Gemma3n's with_scale=False) keeps no size: any will do
     shape = tuple(getattr(m, "normalized_shape", None) or (weight.shape if weight is not None else (8,)))
     return torch.randn(3, 5, *shape)
+
+
+def _gated_rows(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gated norm's two inputs, the rows and their gate."""
+    x = _rows(m)
+    return x, torch.randn_like(x)
 
 
 def _channels(dims: int) -> Callable[[torch.nn.Module], torch.Tensor]:
@@ -160,6 +167,9 @@ _TRANSFORMERS_TABLE = [
     ("imagegpt", "ImageGPTLayerNorm", "rms_norm", fw.InputDtypeRMSNorm, _rows),
     ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", "rms_norm", fw.UnweightedRoundedScaleRMSNorm, _rows),
     ("inkling2", "Inkling2UnweightedRMSNorm", "rms_norm", fw.UnweightedRMSNorm, _rows),
+    # gated RMSNorms (two inputs): Mamba-2's gates before the norm, over groups; Qwen3-Next's after it
+    ("mamba2", "MambaRMSNormGated", "rms_norm", fw.GateFirstRMSNorm, _gated_rows),
+    ("qwen3_next", "Qwen3NextRMSNormGated", "rms_norm", fw.GateAfterRMSNorm, _gated_rows),
     ("videoprism", "VideoPrismLayerNorm", "layer_norm", fw.OffsetWeightLayerNorm, _rows),
     # subclasses of nn.LayerNorm that permute the channels of (N, C, W) last and back
     ("squeezebert", "SqueezeBertLayerNorm", "layer_norm", fw.TimmLayerNorm2d, _channels(3)),
