@@ -260,6 +260,7 @@ def test_gated_and_rounded_scale_norms_compile_fullgraph():
     """The gated RMSNorms (two inputs), DeepSeek-V4's rounded-scale norm and VideoPrism's offset weight trace
     without a graph break and give eager mode's outputs and gradients, in float32 and bfloat16."""
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm
+    from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextRMSNormGated
     from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
     from transformers.models.videoprism.modeling_videoprism import VideoPrismLayerNorm
@@ -268,10 +269,11 @@ def test_gated_and_rounded_scale_norms_compile_fullgraph():
         def __init__(self) -> None:
             super().__init__()
             self.first, self.after = MambaRMSNormGated(16, group_size=8), Qwen3NextRMSNormGated(16)
+            self.float32 = Glm5NextTextRMSNormGated(16)
             self.rounded, self.offset = DeepseekV4UnweightedRMSNorm(), VideoPrismLayerNorm(16)
 
         def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-            return self.offset(self.rounded(self.after(self.first(x, gate), gate)))
+            return self.offset(self.rounded(self.float32(self.after(self.first(x, gate), gate), gate)))
 
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):

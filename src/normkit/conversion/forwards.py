@@ -130,6 +130,24 @@ class GateFirstRMSNorm:
         return self.weight * y.view(*prefix, last).to(hidden_states.dtype)
 
 
+#: the gate activations (transformers' ACT2FN names) the float32 gated norms are converted with
+_GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "silu": torch.nn.functional.silu, "swish": torch.nn.functional.silu}
+
+
+class Float32GatedRMSNorm:
+    """GLM-5-Next's gated RMSNorm and its copies (Kimi-Linear, Bailing-Hybrid, Lara-Mini): RMSNorm in
+    float32 times the weight in float32, times the module's activation (sigmoid or SiLU) of the gate in
+    float32, then one rounding to the input's dtype. Another activation runs the original."""
+
+    def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
+        act = _GATE_ACTIVATIONS.get(self.activation)
+        if act is None or gate is None:  # the original's own error for a missing gate
+            return super().forward(hidden_states, gate)
+        y = F.rms_norm(hidden_states.to(torch.float32), (hidden_states.shape[-1],), self.weight.to(torch.float32),
+                       self.variance_epsilon)
+        return (y * act(gate.to(torch.float32))).to(hidden_states.dtype)
+
+
 class Llama4StyleRMSNorm(LlamaStyleRMSNorm):
     """Llama 4's text RMSNorm: Llama's computation, its epsilon called ``eps``."""
 

@@ -167,9 +167,11 @@ _TRANSFORMERS_TABLE = [
     ("imagegpt", "ImageGPTLayerNorm", "rms_norm", fw.InputDtypeRMSNorm, _rows),
     ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", "rms_norm", fw.UnweightedRoundedScaleRMSNorm, _rows),
     ("inkling2", "Inkling2UnweightedRMSNorm", "rms_norm", fw.UnweightedRMSNorm, _rows),
-    # gated RMSNorms (two inputs): Mamba-2's gates before the norm, over groups; Qwen3-Next's after it
+    # gated RMSNorms (two inputs): Mamba-2's gates before the norm, over groups; Qwen3-Next's after it;
+    # GLM-5-Next's after it, all in float32
     ("mamba2", "MambaRMSNormGated", "rms_norm", fw.GateFirstRMSNorm, _gated_rows),
     ("qwen3_next", "Qwen3NextRMSNormGated", "rms_norm", fw.GateAfterRMSNorm, _gated_rows),
+    ("glm5_next", "Glm5NextTextRMSNormGated", "rms_norm", fw.Float32GatedRMSNorm, _gated_rows),
     ("videoprism", "VideoPrismLayerNorm", "layer_norm", fw.OffsetWeightLayerNorm, _rows),
     # subclasses of nn.LayerNorm that permute the channels of (N, C, W) last and back
     ("squeezebert", "SqueezeBertLayerNorm", "layer_norm", fw.TimmLayerNorm2d, _channels(3)),
