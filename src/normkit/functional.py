@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _checks
-from .backends import resolve
+from .backends import get_backend, resolve
 from .backends.base import ACTIVATIONS
 
 __all__ = [
@@ -330,8 +330,7 @@ def _rms_norm_rounded_rstd(input: Tensor, normalized_shape: Sequence[int], eps: 
     backward. Used by converted DeepSeek-V4-style norms."""
     shape = _as_shape(normalized_shape)
     if has_torch_function_variadic(input):  # a tensor subclass sees the original's torch ops
-        dims = tuple(range(-len(shape), 0))
-        return input * torch.rsqrt(input.float().square().mean(dims, keepdim=True) + eps).to(input.dtype)
+        return get_backend("reference").rms_norm_rounded_rstd(input, shape, eps)
     _rms_norm_checks(input, shape, None)
     y = resolve(input).rms_norm_rounded_rstd(input, shape, eps)
     return _laid_out(y, _suggested_format(input))

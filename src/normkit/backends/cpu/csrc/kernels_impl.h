@@ -640,10 +640,24 @@ static inline __attribute__((always_inline)) void NK_NAME(nk_dx)(const NK_T *xr,
     }
 }
 
+/* The backward's shift for a set: the median of three of its elements (its first, middle and last), a
+ * value inside the bulk of the data even when one of them is an outlier. The set is channels c0 ..
+ * c0 + D - 1 of sample n (GroupNorm/InstanceNorm), or, whole_batch, channel c0 over every sample
+ * (BatchNorm; D = 1). Once per set: three scattered loads each would cost more than a small set's sums. */
+static inline NK_A NK_NAME(nk_set_shift)(const NK_T *x, int nhwc, int64_t N, int64_t C, int64_t S, int64_t n,
+                                         int64_t c0, int64_t D, int whole_batch) {
+    int64_t nn[3] = {n, whole_batch ? (N - 1) / 2 : n, whole_batch ? N - 1 : n};
+    int64_t cc[3] = {c0, c0 + (D - 1) / 2, c0 + D - 1}, ss[3] = {0, (S - 1) / 2, S - 1};
+    NK_A v[3];
+    for (int t = 0; t < 3; t++) v[t] = NK_LOAD(x[nhwc ? (nn[t] * S + ss[t]) * C + cc[t] : (nn[t] * C + cc[t]) * S + ss[t]]);
+    NK_A lo = v[0] < v[1] ? v[0] : v[1], hi = v[0] < v[1] ? v[1] : v[0];
+    return v[2] < lo ? lo : (v[2] > hi ? hi : v[2]);
+}
+
 /* BatchNorm's backward with fixed statistics (eval: the running statistics), in one pass over x and
  * dy. dx = dy * (w * rstd) involves no statistic of the batch, so it is written from the same loads
  * that give the parameter gradients' sums, sum dy and sum dy (x - K): three streams of memory where
- * nk_chan_bwd's two passes take five. K is the median-of-three shift nk_chan_bwd uses, and the sums
+ * nk_chan_bwd's two passes take five. K is nk_set_shift's median of three, as in nk_chan_bwd, and the sums
  * are corrected to the fixed mean m as there: sum dy (x - m) = sum dy (x - K) - (m - K) sum dy. */
 static void NK_NAME(nk_chan_bwd_fixed)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, int64_t C, int64_t S,
                                        int nhwc, const NK_A *w, const NK_A *mean, const NK_A *rstd, double *dw,
@@ -652,11 +666,7 @@ static void NK_NAME(nk_chan_bwd_fixed)(const NK_T *x, const NK_T *dy, NK_T *dx, 
     NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * pc), *wr = (NK_A *)malloc(sizeof(NK_A) * pc);
     double *a1 = (double *)calloc(pc, sizeof(double)), *a2 = (double *)calloc(pc, sizeof(double));
     for (int64_t c = 0; c < C; c++) {
-        int64_t nn[3] = {0, (N - 1) / 2, N - 1}, ss[3] = {0, (S - 1) / 2, S - 1};
-        NK_A v[3];
-        for (int t = 0; t < 3; t++) v[t] = NK_LOAD(x[nhwc ? (nn[t] * S + ss[t]) * C + c : (nn[t] * C + c) * S + ss[t]]);
-        NK_A lo = v[0] < v[1] ? v[0] : v[1], hi = v[0] < v[1] ? v[1] : v[0];
-        shift[c] = v[2] < lo ? lo : (v[2] > hi ? hi : v[2]);
+        shift[c] = NK_NAME(nk_set_shift)(x, nhwc, N, C, S, 0, c, 1, 1);
         wr[c] = (w ? w[c] : (NK_A)1) * rstd[c];
     }
     if (!nhwc) {
@@ -778,25 +788,11 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
      * before pass 1 and one after (each parallel loop is a synchronization of the threads). */
     int64_t D = per_nc ? C / groups : 1;
     /* Per set, its shift: the saved mean for SiLU (its derivative in pass 1 needs the input's
-     * normalized value), else the median of three elements of the set (its first, middle and
-     * last): a shift inside the bulk of the data even when one of them is an outlier. Once per
-     * set, not per (n, c): three scattered loads each would cost more than a small set's sums.
-     * Then its slots' constants. */
+     * normalized value), else nk_set_shift's median of three. Then its slots' constants. */
 #pragma omp parallel for num_threads(ntb) schedule(static)
     for (int64_t k = 0; k < sets; k++) {
         int64_t n = per_nc ? k / groups : 0, c0 = per_nc ? (k % groups) * D : k, i0 = n * C + c0;
-        NK_A sh;
-        if (act) {
-            sh = mean[k];
-        } else {
-            int64_t nn[3] = {n, per_nc ? n : (N - 1) / 2, per_nc ? n : N - 1};
-            int64_t cc[3] = {c0, c0 + (D - 1) / 2, c0 + D - 1}, ss[3] = {0, (S - 1) / 2, S - 1};
-            NK_A v[3];
-            for (int t = 0; t < 3; t++)
-                v[t] = NK_LOAD(x[nhwc ? (nn[t] * S + ss[t]) * C + cc[t] : (nn[t] * C + cc[t]) * S + ss[t]]);
-            NK_A lo = v[0] < v[1] ? v[0] : v[1], hi = v[0] < v[1] ? v[1] : v[0];
-            sh = v[2] < lo ? lo : (v[2] > hi ? hi : v[2]);
-        }
+        NK_A sh = act ? mean[k] : NK_NAME(nk_set_shift)(x, nhwc, N, C, S, n, c0, D, !per_nc);
         for (int64_t d = 0; d < D; d++) {
             int64_t i = i0 + d, c = c0 + d;
             mh[i] = sh;
