@@ -17,6 +17,7 @@ Needs transformers and timm (``pip install -e ".[models]"``)::
     python benchmarks/convert_speed.py --only convnext --reps 15
     python benchmarks/convert_speed.py --only channels_last      # ResNet-50 and a BatchNorm, channels-last
     python benchmarks/convert_speed.py --only detection          # frozen BatchNorms: torchvision, RT-DETR
+    python benchmarks/convert_speed.py --only llm_norms          # gated, grouped, rounded-scale LLM norms
     python benchmarks/convert_speed.py --only modules --compile   # torch.compile on both sides
     python benchmarks/convert_speed.py --out docs/benchmarks/convert/convert-2core.json
     python benchmarks/convert_speed.py --device cuda --out docs/benchmarks/convert/convert-h200.json
@@ -44,6 +45,19 @@ from normkit.bench.machine import machine_info
 
 #: set by ``--compile``: time ``torch.compile`` of the original against ``torch.compile`` of the converted copy
 COMPILE = False
+#: set by ``--device``: where :func:`compare` runs both sides. Cases are built on the CPU and moved there
+#: rather than built under ``with torch.device(...)``: that context is a TorchFunctionMode, which puts a
+#: Python call in front of every torch op and every normkit function while it is active, and it skewed
+#: the ratios it was timed under (a converted DeepSeek-V4 norm: 0.89x inside it, 2.19x outside)
+DEVICE = "cpu"
+
+
+def _to_device(inputs):
+    if isinstance(inputs, dict):
+        return {k: v.to(DEVICE) for k, v in inputs.items()}
+    if isinstance(inputs, tuple):
+        return tuple(t.to(DEVICE) for t in inputs)
+    return inputs.to(DEVICE)
 
 
 def _sync() -> None:
@@ -52,14 +66,18 @@ def _sync() -> None:
 
 
 def _forward(model: torch.nn.Module, inputs):
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    if isinstance(inputs, dict):
+        out = model(**inputs)
+    else:  # a tuple: a module of several inputs (the gated norms' rows and gate)
+        out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
     return getattr(out, "logits", out)
 
 
 def _saved_mib(model: torch.nn.Module, inputs) -> float:
     """MiB of activations that one forward keeps alive for the backward: every distinct saved storage
     once, less the parameters and the inputs, which live anyway (see :mod:`normkit.bench.memory`)."""
-    live = [*model.parameters(), *(inputs.values() if isinstance(inputs, dict) else [inputs])]
+    given = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, tuple) else [inputs]
+    live = [*model.parameters(), *given]
     return saved_bytes(lambda *_: _forward(model, inputs), live).new / 2**20
 
 
@@ -79,7 +97,7 @@ def _max_diff(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def compare(name: str, original: torch.nn.Module, inputs, reps: int, train: bool = False, fused: bool = False) -> dict:
     """Paired timings of the original and its converted copy; returns the result row (and prints it)."""
-    original = original.train(train)
+    original, inputs = original.to(DEVICE).train(train), _to_device(inputs)
     converted = normkit.convert(copy.deepcopy(original), fused=fused)
     name = f"{name}{', fused=True' if fused else ''}"
     if COMPILE:  # both sides compiled: inductor fuses torch's norms itself, normkit's ops stay opaque calls
@@ -87,6 +105,8 @@ def compare(name: str, original: torch.nn.Module, inputs, reps: int, train: bool
         name += ", compiled"
     if isinstance(inputs, torch.Tensor) and train:
         inputs = inputs.detach().requires_grad_()
+    elif isinstance(inputs, tuple) and train:
+        inputs = tuple(t.detach().requires_grad_() for t in inputs)
     times: dict[str, list[float]] = {"original": [], "converted": []}
     with torch.set_grad_enabled(train):
         # warm-up (allocator, caches, threads, kernel compilation); both sides see the same calls in the
@@ -169,6 +189,42 @@ def _rt_detr() -> torch.nn.Module:
     return transformers.RTDetrForObjectDetection(transformers.RTDetrConfig(use_pretrained_backbone=False))
 
 
+def _llm_norms() -> list[tuple[type, Callable[[], torch.nn.Module], str, int, int]]:
+    """(class, builder, label, hidden size, number of inputs) of the LLM norms timed by the ``llm_norms`` group."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated
+    from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextRMSNormGated
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+    from transformers.models.muse_spark.modeling_muse_spark import (
+        MuseSparkTextCenteredRMSNorm,
+        MuseSparkTextInputScaledRMSNorm,
+    )
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+    from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextRMSNorm
+
+    def offset(cls: type) -> Callable[[], torch.nn.Module]:
+        def build() -> torch.nn.Module:  # their weights start at 0 (an offset from 1): give them a value
+            module = cls(1024)
+            torch.nn.init.normal_(module.weight, std=0.1)
+            return module
+
+        return build
+
+    return [
+        (Glm5NextTextRMSNormGated, lambda: Glm5NextTextRMSNormGated(1024), "", 1024, 2),
+        (Qwen3NextRMSNormGated, lambda: Qwen3NextRMSNormGated(1024), "", 1024, 2),
+        (MambaRMSNormGated, lambda: MambaRMSNormGated(2048, 1024), " (groups of 1024)", 2048, 2),
+        (FalconH1RMSNormGated, lambda: FalconH1RMSNormGated(1024), "", 1024, 2),
+        (FalconH1RMSNormGated, lambda: FalconH1RMSNormGated(2048, n_groups=2, norm_before_gate=False),
+         " (2 groups, gate first)", 2048, 2),
+        (DeepseekV4UnweightedRMSNorm, lambda: DeepseekV4UnweightedRMSNorm(1e-6), "", 1024, 1),
+        (Qwen4ExpTextRMSNorm, offset(Qwen4ExpTextRMSNorm), "", 1024, 1),
+        (Qwen4ExpTextRMSNorm, lambda: Qwen4ExpTextRMSNorm(4096, group_size=1024), " (groups of 1024)", 4096, 1),
+        (MuseSparkTextCenteredRMSNorm, offset(MuseSparkTextCenteredRMSNorm), "", 1024, 1),
+        (MuseSparkTextInputScaledRMSNorm, offset(MuseSparkTextInputScaledRMSNorm), "", 1024, 1),
+    ]
+
+
 def cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
     """The benchmark cases by group, each a thunk that builds its inputs and runs :func:`compare`."""
     images = torch.randn(8, 3, 224, 224)
@@ -242,6 +298,16 @@ def cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
             lambda: compare("transformers RT-DETR (r50vd), 2x3x320x320", _rt_detr(),
                             {"pixel_values": torch.randn(2, 3, 320, 320)}, reps),
         ],
+        # the LLM norms whose originals are several ops over the hidden states: gated (rows and gate),
+        # grouped, with a rounded scale or an offset weight
+        "llm_norms": [
+            # default arguments bind each case's values now, not the loop's last ones
+            lambda cls=cls, build=build, label=label, d=d, n_inputs=n_inputs, dtype=dtype: compare(
+                f"{cls.__name__}{label}, 4x128x{d} {str(dtype)[6:]}", build().to(dtype),
+                tuple(torch.randn(4, 128, d, dtype=dtype) for _ in range(n_inputs)), 3 * reps)
+            for cls, build, label, d, n_inputs in _llm_norms()
+            for dtype in (torch.float32, torch.bfloat16)
+        ],
         "resnet": [
             lambda: compare("timm resnet18, 8x3x224x224", timm.create_model("resnet18", num_classes=10), images,
                             reps),
@@ -252,7 +318,7 @@ def cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
 
 
 def gpu_cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
-    """GPU-sized cases (run under ``torch.device("cuda")``, so models and inputs are built there). The CNNs
+    """GPU-sized cases (built on the CPU; :func:`compare` moves them to the GPU). The CNNs
     with many small BatchNorms come first: they are what a short GPU run most needs to measure."""
     cl = torch.channels_last
 
@@ -316,7 +382,8 @@ def gpu_cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=11, help="paired repetitions per whole model (x3 per module)")
-    groups = ["modules", "llama", "convnext", "mobilenet", "groupnorm", "channels_last", "detection", "resnet"]
+    groups = ["modules", "llama", "convnext", "mobilenet", "groupnorm", "channels_last", "detection", "llm_norms",
+              "resnet"]
     parser.add_argument("--only", nargs="*", choices=groups, help="run only these groups")
     parser.add_argument("--out", type=Path, help="write the rows, machine and versions to this JSON file")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -324,8 +391,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile both sides with torch.compile (the first calls, untimed, compile)")
     args = parser.parse_args()
-    global COMPILE
-    COMPILE = args.compile
+    global COMPILE, DEVICE
+    COMPILE, DEVICE = args.compile, args.device
     torch.manual_seed(0)
     rows = []
     groups = gpu_cases(args.reps) if args.device == "cuda" else cases(args.reps)
@@ -333,8 +400,7 @@ def main() -> None:
         if args.only and group not in args.only:
             continue
         for thunk in thunks:
-            with torch.device(args.device):
-                rows.append(thunk())
+            rows.append(thunk())
             if args.device == "cuda":
                 torch.cuda.empty_cache()
             if args.out:  # after every case, so that an interrupted run keeps what it measured

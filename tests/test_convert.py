@@ -391,6 +391,12 @@ HF_MODELS = {
                      "n_routed_experts": 4, "num_experts_per_tok": 2, "index_n_heads": 2, "index_head_dim": 16,
                      "index_topk": 8, "qk_rope_head_dim": 16, "sliding_window": 8},
                     {"DeepseekV4RMSNorm": 11, "DeepseekV4UnweightedRMSNorm": 7}),
+    # Falcon-H1's gated norm in its Mamba-2 mixers: all in float32, over 2 groups, gated before the norm
+    # (this config; the family test covers the gate after it and one group)
+    "falcon_h1": (_hf, ("FalconH1ForCausalLM", "FalconH1Config"),
+                  {"mamba_d_ssm": 64, "mamba_n_heads": 8, "mamba_d_head": 8, "mamba_n_groups": 2, "mamba_d_state": 16,
+                   "mamba_chunk_size": 8, "mamba_rms_norm": True, "mamba_norm_before_gate": False},
+                  {"FalconH1RMSNorm": 5, "FalconH1RMSNormGated": 2}),
 }
 
 

@@ -33,8 +33,13 @@ def _instances(cls: type) -> list[torch.nn.Module]:
     if "data_format" in inspect.signature(cls.__init__).parameters:
         kwargs = [{"data_format": "channels_last"}, {"data_format": "channels_first"}]
     params = list(inspect.signature(cls.__init__).parameters)[1:]  # after self
-    if "group_size" in params:  # Mamba-2's gated norm normalizes groups of the last dim
-        kwargs = [{**kw, "group_size": 8} for kw in kwargs]
+    signature = inspect.signature(cls.__init__).parameters
+    if "group_size" in params:  # Mamba-2's gated norm and Qwen4-Exp's normalize groups of the last dim
+        sizes = [8] if signature["group_size"].default is not None else [None, 8]  # Qwen4-Exp's is optional
+        kwargs = [{**kw, "group_size": size} for kw in kwargs for size in sizes]
+    if "n_groups" in params:  # Falcon-H1's gated norm: groups, and the gate before or after the norm
+        kwargs = [{**kw, "n_groups": g, "norm_before_gate": before} for kw in kwargs for g in (1, 3)
+                  for before in (True, False)]
     size = (24,) if params and params[0] != "eps" else ()  # a weightless norm may take only its epsilon
     out = []
     for kw in kwargs:
@@ -257,12 +262,19 @@ def test_converted_norms_compile_fullgraph():
 
 
 def test_gated_and_rounded_scale_norms_compile_fullgraph():
-    """The gated RMSNorms (two inputs), DeepSeek-V4's rounded-scale norm and VideoPrism's offset weight trace
-    without a graph break and give eager mode's outputs and gradients, in float32 and bfloat16."""
+    """The gated RMSNorms (two inputs), DeepSeek-V4's rounded-scale norm, VideoPrism's offset weight, Qwen4-Exp's
+    grouped norm and MuseSpark's trace without a graph break and give eager mode's outputs and gradients, in
+    float32 and bfloat16."""
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated
     from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextRMSNormGated
     from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+    from transformers.models.muse_spark.modeling_muse_spark import (
+        MuseSparkTextCenteredRMSNorm,
+        MuseSparkTextInputScaledRMSNorm,
+    )
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+    from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextRMSNorm
     from transformers.models.videoprism.modeling_videoprism import VideoPrismLayerNorm
 
     class Model(torch.nn.Module):
@@ -271,9 +283,13 @@ def test_gated_and_rounded_scale_norms_compile_fullgraph():
             self.first, self.after = MambaRMSNormGated(16, group_size=8), Qwen3NextRMSNormGated(16)
             self.float32 = Glm5NextTextRMSNormGated(16)
             self.rounded, self.offset = DeepseekV4UnweightedRMSNorm(), VideoPrismLayerNorm(16)
+            self.falcon = FalconH1RMSNormGated(16, n_groups=2, norm_before_gate=False)
+            self.grouped = Qwen4ExpTextRMSNorm(16, group_size=8)
+            self.centered, self.scale_first = MuseSparkTextCenteredRMSNorm(16), MuseSparkTextInputScaledRMSNorm(16)
 
         def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-            return self.offset(self.rounded(self.float32(self.after(self.first(x, gate), gate), gate)))
+            h = self.offset(self.rounded(self.float32(self.after(self.first(x, gate), gate), gate)))
+            return self.scale_first(self.centered(self.grouped(self.falcon(h, gate))))
 
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):

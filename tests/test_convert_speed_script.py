@@ -75,3 +75,20 @@ def test_profile_convert_script_on_the_cpu(tmp_path):
         assert r["speedup"] > 0 and r["original"]["kernel_ms"] is None  # no device time on the CPU
         names = {t["name"] for t in r["converted"]["top"]}
         assert "norm module: BatchNorm2d" in names
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
+def test_compare_a_module_of_two_inputs(convert_speed, train):
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+
+    inputs = (torch.randn(2, 3, 16), torch.randn(2, 3, 16))
+    row = convert_speed.compare("gated", Qwen3NextRMSNormGated(16), inputs, reps=2, train=train)
+    assert row["case"] == "gated" and row["max_diff"] < 1e-6
+    assert (row["saved_mib_converted"] is not None) == train
+
+
+def test_llm_norm_cases_are_each_their_own(convert_speed):
+    """Each thunk of the llm_norms group binds its own case (a lambda in a loop would see the last one)."""
+    thunks = convert_speed.cases(1)["llm_norms"]
+    bound = {thunk.__defaults__[:3] for thunk in thunks}
+    assert len(thunks) == 2 * len(convert_speed._llm_norms()) == len(bound) * 2

@@ -22,6 +22,10 @@ __all__ = [
     "HeliumStyleRMSNorm",
     "Float32ScaleRMSNorm",
     "GemmaStyleRMSNorm",
+    "GroupedGemmaStyleRMSNorm",
+    "OffsetInWeightDtypeRMSNorm",
+    "ScaleFirstRMSNorm",
+    "GroupedGatedRMSNorm",
     "Gemma3nStyleRMSNorm",
     "UnweightedRMSNorm",
     "OlmoStyleLayerNorm",
@@ -148,6 +152,33 @@ class Float32GatedRMSNorm:
         return (y * act(gate.to(torch.float32))).to(hidden_states.dtype)
 
 
+class GroupedGatedRMSNorm:
+    """Falcon-H1's gated RMSNorm: all in float32, rounded to the input's dtype once at the end. ``x *
+    silu(gate)`` first unless ``norm_before_gate``, normalized over ``n_groups`` groups of the last dim,
+    times the weight (promoted to float32), then times ``silu(gate)`` if ``norm_before_gate``. Input of
+    other than 2 or 3 dims runs the original (which refuses it)."""
+
+    def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
+        if hidden_states.dim() not in (2, 3):
+            return super().forward(hidden_states, gate)
+        gated = gate is not None
+        h = hidden_states
+        if gated and not self.norm_before_gate:
+            h = h * torch.nn.functional.silu(gate.to(torch.float32))
+        h = h.to(torch.float32)
+        groups, last = self.n_groups, h.shape[-1]
+        if groups == 1:  # the weight's product in the kernel, in float32 as the original's promotion does it
+            y = F.rms_norm(h, (last,), self.weight.to(torch.float32), self.variance_epsilon)
+        else:
+            size = last // groups
+            y = F.rms_norm(h.view(*h.shape[:-1], groups, size), (size,), None, self.variance_epsilon)
+            y = (self.weight.view(groups, size) * y).view(h.shape)
+        del h  # free for the products below, as the original's memory is
+        if gated and self.norm_before_gate:
+            y = y * torch.nn.functional.silu(gate.to(torch.float32))
+        return y.to(hidden_states.dtype)
+
+
 class Llama4StyleRMSNorm(LlamaStyleRMSNorm):
     """Llama 4's text RMSNorm: Llama's computation, its epsilon called ``eps``."""
 
@@ -211,6 +242,39 @@ class Gemma3nStyleRMSNorm(Float32ScaleRMSNorm):
 
     def _scale(self) -> Tensor | None:
         return self.weight.float() if self.with_scale else None
+
+
+class GroupedGemmaStyleRMSNorm(GemmaStyleRMSNorm):
+    """Qwen4-Exp's text RMSNorm: Gemma's, normalized over groups of ``group_size`` of the last dim when the
+    module has one (the weight, ``1 + w`` in float32, spans the whole last dim)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = self.group_size
+        if size is None:
+            return super().forward(x)
+        *prefix, last = x.shape
+        # float32 out of the norm (a 16-bit input's float32 copy in, as the original's x.float() is)
+        y = F.rms_norm(x.float().reshape(*prefix, last // size, size), (size,), None, self.eps)
+        return (y.view(*prefix, last) * self._scale()).type_as(x)
+
+
+class OffsetInWeightDtypeRMSNorm(Float32ScaleRMSNorm):
+    """MuseSpark's centered RMSNorm: Gemma's, but ``1 + w`` is added in the weight's dtype and then cast
+    to float32 (``(normalize(x.float()) * (1 + w).float()).type_as(x)``); it differs from Gemma's for a
+    16-bit weight."""
+
+    def _scale(self) -> Tensor:
+        return (1.0 + self.weight).float()
+
+
+class ScaleFirstRMSNorm:
+    """MuseSpark's input-scaled RMSNorm: the input times ``(1 + w)`` in float32, rounded to the input's
+    dtype, *then* normalized without a weight in float32 and rounded again."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scaled = (x.float() * (1.0 + self.weight).float()).type_as(x)
+        work = scaled.float() if scaled.dtype == torch.float64 else scaled  # float32, as the original's
+        return F.rms_norm(work, (x.shape[-1],), None, self.eps).type_as(x)
 
 
 class UnweightedRMSNorm(Float32ScaleRMSNorm):

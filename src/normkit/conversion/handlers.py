@@ -172,6 +172,13 @@ _TRANSFORMERS_TABLE = [
     ("mamba2", "MambaRMSNormGated", "rms_norm", fw.GateFirstRMSNorm, _gated_rows),
     ("qwen3_next", "Qwen3NextRMSNormGated", "rms_norm", fw.GateAfterRMSNorm, _gated_rows),
     ("glm5_next", "Glm5NextTextRMSNormGated", "rms_norm", fw.Float32GatedRMSNorm, _gated_rows),
+    # Falcon-H1's: all in float32, over groups, the gate before or after the norm
+    ("falcon_h1", "FalconH1RMSNormGated", "rms_norm", fw.GroupedGatedRMSNorm, _gated_rows),
+    # Gemma's casts, over groups of the last dim (Qwen4-Exp); the offset added in the weight's dtype, and the
+    # scale applied before the norm (MuseSpark)
+    ("qwen4_exp", "Qwen4ExpTextRMSNorm", "rms_norm", fw.GroupedGemmaStyleRMSNorm, _rows),
+    ("muse_spark", "MuseSparkTextCenteredRMSNorm", "rms_norm", fw.OffsetInWeightDtypeRMSNorm, _rows),
+    ("muse_spark", "MuseSparkTextInputScaledRMSNorm", "rms_norm", fw.ScaleFirstRMSNorm, _rows),
     ("videoprism", "VideoPrismLayerNorm", "layer_norm", fw.OffsetWeightLayerNorm, _rows),
     # subclasses of nn.LayerNorm that permute the channels of (N, C, W) last and back
     ("squeezebert", "SqueezeBertLayerNorm", "layer_norm", fw.TimmLayerNorm2d, _channels(3)),
