@@ -64,6 +64,11 @@ def _like_layout(t: Tensor, x: Tensor, nhwc: bool) -> Tensor:
     return t.contiguous(memory_format=fmt) if fmt is not None else t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
+def _grads(weight: Tensor | None, bias_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the backward kernel writes the parameter gradients in (see :func:`.kernels.grad_dtype`)."""
+    return K.grad_dtype(None if weight is None else weight.dtype, bias_dtype)
+
+
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
@@ -127,11 +132,10 @@ class _RowNorm(torch.autograd.Function):
         else:
             dx, dw, db = K.row_backward(
                 dy.contiguous(), h.contiguous(), None if dh is None else dh.contiguous(), weight, rstd,
-                math.prod(ctx.shape), ctx.rms, need_w, need_b and not ctx.rms,
+                math.prod(ctx.shape), ctx.rms, need_w, need_b and not ctx.rms, _grads(weight, ctx.bias_dtype),
             )
         dw = dw.view(weight.shape).to(weight.dtype) if need_w else None
         db = db.view(ctx.shape).to(ctx.bias_dtype) if need_b else None
-        dx = dx.view(h.shape)
         dx_out = dx if need_x else None
         dres = dx if (ctx.fused and need_r) else None
         return dx_out, dres, dw, db, None, None, None, None
@@ -169,7 +173,8 @@ class _ChannelRowNorm(torch.autograd.Function):
             dx = dx.movedim(-1, 1)
         else:
             dx, dw, db = K.channel_row_backward(
-                _cf_layout(dy), _cf_layout(x), weight, rstd, ctx.rms, need_w, need_b and not ctx.rms
+                _cf_layout(dy), _cf_layout(x), weight, rstd, ctx.rms, need_w, need_b and not ctx.rms,
+                _grads(weight, ctx.bias_dtype),
             )
         dw = dw.to(weight.dtype) if need_w else None
         db = db.to(ctx.bias_dtype) if need_b else None
@@ -197,17 +202,20 @@ def _channel_rows(x, weight, bias, eps, rms):
 
 
 def _chan_forward(
-    x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first, need_stats=True, activation=None
+    x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first, need_stats=True, activation=None,
+    need_rstd=None,
 ):
-    """The kernel call: ``(y, x as the kernel saw it, mean, rstd, var)``, statistics in float64 (None
-    without ``need_stats``); ``activation`` (inference only) applied as the output is written."""
+    """The kernel call: ``(y, x as the kernel saw it, mean, rstd, var)``, the mean and variance in float64
+    (None without ``need_stats``), rstd in the arithmetic dtype (None without ``need_rstd``, by default
+    ``need_stats``); ``activation`` (inference only) applied as the output is written."""
     xk, dims, nhwc = _channel_layout(x, per_channel=groups == 0)
     if nhwc and out_channels_first and x.dim() > 2:  # InstanceNorm's output is channels-first
         y, out_nhwc = torch.empty(x.shape, dtype=x.dtype), False
     else:
         y, out_nhwc = torch.empty_like(xk), nhwc
     mean, rstd, var = K.chan_forward(
-        xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps, silu, need_stats, activation
+        xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps, silu, need_stats, activation,
+        need_rstd,
     )
     return y, xk, mean, rstd, var
 
@@ -215,29 +223,32 @@ def _chan_forward(
 class _ChanNorm(torch.autograd.Function):
     """One kernel call for BatchNorm (``groups == 0``) and GroupNorm/InstanceNorm (``groups > 0``).
 
-    Returns ``(y, mean, var)``: the float64 batch statistics (non-differentiable) for the caller's
-    running-statistics update."""
+    Returns y. The float64 batch statistics for the caller's running-statistics update are appended to
+    ``stats`` (a list, or None when the caller needs none) rather than returned: each output of a
+    Function costs autograd bookkeeping on every call, and most callers discard them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first):
+    def forward(ctx, x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first, stats):
+        train = fixed_mean is None
+        keep_mean = silu or not train
         y, xk, mean, rstd, var = _chan_forward(
-            x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first
+            x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first,
+            need_stats=keep_mean or stats is not None, need_rstd=True,
         )
-        ctx.groups, ctx.silu, ctx.eps = groups, silu, eps
-        ctx.train = fixed_mean is None
+        ctx.groups, ctx.silu, ctx.eps, ctx.train = groups, silu, eps, train
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        # statistics in float32 for float32/16-bit data, and the mean only where the backward kernel
-        # needs it before it has recomputed it from x (SiLU's input; eval's fixed statistics): no
-        # more bytes than torch saves. The bias is needed only to recompute SiLU's input.
-        acc = K.arithmetic_dtype(x.dtype)
-        keep_mean = silu or not ctx.train
+        if stats is not None:
+            stats += (mean, var)
+        # the statistics as the kernel returned them, with no conversion op per call (which cost more
+        # than the kernel on small inputs): rstd in the arithmetic dtype, and the mean (float64) only
+        # where the backward kernel needs it before it has recomputed it from x (SiLU's input; eval's
+        # fixed statistics). The bias is needed only to recompute SiLU's input.
         # x itself, not the layout copy the kernel may have read (see _RowNorm.forward)
-        ctx.save_for_backward(x, weight, bias if silu else None, mean.to(acc) if keep_mean else None, rstd.to(acc))
-        return y, mean, var
+        ctx.save_for_backward(x, weight, bias if silu else None, mean if keep_mean else None, rstd)
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled() or _wrapped(dy):  # as in _RowNorm.backward
@@ -246,14 +257,13 @@ class _ChanNorm(torch.autograd.Function):
             xk, dims, nhwc = _channel_layout(x, per_channel=ctx.groups == 0)
             dx, dw, db = K.chan_backward(
                 _like_layout(dy, xk, nhwc), xk, dims, nhwc, ctx.groups, weight, bias, mean, rstd,
-                ctx.train, ctx.silu, need_w, need_b,
+                ctx.train, ctx.silu, need_w, need_b, _grads(weight, ctx.bias_dtype),
             )
-            dx = dx.view(x.shape)
         return (
             dx if need_x else None,
             dw.to(weight.dtype) if need_w else None,
             db.to(ctx.bias_dtype) if need_b else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 
@@ -299,7 +309,9 @@ def _chan(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channel
                                            out_channels_first)
         return y, mean, var
     if _needs_grad(x, weight, bias):
-        return _ChanNorm.apply(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first)
+        stats = [] if need_stats else None
+        y = _ChanNorm.apply(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first, stats)
+        return (y, *stats) if stats else (y, None, None)
     y, _, mean, _, var = _chan_forward(
         x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first, need_stats
     )
@@ -398,9 +410,11 @@ class CpuBackend(Backend):
             return self._reference.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         if not training:
             return self._fixed_stats(x, running_mean, running_var, weight, bias, eps)
-        y, mean, var = _chan(x, weight, bias, 0, None, None, eps, False, False)
-        count = x.numel() // x.shape[1]
-        K.running_update(running_mean, running_var, mean, var, momentum, count / max(count - 1, 1))
+        tracked = running_mean is not None or running_var is not None
+        y, mean, var = _chan(x, weight, bias, 0, None, None, eps, False, False, need_stats=tracked)
+        if tracked:
+            count = x.numel() // x.shape[1]
+            K.running_update(running_mean, running_var, mean, var, momentum, count / max(count - 1, 1))
         return y
 
     def instance_norm(self, x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
@@ -411,10 +425,12 @@ class CpuBackend(Backend):
         if not use_input_stats:
             return self._fixed_stats(x, running_mean, running_var, weight, bias, eps)
         n, c = x.shape[0], x.shape[1]
-        y, mean, var = _chan(x, weight, bias, c, None, None, eps, False, True)
-        count = x.numel() // (n * c)
-        unbiased = (var * (count / max(count - 1, 1))).view(n, c).mean(0)
-        K.running_update(running_mean, running_var, mean.view(n, c).mean(0), unbiased, momentum, 1.0)
+        tracked = running_mean is not None or running_var is not None  # not by default (InstanceNorm's)
+        y, mean, var = _chan(x, weight, bias, c, None, None, eps, False, True, need_stats=tracked)
+        if tracked:
+            count = x.numel() // (n * c)
+            unbiased = (var * (count / max(count - 1, 1))).view(n, c).mean(0)
+            K.running_update(running_mean, running_var, mean.view(n, c).mean(0), unbiased, momentum, 1.0)
         return y
 
     def batch_norm_act(self, x, running_mean, running_var, weight, bias, training, momentum, eps, activation):

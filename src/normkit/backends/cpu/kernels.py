@@ -37,18 +37,18 @@ _P, _I64, _D, _I = c_void_p, c_int64, c_double, c_int
 _SIGNATURES = {
     # x, res, hout, w, b, y, rstd, M, N, eps, rms, rounding, threads
     "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I, _I],
-    # x, dy, dh, w, rstd, dx, dw, db, M, N, rms, threads
-    "nk_row_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I, _I],
+    # x, dy, dh, w, rstd, dx, dw, db, grads_float, M, N, rms, threads
+    "nk_row_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I],
     # x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act, mean, rstd, var, threads
     "nk_chan_fwd": [_P, _P, _I64, _I64, _I64, _I, _I, _I64, _P, _P, _P, _P, _D, _I, _P, _P, _P, _I],
-    # x, dy, dx, N, C, S, nhwc, groups, w, b, mean, rstd, train, act, dw, db, threads
-    "nk_chan_bwd": [_P, _P, _P, _I64, _I64, _I64, _I, _I64, _P, _P, _P, _P, _I, _I, _P, _P, _I],
+    # x, dy, dx, N, C, S, nhwc, groups, w, b, mean, rstd, train, act, dw, db, grads_float, threads
+    "nk_chan_bwd": [_P, _P, _P, _I64, _I64, _I64, _I, _I64, _P, _P, _P, _P, _I, _I, _P, _P, _I, _I],
     # run_mean, run_var, mean, var, C, momentum, var_factor
     "nk_running_update": [_P, _P, _P, _P, _I64, _D, _D],
     # x, x_nhwc, w, b, y, y_nhwc, rstd, N, C, S, eps, rms, threads
     "nk_cf_fwd": [_P, _I, _P, _P, _P, _I, _P, _I64, _I64, _I64, _D, _I, _I],
-    # x, x_nhwc, dy, dy_nhwc, w, rstd, dx, dx_nhwc, dw, db, N, C, S, rms, threads
-    "nk_cf_bwd": [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I64, _I64, _I64, _I, _I],
+    # x, x_nhwc, dy, dy_nhwc, w, rstd, dx, dx_nhwc, dw, db, grads_float, N, C, S, rms, threads
+    "nk_cf_bwd": [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I64, _I64, _I64, _I, _I],
 }
 
 #: activation codes of the channel-norm forward kernel (NK_ACT_* in csrc/kernels.c)
@@ -93,6 +93,13 @@ def _threads(numel: int) -> int:
 def arithmetic_dtype(dtype: torch.dtype) -> torch.dtype:
     """The kernels' arithmetic (and saved-statistics) dtype for data of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_dtype(*param_dtypes: torch.dtype | None) -> torch.dtype:
+    """The dtype the backward kernels write parameter gradients in: float32 when every parameter (its dtype;
+    None: absent) is float32 (the double sums rounded once, as torch's cast of a float64 result rounds
+    them, without a cast op per call), else float64, for the caller to cast."""
+    return torch.float32 if all(d is None or d == torch.float32 for d in param_dtypes) else torch.float64
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -151,16 +158,18 @@ def row_backward(
     rms: bool,
     need_weight: bool,
     need_bias: bool,
+    grads: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Gradients ``(dx, dweight, dbias)`` of :func:`row_forward` (parameter gradients in float64)."""
+    """Gradients ``(dx, dweight, dbias)`` of :func:`row_forward`; the parameter gradients in ``grads``
+    (float64, or float32: see :func:`grad_dtype`)."""
     m = x.numel() // n
     dx = torch.empty_like(x)
-    dw = torch.empty(n, dtype=torch.float64) if need_weight else None
-    db = torch.empty(n, dtype=torch.float64) if need_bias else None
+    dw = torch.empty(n, dtype=grads) if need_weight else None
+    db = torch.empty(n, dtype=grads) if need_bias else None
     w = _param(weight, x.dtype)
     _fn("nk_row_bwd", x.dtype)(
         x.data_ptr(), dy.data_ptr(), _ptr(dh), _ptr(w), rstd.data_ptr(), dx.data_ptr(),
-        _ptr(dw), _ptr(db), m, n, int(rms), _threads(x.numel()),
+        _ptr(dw), _ptr(db), int(grads == torch.float32), m, n, int(rms), _threads(x.numel()),
     )
     return dx, dw, db
 
@@ -180,19 +189,23 @@ def chan_forward(
     silu: bool,
     need_stats: bool = True,
     activation: str | None = None,
+    need_rstd: bool | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """BatchNorm (``groups == 0``) or GroupNorm/InstanceNorm (``groups > 0``) of x viewed as (N, C, S),
     written into ``y``; with ``fixed_mean``/``fixed_var`` (per channel: the running statistics, passed as
-    they are stored when in the arithmetic dtype) instead of batch statistics. Returns the float64
-    statistics used, ``(mean, rstd, biased var)``, or Nones without ``need_stats`` (inference).
+    they are stored when in the arithmetic dtype) instead of batch statistics. Returns the statistics
+    used, ``(mean, rstd, biased var)``: the mean and variance in float64 (for the running statistics; None
+    without ``need_stats``), rstd in the arithmetic dtype (for the backward; None without ``need_rstd``,
+    which defaults to ``need_stats``).
     ``activation`` (inference only; :data:`ACTIVATIONS`) is applied to the output, as ``silu`` is."""
     n, c, s = dims
     sets = n * groups if groups > 0 else c
+    # separate tensors, not views of one: the custom ops return them, and outputs may not alias
     if need_stats:
-        # three tensors, not views of one: the custom ops return them, and outputs may not alias
-        mean, rstd, var = (torch.empty(sets, dtype=torch.float64) for _ in range(3))
+        mean, var = torch.empty(sets, dtype=torch.float64), torch.empty(sets, dtype=torch.float64)
     else:
-        mean = rstd = var = None
+        mean = var = None
+    rstd = torch.empty(sets, dtype=arithmetic_dtype(x.dtype)) if (need_stats if need_rstd is None else need_rstd) else None
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     # converted copies (if any) must outlive the call: bound here, not made inside the argument list
     fm, fv = _param(fixed_mean, x.dtype), _param(fixed_var, x.dtype)
@@ -248,18 +261,20 @@ def chan_backward(
     silu: bool,
     need_weight: bool,
     need_bias: bool,
+    grads: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Gradients ``(dx, dweight, dbias)`` of :func:`chan_forward`; ``dy`` has x's layout, ``mean`` and
-    ``rstd`` the arithmetic dtype (as saved; ``mean`` may be None with statistics of x, which the
-    kernel recomputes)."""
+    """Gradients ``(dx, dweight, dbias)`` of :func:`chan_forward`; ``dy`` has x's layout, ``mean`` (float64)
+    and ``rstd`` (the arithmetic dtype) as :func:`chan_forward` returned them (``mean`` may be None with
+    statistics of x, which the kernel recomputes); the parameter gradients in ``grads``."""
     n, c, s = dims
     dx = torch.empty_like(x)
-    dw = torch.empty(c, dtype=torch.float64) if need_weight else None
-    db = torch.empty(c, dtype=torch.float64) if need_bias else None
+    dw = torch.empty(c, dtype=grads) if need_weight else None
+    db = torch.empty(c, dtype=grads) if need_bias else None
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     _fn("nk_chan_bwd", x.dtype)(
         x.data_ptr(), dy.data_ptr(), dx.data_ptr(), n, c, s, int(nhwc), groups, _ptr(w), _ptr(b),
-        _ptr(mean), rstd.data_ptr(), int(train), int(silu), _ptr(dw), _ptr(db), _threads(x.numel()),
+        _ptr(mean), rstd.data_ptr(), int(train), int(silu), _ptr(dw), _ptr(db), int(grads == torch.float32),
+        _threads(x.numel()),
     )
     return dx, dw, db
 
@@ -301,19 +316,20 @@ def channel_row_forward(
 
 
 def channel_row_backward(
-    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, rms: bool, need_weight: bool, need_bias: bool
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, rms: bool, need_weight: bool, need_bias: bool,
+    grads: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradients ``(dx, dweight, dbias)`` of :func:`channel_row_forward`; ``dy`` and ``x`` each contiguous
-    or channels-last, dx channels-last (parameter gradients in float64)."""
+    or channels-last, dx channels-last (parameter gradients in ``grads``)."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
     dx = channels_last_like(x)
-    dw = torch.empty(c, dtype=torch.float64) if need_weight else None
-    db = torch.empty(c, dtype=torch.float64) if need_bias else None
+    dw = torch.empty(c, dtype=grads) if need_weight else None
+    db = torch.empty(c, dtype=grads) if need_bias else None
     w = _param(weight, x.dtype)  # a converted copy must outlive the call
     _fn("nk_cf_bwd", x.dtype)(
         x.data_ptr(), int(is_channels_last(x)), dy.data_ptr(), int(is_channels_last(dy)),
-        _ptr(w), rstd.data_ptr(), dx.data_ptr(), 1, _ptr(dw), _ptr(db), n, c, s, int(rms),
-        _threads(x.numel()),
+        _ptr(w), rstd.data_ptr(), dx.data_ptr(), 1, _ptr(dw), _ptr(db), int(grads == torch.float32), n, c, s,
+        int(rms), _threads(x.numel()),
     )
     return dx, dw, db

@@ -195,7 +195,8 @@ def chan_forward(
     silu: bool,
     out_channels_first: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, rstd, var)`` of BatchNorm (groups == 0) or GroupNorm/InstanceNorm; float64 statistics."""
+    """``(y, mean, rstd, var)`` of BatchNorm (groups == 0) or GroupNorm/InstanceNorm: the mean and variance in
+    float64, rstd in the arithmetic dtype (see :func:`.kernels.chan_forward`)."""
     y, xk, dims, nhwc, out_nhwc = chan_output(x, groups, out_channels_first)
     mean, rstd, var = K.chan_forward(xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps,
                                      silu)
@@ -206,7 +207,7 @@ def chan_forward(
 def _(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first):
     y = chan_output(x, groups, out_channels_first)[0]
     sets = x.shape[0] * groups if groups > 0 else x.shape[1]
-    return y, _empty_vec(x, sets), _empty_vec(x, sets), _empty_vec(x, sets)
+    return y, _empty_vec(x, sets), _empty_vec(x, sets, K.arithmetic_dtype(x.dtype)), _empty_vec(x, sets)
 
 
 @torch.library.custom_op("normkit::cpu_chan_backward", mutates_args=())
@@ -227,10 +228,9 @@ def chan_backward(
     from .backend import _like_layout
 
     xk, dims, nhwc = channel_layout(x, per_channel=groups == 0)
-    acc = K.arithmetic_dtype(x.dtype)
     dx, dw, db = K.chan_backward(
         _like_layout(dy, xk, nhwc), xk, dims, nhwc, groups, weight, bias,
-        None if mean is None else mean.to(acc), rstd.to(acc), train, silu, need_weight, need_bias,
+        mean, rstd, train, silu, need_weight, need_bias,
     )
     return dx.view(x.shape), (dw if dw is not None else _empty_vec(x)), (db if db is not None else _empty_vec(x))
 

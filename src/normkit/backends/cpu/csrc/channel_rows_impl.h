@@ -153,11 +153,12 @@ void NK_NAME(nk_cf_fwd)(const NK_T *x, int x_nhwc, const NK_A *w, const NK_A *b,
 
 /* Backward of nk_cf_fwd: per position, dx = rstd (g - mean_c(g) - xhat mean_c(g xhat)) with
  * g = dy w (RMSNorm: no mean_c(g)); the mean is recomputed from x exactly as the forward found it.
- * dw[c] and db[c] (double, may be NULL) get the sums over n and positions of dy xhat and dy. Each
+ * dw[c] and db[c] (may be NULL; double, or float with grads_float) get the sums over n and positions of
+ * dy xhat and dy. Each
  * of x, dy and dx is channels-first or channels-last (its *_nhwc flag). */
 void NK_NAME(nk_cf_bwd)(const NK_T *x, int x_nhwc, const NK_T *dy, int dy_nhwc, const NK_A *w, const NK_A *rstd_in,
-                        NK_T *dx, int dx_nhwc, double *dw, double *db, int64_t N, int64_t C, int64_t S, int rms,
-                        int nt) {
+                        NK_T *dx, int dx_nhwc, void *dw, void *db, int grads_float, int64_t N, int64_t C, int64_t S,
+                        int rms, int nt) {
     nt = nk_threads(nt);
     int64_t tiles = (S + NK_CF_W - 1) / NK_CF_W;
     double *part_w = (double *)calloc((size_t)nt * (size_t)C + 1, sizeof(double));
@@ -219,7 +220,7 @@ void NK_NAME(nk_cf_bwd)(const NK_T *x, int x_nhwc, const NK_T *dy, int dy_nhwc, 
         }
         free(xh);
     }
-    nk_sum_thread_partials(part_w, part_b, nt, C, dw, db);
+    nk_sum_thread_partials(part_w, part_b, nt, C, dw, db, grads_float);
     free(part_w);
     free(part_b);
 }

@@ -135,15 +135,24 @@ static inline void nk_merge(double *na, double *ma, double *m2a, double nb, doub
     *na = n;
 }
 
+/* A parameter gradient's element: the double sum stored as it is, or rounded to float (as_float: a
+ * float32 parameter's gradient, written in its dtype so that the caller makes no converted copy). */
+static inline void nk_put_grad(void *p, int as_float, int64_t i, double v) {
+    if (as_float)
+        ((float *)p)[i] = (float)v;
+    else
+        ((double *)p)[i] = v;
+}
+
 /* Per-thread partial column sums (nt rows of n doubles) -> dw and db (either may be NULL), summed
  * over the threads in a fixed order: the same result on every run. */
-static void nk_sum_thread_partials(const double *part_w, const double *part_b, int nt, int64_t n, double *dw,
-                                   double *db) {
+static void nk_sum_thread_partials(const double *part_w, const double *part_b, int nt, int64_t n, void *dw,
+                                   void *db, int grads_float) {
     for (int64_t j = 0; j < n; j++) {
         double sw = 0, sb = 0;
         for (int t = 0; t < nt; t++) sw += part_w[t * n + j], sb += part_b[t * n + j];
-        if (dw) dw[j] = sw;
-        if (db) db[j] = sb;
+        if (dw) nk_put_grad(dw, grads_float, j, sw);
+        if (db) nk_put_grad(db, grads_float, j, sb);
     }
 }
 
@@ -254,7 +263,7 @@ static inline int64_t nk_sub_rows(int64_t C) {
 #define NK_EXP(v) nk_expf(v)
 #include "kernels_impl.h"
 
-int nk_abi_version(void) { return 1; }
+int nk_abi_version(void) { return 2; }
 int nk_has_native_f16(void) { return NK_HAVE_F16; }
 int nk_openmp(void) {
 #ifdef _OPENMP

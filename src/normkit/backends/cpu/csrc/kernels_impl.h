@@ -194,10 +194,10 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
  * no mean(g) term), plus dh (the gradient reaching the residual output h) when given.
  * The row mean is recomputed here, exactly as the forward computed it (x is read anyway, and a
  * float32 mean saved for backward would lose the bits that centre a row with a large mean), so
- * the forward saves only rstd. dw and db (double, may be NULL) get the column sums of dy * xhat
- * and dy. */
+ * the forward saves only rstd. dw and db (may be NULL) get the column sums of dy * xhat and dy, in
+ * double, or rounded to float with grads_float (nk_put_grad). */
 void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK_A *w, const NK_A *rstd_in,
-                         NK_T *dx, double *dw, double *db, int64_t M, int64_t N, int rms, int nt) {
+                         NK_T *dx, void *dw, void *db, int grads_float, int64_t M, int64_t N, int rms, int nt) {
     nt = nk_threads(nt);
     /* every loop below is free of selects (a loop-invariant `w ? ... : ...` or `if (dw)` inside a
      * simd loop made the compiler unswitch it into scalar code): a missing weight is a vector of
@@ -264,7 +264,7 @@ void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK
         free(acc_w);
         free(acc_b);
     }
-    nk_sum_thread_partials(part_w, part_b, nt, N, dw, db);
+    nk_sum_thread_partials(part_w, part_b, nt, N, dw, db, grads_float);
     free(part_w);
     free(part_b);
     free(ones);
@@ -494,11 +494,12 @@ static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int6
  * InstanceNorm (groups > 0: per (n, group)), with optional SiLU (act == 1).
  * fixed_mean/fixed_var (per channel, groups == 0 only, in NK_A: the running statistics as they are
  * stored, read without a converted copy): normalize with these (eval) instead.
- * Writes the statistics used: mean_out and rstd_out (and the biased var_out) per set. */
+ * Writes the statistics used: mean_out (and the biased var_out) per set in double, rstd_out in NK_A
+ * (what the backward reads: the forward's own arithmetic uses it in double). */
 static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc,
                                      int out_nhwc, int64_t groups, const NK_A *w, const NK_A *b,
                                      const NK_A *fixed_mean, const NK_A *fixed_var, double eps, int act,
-                                     double *mean_out, double *rstd_out, double *var_out, int nt) {
+                                     double *mean_out, NK_A *rstd_out, double *var_out, int nt) {
     int64_t sets = groups > 0 ? N * groups : C;
     if (fixed_mean) {
         for (int64_t c = 0; c < C; c++) mean_out[c] = (double)fixed_mean[c], var_out[c] = (double)fixed_var[c];
@@ -523,7 +524,11 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
         free(mean_nc);
         free(m2_nc);
     }
-    for (int64_t k = 0; k < sets; k++) rstd_out[k] = 1.0 / sqrt(var_out[k] + eps);
+    double *rstd = (double *)malloc(sizeof(double) * (size_t)(sets + 1));
+    for (int64_t k = 0; k < sets; k++) {
+        rstd[k] = 1.0 / sqrt(var_out[k] + eps);
+        rstd_out[k] = (NK_A)rstd[k];
+    }
     /* the affine constants per (n, c), or per channel for BatchNorm, whose sets are channels */
     int64_t P = groups > 0 ? N * C : C, D = groups > 0 ? C / groups : 1;
     NK_A *hi = (NK_A *)malloc(sizeof(NK_A) * (size_t)(P + 1));
@@ -532,13 +537,14 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
     for (int64_t n = 0, i = 0; i < P; n++)
         for (int64_t c = 0, g = 0, d = 0; c < C; c++, i++) {
             int64_t k = groups > 0 ? n * groups + g : c;
-            double a = rstd_out[k] * (w ? (double)w[c] : 1.0);
+            double a = rstd[k] * (w ? (double)w[c] : 1.0);
             hi[i] = (NK_A)mean_out[k];
             scale[i] = (NK_A)a;
             shift[i] = (NK_A)((b ? (double)b[c] : 0.0) - (mean_out[k] - (double)hi[i]) * a);
             if (++d == D) d = 0, g++;
         }
     NK_NAME(nk_apply)(x, y, N, C, S, in_nhwc, out_nhwc, groups > 0, hi, scale, shift, act, nt);
+    free(rstd);
     free(hi);
     free(scale);
     free(shift);
@@ -546,15 +552,20 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
 
 void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
                           int64_t groups, const NK_A *w, const NK_A *b, const NK_A *fixed_mean,
-                          const NK_A *fixed_var, double eps, int act, double *mean_out, double *rstd_out,
+                          const NK_A *fixed_var, double eps, int act, double *mean_out, NK_A *rstd_out,
                           double *var_out, int nt) {
     nt = nk_threads(nt);
-    if (!mean_out) { /* inference: the caller keeps no statistics, the kernel still needs them */
+    if (!mean_out || !rstd_out || !var_out) {
+        /* statistics the caller does not keep (all of them in inference; the mean and variance of a
+         * norm without running statistics in training): the kernel still needs them */
         size_t sets = (size_t)(groups > 0 ? N * groups : C) + 1;
-        double *tmp = (double *)malloc(3 * sets * sizeof(double));
-        NK_NAME(nk_chan_fwd)(x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act, tmp,
-                             tmp + sets, tmp + 2 * sets, nt);
+        double *tmp = (double *)malloc(2 * sets * sizeof(double));
+        NK_A *tmp_rstd = (NK_A *)malloc(sets * sizeof(NK_A));
+        NK_NAME(nk_chan_fwd)(x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act,
+                             mean_out ? mean_out : tmp, rstd_out ? rstd_out : tmp_rstd,
+                             var_out ? var_out : tmp + sets, nt);
         free(tmp);
+        free(tmp_rstd);
         return;
     }
     if (groups > 0 && N >= nt && nt > 1) {
@@ -660,8 +671,8 @@ static inline NK_A NK_NAME(nk_set_shift)(const NK_T *x, int nhwc, int64_t N, int
  * nk_chan_bwd's two passes take five. K is nk_set_shift's median of three, as in nk_chan_bwd, and the sums
  * are corrected to the fixed mean m as there: sum dy (x - m) = sum dy (x - K) - (m - K) sum dy. */
 static void NK_NAME(nk_chan_bwd_fixed)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, int64_t C, int64_t S,
-                                       int nhwc, const NK_A *w, const NK_A *mean, const NK_A *rstd, double *dw,
-                                       double *db, int nt) {
+                                       int nhwc, const NK_A *w, const NK_A *mean, const NK_A *rstd, void *dw,
+                                       void *db, int grads_float, int nt) {
     size_t pc = (size_t)C + 1;
     NK_A *shift = (NK_A *)malloc(sizeof(NK_A) * pc), *wr = (NK_A *)malloc(sizeof(NK_A) * pc);
     double *a1 = (double *)calloc(pc, sizeof(double)), *a2 = (double *)calloc(pc, sizeof(double));
@@ -732,8 +743,8 @@ static void NK_NAME(nk_chan_bwd_fixed)(const NK_T *x, const NK_T *dy, NK_T *dx, 
         free(p2);
     }
     for (int64_t c = 0; c < C; c++) {
-        if (dw) dw[c] = (double)rstd[c] * (a2[c] - ((double)mean[c] - (double)shift[c]) * a1[c]);
-        if (db) db[c] = a1[c];
+        if (dw) nk_put_grad(dw, grads_float, c, (double)rstd[c] * (a2[c] - ((double)mean[c] - (double)shift[c]) * a1[c]));
+        if (db) nk_put_grad(db, grads_float, c, a1[c]);
     }
     free(shift);
     free(wr);
@@ -745,22 +756,29 @@ static void NK_NAME(nk_chan_bwd_fixed)(const NK_T *x, const NK_T *dy, NK_T *dx, 
  * are differentiated); otherwise they were constants (eval BatchNorm).
  *
  * The forward saves rstd per set in NK_A, and the mean only where the backward needs it (SiLU's
- * input, or eval's fixed statistics), so that no more bytes are saved than torch saves. Pass 1
+ * input, or eval's fixed statistics), in double as the forward returned it; it is used rounded to
+ * NK_A. Pass 1
  * centres by a shift K inside the data (the saved mean for SiLU, else a median of three elements
  * of the set); with statistics of x it also sums x - K, which recovers the exact mean m, and with
  * either it corrects afterwards:
  *   sum dz (x - m) = sum dz (x - K) - (m - K) sum dz,
  * with no cancellation worth the name since |m - K| is of the order of the spread. (Only SiLU's
  * derivative inside pass 1 sees the float mean instead of the exact one.)
- * dw/db (double, may be NULL) get per-channel sums of dz * xhat and dz. */
+ * dw/db (may be NULL) get per-channel sums of dz * xhat and dz (double, or float with grads_float). */
 void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, int64_t C, int64_t S, int nhwc,
-                          int64_t groups, const NK_A *w, const NK_A *b, const NK_A *mean, const NK_A *rstd,
-                          int train, int act, double *dw, double *db, int nt) {
+                          int64_t groups, const NK_A *w, const NK_A *b, const double *mean_in, const NK_A *rstd,
+                          int train, int act, void *dw, void *db, int grads_float, int nt) {
     nt = nk_threads(nt);
+    /* the mean arrives in double, as the forward returned it (the caller keeps no converted copy);
+     * the passes use it rounded to NK_A, as a float32 copy would have held it */
+    int64_t nsets = groups > 0 ? N * groups : C;
+    NK_A *mean = mean_in ? (NK_A *)malloc(sizeof(NK_A) * (size_t)(nsets + 1)) : NULL;
+    for (int64_t k = 0; mean && k < nsets; k++) mean[k] = (NK_A)mean_in[k];
     if (!train && !act && groups == 0 && (nhwc || C >= 2 * (int64_t)nt)) {
         /* fixed statistics (eval BatchNorm): one pass. Channels-first, it shares the channels among
          * the threads; with fewer than two a thread, the two-pass path's threading over (n, c) wins */
-        NK_NAME(nk_chan_bwd_fixed)(x, dy, dx, N, C, S, nhwc, w, mean, rstd, dw, db, nt);
+        NK_NAME(nk_chan_bwd_fixed)(x, dy, dx, N, C, S, nhwc, w, mean, rstd, dw, db, grads_float, nt);
+        free(mean);
         return;
     }
     /* The constants and sums between the passes are kept per (n, c) for GroupNorm/InstanceNorm and
@@ -916,8 +934,8 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     for (int64_t c = 0; c < C; c++) {
         double sw = 0, sb = 0;
         for (int64_t n = 0; n < NP; n++) sw += a2[n * C + c], sb += a1[n * C + c];
-        if (dw) dw[c] = sw;
-        if (db) db[c] = sb;
+        if (dw) nk_put_grad(dw, grads_float, c, sw);
+        if (db) nk_put_grad(db, grads_float, c, sb);
     }
     /* pass 2 */
     if (!nhwc) {
@@ -957,6 +975,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     free(k2);
     free(k3);
     free(zc);
+    free(mean);
 }
 
 /* BatchNorm's running statistics, updated in place (either may be NULL) as torch ops would, in double:
