@@ -106,19 +106,20 @@ class TritonBackend(Backend):
     def group_norm(self, x, num_groups, weight, bias, eps):
         if self._fallback(x, weight, bias):
             return self._reference.group_norm(x, num_groups, weight, bias, eps)
-        return ops.sets(x, _flat(weight), _flat(bias), num_groups, eps, False)[0]
+        return ops.sets(x, _flat(weight), _flat(bias), num_groups, eps, False, stats=False)[0]
 
     def group_norm_silu(self, x, num_groups, weight, bias, eps):
         if self._fallback(x, weight, bias):
             return self._reference.group_norm_silu(x, num_groups, weight, bias, eps)
-        return ops.sets(x, _flat(weight), _flat(bias), num_groups, eps, True)[0]
+        return ops.sets(x, _flat(weight), _flat(bias), num_groups, eps, True, stats=False)[0]
 
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
         if self._fallback(x, weight, bias, running_mean, running_var):
             return self._reference.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         if not training:
-            return ops.batch(x, _flat(weight), _flat(bias), running_mean, running_var, eps)[0]
-        y, mean, _, var = ops.batch(x, _flat(weight), _flat(bias), None, None, eps)
+            return ops.batch(x, _flat(weight), _flat(bias), running_mean, running_var, eps, stats=False)[0]
+        tracked = running_mean is not None
+        y, mean, _, var = ops.batch(x, _flat(weight), _flat(bias), None, None, eps, stats=tracked)
         if running_mean is not None:
             count = x.numel() // x.shape[1]
             ops.update_running_stats(running_mean, running_var, mean.detach(), var.detach(), momentum, count)
@@ -130,8 +131,9 @@ class TritonBackend(Backend):
                 x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
             )
         if not use_input_stats:  # every instance normalized with the running statistics: BatchNorm eval
-            return ops.batch(x, _flat(weight), _flat(bias), running_mean, running_var, eps)[0]
-        y, mean, _, var = ops.sets(x, _flat(weight), _flat(bias), x.shape[1], eps, False)
+            return ops.batch(x, _flat(weight), _flat(bias), running_mean, running_var, eps, stats=False)[0]
+        y, mean, _, var = ops.sets(x, _flat(weight), _flat(bias), x.shape[1], eps, False,
+                                   stats=running_mean is not None)
         if running_mean is not None:
             # the batch averages of the per-instance statistics; the update makes the variance unbiased
             count = x.numel() // (x.shape[0] * x.shape[1])

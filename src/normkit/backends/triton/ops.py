@@ -71,19 +71,33 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+#: outputs of every forward op: the result (and the fused adds' sum h) first, then statistics
+_OUTPUTS = 4
+
+
 def _eager_function(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
     """The autograd.Function of a custom op's forward, setup and backward functions, for eager calls.
 
     The forward takes ``ctx`` and calls the setup itself: a Function that defines ``setup_context``
     binds its arguments with ``inspect.signature`` on every call, which was the largest single item of an
-    eval BatchNorm call's host time under the profiler."""
+    eval BatchNorm call's host time under the profiler. ``apply`` takes the op's inputs and then ``keep``
+    and ``sink``: it returns only the first ``keep`` outputs (y, or y and h; a tensor when ``keep`` is 1),
+    and appends the others (the statistics) to the list ``sink`` when one is given. Every output of a
+    Function costs autograd bookkeeping on each call, and the statistics are mostly unused placeholders."""
 
-    def fwd(ctx, *inputs):
+    def fwd(ctx, *args):
+        *inputs, keep, sink = args
         output = forward(*inputs)
         setup_context(ctx, inputs, output)
-        return output
+        ctx.keep = keep
+        if sink is not None:
+            sink += output[keep:]
+        return output[0] if keep == 1 else output[:keep]
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward)})
+    def bwd(ctx, *grads):
+        return (*backward(ctx, *grads, *(None,) * (_OUTPUTS - ctx.keep)), None, None)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,7 +216,7 @@ _TritonRowsRounded = _eager_function("_TritonRowsRounded", _rounded_forward, _ro
 def rms_rounded_scale(x: Tensor, weight: Tensor, n: int, eps: float) -> Tensor:
     """``weight * rms_norm(x).to(x.dtype)`` in one kernel (eager calls only)."""
     if _needs_grad(x, weight):
-        return _TritonRowsRounded.apply(x, None, weight, None, n, eps, True)[0]
+        return _TritonRowsRounded.apply(x, None, weight, None, n, eps, True, 1, None)
     return _rounded_forward(x, None, weight, None, n, eps, True)[0]
 
 
@@ -225,18 +239,21 @@ _TritonRowsRoundedRstd = _eager_function(
 def rms_rounded_rstd(x: Tensor, n: int, eps: float) -> Tensor:
     """``x * rms_rstd(x).to(x.dtype)`` in one kernel (eager calls only)."""
     if _needs_grad(x):
-        return _TritonRowsRoundedRstd.apply(x, None, None, None, n, eps, True)[0]
+        return _TritonRowsRoundedRstd.apply(x, None, None, None, n, eps, True, 1, None)
     return _rounded_rstd_forward(x, None, None, None, n, eps, True)[0]
 
 
 def rows(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`rows_forward`: the custom op under torch.compile, else the same functions without it."""
+    """:func:`rows_forward`: the custom op under torch.compile, else the same functions without it (and,
+    through autograd, without the statistics: Nones in their place)."""
     if _compiling():
         return rows_forward(x, residual, weight, bias, n, eps, rms)
     if _needs_grad(x, residual, weight, bias):
-        return _TritonRows.apply(x, residual, weight, bias, n, eps, rms)
+        if residual is None:
+            return _TritonRows.apply(x, residual, weight, bias, n, eps, rms, 1, None), None, None, None
+        return (*_TritonRows.apply(x, residual, weight, bias, n, eps, rms, 2, None), None, None)
     return _rows_forward(x, residual, weight, bias, n, eps, rms)
 
 
@@ -322,14 +339,22 @@ sets_forward.register_autograd(_sets_backward, setup_context=_sets_setup)
 _TritonSets = _eager_function("_TritonSets", _sets_forward, _sets_setup, _sets_backward)
 
 
+def _with_stats(function: type[torch.autograd.Function], inputs: tuple, stats: bool) -> tuple:
+    """``(y, *statistics)`` of an eager Function: the statistics (three) only when ``stats``, else Nones."""
+    sink = [] if stats else None
+    y = function.apply(*inputs, 1, sink)
+    return (y, *sink) if stats else (y, None, None, None)
+
+
 def sets(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float, silu: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`sets_forward`: the custom op under torch.compile, else the same functions without it."""
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float, silu: bool, stats: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`sets_forward`: the custom op under torch.compile, else the same functions without it (through
+    autograd, the statistics only when ``stats``: Nones otherwise)."""
     if _compiling():
         return sets_forward(x, weight, bias, groups, eps, silu)
     if _needs_grad(x, weight, bias):
-        return _TritonSets.apply(x, weight, bias, groups, eps, silu)
+        return _with_stats(_TritonSets, (x, weight, bias, groups, eps, silu), stats)
     return _sets_forward(x, weight, bias, groups, eps, silu)
 
 
@@ -411,14 +436,14 @@ _TritonBatch = _eager_function("_TritonBatch", _batch_forward, _batch_setup, _ba
 
 def batch(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, fixed_mean: Tensor | None, fixed_var: Tensor | None,
-    eps: float,
+    eps: float, stats: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """:func:`batch_forward`: the custom op under torch.compile, else the same functions without it (and
-    without statistics in inference with fixed ones)."""
+    without statistics in inference with fixed ones; through autograd, only when ``stats``)."""
     if _compiling():
         return batch_forward(x, weight, bias, fixed_mean, fixed_var, eps)
     if _needs_grad(x, weight, bias):
-        return _TritonBatch.apply(x, weight, bias, fixed_mean, fixed_var, eps)
+        return _with_stats(_TritonBatch, (x, weight, bias, fixed_mean, fixed_var, eps), stats)
     # inference: no statistics for fixed ones (nothing reads them; not even empty placeholders, whose
     # three allocations were a tenth of an eval BatchNorm call's host time)
     return _batch.batch_forward(x, weight, bias, fixed_mean, fixed_var, eps, need_stats=False)

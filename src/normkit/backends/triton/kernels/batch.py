@@ -104,9 +104,9 @@ def _finalize_stats_kernel(
 
 @triton.jit
 def _apply_kernel(
-    X, Y, W, B, MEAN, RSTD, C, S, sN, sC, sS, s_blocks, eps,
+    X, Y, W, B, MEAN, RSTD, SAVE_MEAN, SAVE_RSTD, SAVE_VAR, C, S, sN, sC, sS, s_blocks, eps,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FIXED: tl.constexpr,
+    FIXED: tl.constexpr, SAVE: tl.constexpr,
 ):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs, mask, _ = _item_tile(tl.program_id(0), c, C, S, sN, sC, sS, s_blocks, BLOCK_S)
@@ -114,7 +114,14 @@ def _apply_kernel(
     if FIXED:  # MEAN and RSTD are the running mean and variance, as stored (any float dtype)
         shift = tl.load(MEAN + c, mask=c_mask, other=0.0).to(tl.float32)
         mean = tl.zeros_like(shift)
-        scale = tl.math.rsqrt(tl.load(RSTD + c, mask=c_mask, other=1.0).to(tl.float32) + eps)
+        var = tl.load(RSTD + c, mask=c_mask, other=1.0).to(tl.float32)
+        scale = tl.math.rsqrt(var + eps)
+        if SAVE:  # the statistics used, for a backward, in the layout of the batch's: written by one item
+            if tl.program_id(0) == 0:
+                tl.store(SAVE_MEAN + c, shift, mask=c_mask)
+                tl.store(SAVE_MEAN + C + c, mean, mask=c_mask)
+                tl.store(SAVE_RSTD + c, scale, mask=c_mask)
+                tl.store(SAVE_VAR + c, var, mask=c_mask)
     else:
         shift = tl.load(MEAN + c, mask=c_mask, other=0.0)
         mean = tl.load(MEAN + C + c, mask=c_mask, other=0.0)
@@ -238,17 +245,22 @@ def batch_forward(
     dev = x.device
     y = torch.empty_like(lay.x)
     if fixed_mean is not None:
+        # with need_stats the kernel also writes the statistics it used (copies: a later training step may
+        # change the buffers), as the mean pair (the fixed mean, 0), rstd and the variance in float32: three
+        # allocations instead of six torch ops
+        if need_stats:
+            mean = torch.empty((2, lay.c), dtype=torch.float32, device=dev)
+            rstd, var = (torch.empty(lay.c, dtype=torch.float32, device=dev) for _ in range(2))
+        else:
+            mean = rstd = var = None
         _apply_kernel[lay.apply_grid](
             lay.x, y, weight if weight is not None else y, bias if bias is not None else y,
-            fixed_mean.contiguous(), fixed_var.contiguous(), *lay.dims, eps,
+            fixed_mean.contiguous(), fixed_var.contiguous(), mean if need_stats else y, rstd if need_stats else y,
+            var if need_stats else y, *lay.dims, eps,
             BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            FIXED=True, num_warps=lay.warps,
+            FIXED=True, SAVE=need_stats, num_warps=lay.warps,
         )
-        if not need_stats:
-            return y, None, None, None
-        mean = torch.stack([fixed_mean.to(torch.float32), torch.zeros_like(fixed_mean, dtype=torch.float32)])
-        var = fixed_var.to(torch.float32, copy=True)
-        return y, mean, torch.rsqrt(var + eps), var
+        return y, mean, rstd, var
     part = torch.empty((3, lay.splits, lay.c), dtype=torch.float32, device=dev).unbind(0)  # three (splits, C)
     mean = torch.empty((2, lay.c), dtype=torch.float32, device=dev)
     rstd, var = (torch.empty(lay.c, dtype=torch.float32, device=dev) for _ in range(2))
@@ -262,9 +274,9 @@ def batch_forward(
         BLOCK_R=min(32, config.next_power_of_2(lay.splits)), BLOCK=block, num_warps=4,
     )
     _apply_kernel[lay.apply_grid](
-        lay.x, y, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd, *lay.dims,
-        eps, BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        FIXED=False, num_warps=lay.warps,
+        lay.x, y, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd, mean, rstd,
+        var, *lay.dims, eps, BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, FIXED=False, SAVE=False, num_warps=lay.warps,
     )
     return y, mean, rstd, var
 
