@@ -205,7 +205,9 @@ def chan_forward(
         mean, var = torch.empty(sets, dtype=torch.float64), torch.empty(sets, dtype=torch.float64)
     else:
         mean = var = None
-    rstd = torch.empty(sets, dtype=arithmetic_dtype(x.dtype)) if (need_stats if need_rstd is None else need_rstd) else None
+    if need_rstd is None:
+        need_rstd = need_stats
+    rstd = torch.empty(sets, dtype=arithmetic_dtype(x.dtype)) if need_rstd else None
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     # converted copies (if any) must outlive the call: bound here, not made inside the argument list
     fm, fv = _param(fixed_mean, x.dtype), _param(fixed_var, x.dtype)
