@@ -852,3 +852,99 @@ def test_rms_norm_rounded_rstd_saves_only_the_input_and_rstd():
     assert fused.new == 64 * 4  # rstd: one float32 per row
     assert composed.new >= 64 * 256 * 4  # the float32 copy of x
 
+
+
+# --------------------------------------------------------------------------------------------------
+# the gated RMSNorm of linear-attention layers (converted GLM-5-Next, Qwen3-Next, Falcon-H1 norms)
+# --------------------------------------------------------------------------------------------------
+
+GATE_ACTS = {"silu": TF.silu, "sigmoid": torch.sigmoid}
+
+
+def torch_gated_rms(x, gate, shape, w, eps, act, round_first, work=torch.float32):
+    """The originals: the norm and the weight in float32, times the gate's activation, one rounding
+    (GLM-5-Next, Falcon-H1); or Llama's norm rounded to x's dtype first (Qwen3-Next). ``work=float64``
+    is the truth: the same arithmetic without the float32 steps."""
+    if round_first:
+        norm = (w * TF.rms_norm(x.to(work), shape, None, eps).to(x.dtype)).to(work)
+    else:
+        norm = TF.rms_norm(x.to(work), shape, w.to(work), eps)
+    return (norm * GATE_ACTS[act](gate.to(work))).to(x.dtype)
+
+
+def gated_case(shape, dtype, round_first):
+    n = shape[-1]
+    x, gate = rand(shape, dtype, scale=2.0, shift=0.5), rand(shape, dtype, scale=3.0)
+    w = (1 + 0.5 * torch.randn(n, **F64)).to(dtype if round_first else param_dtype(dtype))
+    return {"x": x, "gate": gate, "w": w}, (n,)
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (4, 1000), (2, 3, 64)], ids=["3x7", "4x1000", "2x3x64"])
+@pytest.mark.parametrize("round_first", [False, True], ids=["float32", "rounded-first"])
+@pytest.mark.parametrize("act", sorted(GATE_ACTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gated_rms_norm_inference_matches_the_originals(dtype, act, round_first, shape, backend):
+    """In inference (the cpu backend's one pass): the originals' result within the per-dtype bound of the
+    float64 truth, and in 16-bit their bits but for rare elements one unit apart (the gate's activation
+    and rstd are a few float32 ulps from torch's)."""
+    t, ns = gated_case(shape, dtype, round_first)
+    with torch.no_grad():
+        ours = NF._gated_rms_norm(t["x"], t["gate"], ns, t["w"], 1e-6, act, round_first)
+        theirs = torch_gated_rms(t["x"], t["gate"], ns, t["w"], 1e-6, act, round_first)
+        truth = torch_gated_rms(*(v.double() for v in (t["x"], t["gate"])), ns, t["w"].double(), 1e-6, act,
+                                round_first, work=torch.float64)
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
+    if dtype == torch.float64:  # the originals compute float64 input in float32: so does this, as they do
+        assert_close(ours, theirs, torch.float32)
+    else:
+        assert_close(ours, truth, dtype, baseline=theirs)
+    if dtype in (torch.bfloat16, torch.float16):
+        differ = ours != theirs
+        assert int(differ.sum()) <= max(2, ours.numel() // 100), f"{int(differ.sum())} of {ours.numel()} differ"
+        ulp = torch.finfo(dtype).eps * theirs.double().abs()
+        assert bool(((ours.double() - theirs.double()).abs() <= ulp)[differ].all())
+
+
+@pytest.mark.parametrize("round_first", [False, True], ids=["float32", "rounded-first"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gated_rms_norm_gradients(dtype, round_first, backend):
+    """With a gradient it is the composition: outputs and the gradients of x, the gate and the weight."""
+    t, ns = gated_case((4, 3, 96), dtype, round_first)
+    check_against_torch_and_truth(
+        lambda x, gate, w: NF._gated_rms_norm(x, gate, ns, w, 1e-6, "silu", round_first),
+        lambda x, gate, w: torch_gated_rms(x, gate, ns, w, 1e-6, "silu", round_first),
+        t, [rand((4, 3, 96), dtype)], f"{dtype} {round_first}",
+        truth_fn=lambda x, gate, w: torch_gated_rms(x, gate, ns, w, 1e-6, "silu", round_first, work=torch.float64),
+    )
+
+
+def test_gated_rms_norm_runs_one_pass_in_inference_only(monkeypatch):
+    """The cpu backend calls its row kernel once, with the gate, when nothing needs a gradient, and the
+    composition otherwise; non-contiguous inputs are taken too."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu backend is not available")
+    from normkit.backends.cpu import kernels as K
+
+    calls = []
+    original = K.row_forward
+    monkeypatch.setattr(K, "row_forward", lambda *a, **k: calls.append(k.get("gate") is not None) or original(*a, **k))
+    x, gate = rand((8, 6, 32), torch.bfloat16).transpose(0, 1), rand((8, 6, 32), torch.bfloat16).transpose(0, 1)
+    w = torch.ones(32, dtype=torch.bfloat16, requires_grad=True)
+    with normkit.use_backend("cpu"):
+        with torch.no_grad():
+            y = NF._gated_rms_norm(x, gate, (32,), w, 1e-6, "sigmoid", True)
+        assert calls == [True]
+        calls.clear()
+        y_grad = NF._gated_rms_norm(x, gate, (32,), w, 1e-6, "sigmoid", True)
+        assert y_grad.requires_grad and True not in calls
+    assert_same_rounding(y, y_grad.detach())
+
+
+def test_gated_rms_norm_checks_its_arguments():
+    x = rand((2, 8))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        NF._gated_rms_norm(x, x, (8,), torch.ones(8), 1e-6, "relu")
+    with pytest.raises(ValueError, match="gate must have the input's shape and dtype"):
+        NF._gated_rms_norm(x, x.double(), (8,), torch.ones(8), 1e-6)
+    with pytest.raises(RuntimeError, match="Expected weight to be of same shape"):
+        NF._gated_rms_norm(x, x, (8,), torch.ones(7), 1e-6)

@@ -267,6 +267,39 @@ def test_rms_norm_scale_rounded_before_the_multiply(dtype, block, device):
     assert torch.equal(out[0].detach(), TorchOps._rms_norm_rounded_rstd(x, (40,), 1e-6))
 
 
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("round_first", [False, True], ids=["float32", "rounded-first"])
+@pytest.mark.parametrize("act", ["silu", "sigmoid"])
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+def test_gated_rms_norm_in_one_kernel(dtype, act, round_first, block, device, monkeypatch):
+    """The gated RMSNorm of converted linear-attention layers in inference: one kernel (one tile and column
+    blocks), the composition's result within the per-dtype bound of a float64 truth."""
+    from normkit.backends.triton.kernels import rows
+
+    gated_launches = []
+    original = rows.row_forward
+    monkeypatch.setattr(
+        rows, "row_forward", lambda *a, **k: gated_launches.append(k.get("gate") is not None) or original(*a, **k)
+    )
+    x, gate = rand((5, 40), dtype, device, 2.0, 0.5), rand((5, 40), dtype, device, 3.0)
+    w = rand((40,), dtype if round_first else FP32, device, 0.5, 1.0)
+    acts = {"silu": F.silu, "sigmoid": torch.sigmoid}
+
+    def composition(x, gate, w, work):
+        if round_first:
+            norm = (w * F.rms_norm(x.to(work), (40,), None, 1e-6).to(x.dtype)).to(work)
+        else:
+            norm = F.rms_norm(x.to(work), (40,), w.to(work), 1e-6)
+        return (norm * acts[act](gate.to(work))).to(x.dtype)
+
+    with cap(block), torch.no_grad():
+        ours = NF._gated_rms_norm(x, gate, (40,), w, 1e-6, act, round_first)
+        theirs = composition(x, gate, w, torch.float32)
+        truth = composition(x.double(), gate.double(), w.double(), torch.float64)
+    assert ours.dtype == dtype and gated_launches == [True]
+    assert_close(ours, truth, dtype, baseline=theirs)
+
+
 def test_bfloat16_parameters_with_bfloat16_input(device):
     x, w, b = rand((5, 20), BF16, device), rand((20,), BF16, device), rand((20,), BF16, device)
     check(lambda f, x, w, b: f.layer_norm(x, (20,), w, b), [x, w, b], BF16, msg="bf16 parameters")

@@ -26,7 +26,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _checks
 from .backends import get_backend, resolve
-from .backends.base import ACTIVATIONS
+from .backends.base import ACTIVATIONS, GATE_ACTIVATIONS
 
 __all__ = [
     "batch_norm",
@@ -333,6 +333,37 @@ def _rms_norm_rounded_rstd(input: Tensor, normalized_shape: Sequence[int], eps: 
         return get_backend("reference").rms_norm_rounded_rstd(input, shape, eps)
     _rms_norm_checks(input, shape, None)
     y = resolve(input).rms_norm_rounded_rstd(input, shape, eps)
+    return _laid_out(y, _suggested_format(input))
+
+
+def _gated_rms_norm(
+    input: Tensor,
+    gate: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor,
+    eps: float | None,
+    activation: str = "silu",
+    round_first: bool = False,
+) -> Tensor:
+    """The gated RMSNorm of linear-attention layers, ``(norm · act(gate.float())).to(input.dtype)``: ``norm``
+    is ``rms_norm(input.float()) · weight.float()`` in float32 (GLM-5-Next's and Falcon-H1's order), or with
+    ``round_first`` Hugging Face Llama's ``weight · rms_norm(input).to(input.dtype)`` (Qwen3-Next's; the
+    weight in the input's dtype); ``act`` is ``"silu"`` or ``"sigmoid"``. ``gate`` has the input's shape
+    and dtype. In inference the cpu backend computes it in one pass over the input and the gate (the
+    composition makes four full-size float32 temporaries); with a gradient, under torch.compile and on
+    other backends, it is that composition. Used by converted gated norms."""
+    if activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"_gated_rms_norm: activation must be one of {sorted(GATE_ACTIVATIONS)}, got {activation!r}")
+    if gate.shape != input.shape or gate.dtype != input.dtype:
+        raise ValueError(
+            f"_gated_rms_norm: gate must have the input's shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
+            f"for {tuple(input.shape)} {input.dtype}"
+        )
+    shape = _as_shape(normalized_shape)
+    if has_torch_function_variadic(input, gate, weight):  # a tensor subclass sees the composition's torch ops
+        return get_backend("reference").gated_rms_norm(input, gate, shape, weight, eps, activation, round_first)
+    _rms_norm_checks(input, shape, weight)
+    y = resolve(input).gated_rms_norm(input, gate, shape, weight, eps, activation, round_first)
     return _laid_out(y, _suggested_format(input))
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-__all__ = ["ACTIVATIONS", "Backend", "needs_grad"]
+__all__ = ["ACTIVATIONS", "Backend", "GATE_ACTIVATIONS", "needs_grad"]
 
 #: the activations :meth:`Backend.batch_norm_act` applies, by name
 ACTIVATIONS = {
@@ -16,6 +16,10 @@ ACTIVATIONS = {
     "hardswish": torch.nn.functional.hardswish,
     "silu": torch.nn.functional.silu,
 }
+
+
+#: the gate activations of :meth:`Backend.gated_rms_norm`, by name
+GATE_ACTIVATIONS = {"silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid}
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:
@@ -124,6 +128,26 @@ class Backend:
         in float32 and rounded to x's dtype before it multiplies x (DeepSeek-V4's order)."""
         dims = tuple(range(-len(normalized_shape), 0))
         return x * torch.rsqrt(x.float().square().mean(dims, keepdim=True) + eps).to(x.dtype)
+
+    def gated_rms_norm(
+        self,
+        x: Tensor,
+        gate: Tensor,
+        normalized_shape: Sequence[int],
+        weight: Tensor,
+        eps: float | None,
+        activation: str,
+        round_first: bool,
+    ) -> Tensor:
+        """The gated RMSNorm of linear-attention layers: ``(norm · act(gate.float())).to(x.dtype)``, ``act``
+        ``"silu"`` or ``"sigmoid"``. ``norm`` is ``rms_norm(x.float()) · weight.float()`` in float32
+        (GLM-5-Next's and Falcon-H1's order), or with ``round_first`` Llama's ``weight ·
+        rms_norm(x).to(x.dtype)`` (Qwen3-Next's; a weight in x's dtype)."""
+        if round_first:
+            norm = self.rms_norm_rounded_scale(x, normalized_shape, weight, eps).float()
+        else:
+            norm = self.rms_norm(x.float(), normalized_shape, weight.float(), eps)
+        return (norm * GATE_ACTIVATIONS[activation](gate.float())).to(x.dtype)
 
     def fused_add_layer_norm(
         self,

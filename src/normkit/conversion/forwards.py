@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from ..backends.base import GATE_ACTIVATIONS
 from ..nn.batchnorm import _BatchNormMixin
 
 __all__ = [
@@ -114,6 +115,10 @@ class GateAfterRMSNorm(LlamaStyleRMSNorm):
     def forward(self, hidden_states: Tensor, gate: Tensor) -> Tensor:
         if self.activation != "silu":
             return super(LlamaStyleRMSNorm, self).forward(hidden_states, gate)
+        x, w = hidden_states, self.weight
+        if _gateable(x, gate) and w.shape == x.shape[-1:] and w.dtype == x.dtype:
+            # Llama's RMSNorm and the gate's product in one pass in inference (the same casts)
+            return F._gated_rms_norm(x, gate, (x.shape[-1],), w, self.variance_epsilon, "silu", round_first=True)
         y = LlamaStyleRMSNorm.forward(self, hidden_states)
         return (y * torch.nn.functional.silu(gate.to(torch.float32))).to(hidden_states.dtype)
 
@@ -134,8 +139,15 @@ class GateFirstRMSNorm:
         return self.weight * y.view(*prefix, last).to(hidden_states.dtype)
 
 
-#: the gate activations (transformers' ACT2FN names) the float32 gated norms are converted with
-_GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "silu": torch.nn.functional.silu, "swish": torch.nn.functional.silu}
+#: the gate activations (transformers' ACT2FN names) the float32 gated norms are converted with, by their
+#: names in normkit.functional._gated_rms_norm
+_GATE_ACTIVATIONS = {"sigmoid": "sigmoid", "silu": "silu", "swish": "silu"}
+
+
+def _gateable(x: Tensor, gate: Tensor | None) -> bool:
+    """Whether a gated norm's input and gate are what ``F._gated_rms_norm`` takes: the same shape and
+    dtype, not float64 (which the originals compute in float32)."""
+    return gate is not None and gate.shape == x.shape and gate.dtype == x.dtype and x.dtype != torch.float64
 
 
 class Float32GatedRMSNorm:
@@ -147,9 +159,11 @@ class Float32GatedRMSNorm:
         act = _GATE_ACTIVATIONS.get(self.activation)
         if act is None or gate is None:  # the original's own error for a missing gate
             return super().forward(hidden_states, gate)
-        y = F.rms_norm(hidden_states.to(torch.float32), (hidden_states.shape[-1],), self.weight.to(torch.float32),
-                       self.variance_epsilon)
-        return (y * act(gate.to(torch.float32))).to(hidden_states.dtype)
+        x, n = hidden_states, hidden_states.shape[-1]
+        if _gateable(x, gate) and self.weight.shape == (n,):
+            return F._gated_rms_norm(x, gate, (n,), self.weight, self.variance_epsilon, act)
+        y = F.rms_norm(x.to(torch.float32), (n,), self.weight.to(torch.float32), self.variance_epsilon)
+        return (y * GATE_ACTIVATIONS[act](gate.to(torch.float32))).to(x.dtype)
 
 
 class GroupedGatedRMSNorm:
@@ -162,6 +176,11 @@ class GroupedGatedRMSNorm:
         if hidden_states.dim() not in (2, 3):
             return super().forward(hidden_states, gate)
         gated = gate is not None
+        if (gated and self.norm_before_gate and self.n_groups == 1 and _gateable(hidden_states, gate)
+                and self.weight.shape == hidden_states.shape[-1:]):
+            # the norm, the weight's and the gate's products in float32, one rounding: one pass in inference
+            return F._gated_rms_norm(hidden_states, gate, (hidden_states.shape[-1],), self.weight,
+                                     self.variance_epsilon, "silu")
         h = hidden_states
         if gated and not self.norm_before_gate:
             h = h * torch.nn.functional.silu(gate.to(torch.float32))

@@ -35,8 +35,8 @@ SUPPORTED_DTYPES = frozenset(_SUFFIX)
 
 _P, _I64, _D, _I = c_void_p, c_int64, c_double, c_int
 _SIGNATURES = {
-    # x, res, hout, w, b, y, rstd, M, N, eps, rms, rounding, threads
-    "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I, _I],
+    # x, res, hout, w, b, y, rstd, M, N, eps, rms, rounding, gate, gate_act, threads
+    "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I, _P, _I, _I],
     # x, dy, dh, w, rstd, dx, dw, db, grads_float, M, N, rms, threads
     "nk_row_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I],
     # x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act, mean, rstd, var, threads
@@ -57,6 +57,9 @@ ACTIVATIONS = {None: 0, "silu": 1, "relu": 2, "hardswish": 3}
 #: rounding codes of the row forward kernel (NK_ROUND_* in csrc/kernels.c): what a two-step composition
 #: rounds to the data type before the last multiply, the normalized value or the scale
 ROUNDINGS = {None: 0, "xhat": 1, "rstd": 2}
+
+#: gate activations of the row forward kernel (NK_GATE_* in csrc/kernels.c)
+GATES = {"silu": 1, "sigmoid": 2}
 
 _lib: ctypes.CDLL | None = None
 _functions: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
@@ -126,6 +129,8 @@ def row_forward(
     rms: bool,
     save_rstd: bool = True,
     rounding: str | None = None,
+    gate: Tensor | None = None,
+    gate_act: str = "silu",
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """LayerNorm/RMSNorm over contiguous rows of length ``n`` (after ``h = x + residual``).
 
@@ -133,7 +138,9 @@ def row_forward(
     backward recomputes the row means. ``rounding`` (:data:`ROUNDINGS`): ``"xhat"`` (a weight, no
     bias): the normalized value is rounded to x's dtype before the weight multiplies it,
     ``round(round(x̂) · w)``; ``"rstd"`` (RMSNorm without parameters): the scale is, ``round(x ·
-    round(rstd))``. rstd itself is saved unrounded either way.
+    round(rstd))``. rstd itself is saved unrounded either way. ``gate`` (x's shape and dtype, contiguous;
+    no residual, no ``"rstd"`` rounding): ``y = round(v · act(gate))`` with ``act`` the ``gate_act`` of
+    :data:`GATES` and v the norm before its last rounding (after it with ``"xhat"``), in float32.
     """
     numel = x.numel()
     m = numel // n
@@ -143,7 +150,7 @@ def row_forward(
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     _fn("nk_row_fwd", x.dtype)(
         x.data_ptr(), _ptr(residual), _ptr(h), _ptr(w), _ptr(b), y.data_ptr(), _ptr(rstd),
-        m, n, float(eps), int(rms), ROUNDINGS[rounding], _threads(numel),
+        m, n, float(eps), int(rms), ROUNDINGS[rounding], _ptr(gate), GATES[gate_act], _threads(numel),
     )
     return y, h, rstd
 

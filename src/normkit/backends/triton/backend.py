@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ... import reference as ref
 from ..base import Backend
+from ..base import needs_grad as _needs_grad
 from . import config, ops
 
 __all__ = ["TritonBackend", "SUPPORTED_DTYPES"]
@@ -86,6 +87,21 @@ class TritonBackend(Backend):
         if x.dtype == torch.float64 or torch.compiler.is_compiling() or self._fallback(x):
             return super().rms_norm_rounded_rstd(x, normalized_shape, eps)
         return ops.rms_rounded_rstd(x, math.prod(normalized_shape), ref.rms_norm_eps(x.dtype, eps))
+
+    def gated_rms_norm(self, x, gate, normalized_shape, weight, eps, activation, round_first):
+        # inference in one kernel (the gate's product in float32); a gradient, torch.compile, float64, a
+        # weight over other than the last dim or (round_first) not in x's dtype take the composition
+        if (
+            x.dtype == torch.float64
+            or torch.compiler.is_compiling()
+            or _needs_grad(x, gate, weight)
+            or weight.shape != x.shape[-1:]
+            or (round_first and weight.dtype != x.dtype)
+            or self._fallback(x, gate, weight)
+        ):
+            return super().gated_rms_norm(x, gate, normalized_shape, weight, eps, activation, round_first)
+        return ops.gated_rms(x, gate, weight, x.shape[-1], ref.rms_norm_eps(torch.float32, eps), activation,
+                             round_first)
 
     def fused_add_rms_norm(self, x, residual, normalized_shape, weight, eps):
         if self._fallback(x, residual, weight):

@@ -33,7 +33,7 @@ from .kernels.reduce import update_running_stats as _update_running_stats
 
 __all__ = [
     "rows", "sets", "batch", "update_running_stats", "rows_forward", "sets_forward", "batch_forward", "wrapped",
-    "rms_rounded_scale", "rms_rounded_rstd",
+    "rms_rounded_scale", "rms_rounded_rstd", "gated_rms",
 ]
 
 _NS = "normkit_triton"
@@ -241,6 +241,16 @@ def rms_rounded_rstd(x: Tensor, n: int, eps: float) -> Tensor:
     if _needs_grad(x):
         return _TritonRowsRoundedRstd.apply(x, None, None, None, n, eps, True, 1, None)
     return _rounded_rstd_forward(x, None, None, None, n, eps, True)[0]
+
+
+def gated_rms(
+    x: Tensor, gate: Tensor, weight: Tensor, n: int, eps: float, activation: str, round_first: bool
+) -> Tensor:
+    """The gated RMSNorm's one kernel in inference: ``round(norm · act(gate))`` (eager calls without a
+    gradient only; the backend composes it otherwise)."""
+    y, _, _, _ = _rows.row_forward(x, None, weight, None, n, eps, True, round_first=round_first, gate=gate,
+                                   gate_act=activation)
+    return y.view(x.shape)
 
 
 def rows(

@@ -218,6 +218,9 @@ static inline int64_t nk_sub_rows(int64_t C) {
 #define NK_ROUND_NONE 0
 #define NK_ROUND_XHAT 1
 #define NK_ROUND_RSTD 2
+/* gate activations of the gated row forward (kernels_impl.h, nk_row_fwd); match kernels.py */
+#define NK_GATE_SILU 1
+#define NK_GATE_SIGMOID 2
 /* activation codes of the channel-norm forward (kernels_impl.h, nk_act); match kernels.py */
 #define NK_ACT_NONE 0
 #define NK_ACT_SILU 1

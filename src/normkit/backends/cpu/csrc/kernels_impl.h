@@ -116,6 +116,57 @@ static inline double NK_NAME(nk_row_moments)(const NK_A *buf, int64_t n, double 
 
 /* ================================ row norms ======================================== */
 
+/* The gated row forward of nk_row_fwd (see there): the norm's values, before their last rounding, go to
+ * a row buffer, and the gate's product is rounded once as it is written. act in NK_A with a true division
+ * (one per element: the loop is bound by memory), g / (1 + e^-g) or 1 / (1 + e^-g). */
+static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w, const NK_A *b, NK_T *y, NK_A *rstd_out,
+                                      int64_t M, int64_t N, double eps, int rms, int rounding, const NK_T *gate,
+                                      int gate_act, int nt) {
+#pragma omp parallel num_threads(nk_threads(nt))
+    {
+        NK_A *buf = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N > 0 ? N : 1));
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M; i++) {
+            const NK_T *xr = x + i * N, *gr = gate + i * N;
+            NK_T *yr = y + i * N;
+#pragma omp simd
+            for (int64_t j = 0; j < N; j++) buf[j] = NK_LOAD(xr[j]);
+            double var = 0, mean_d = rms ? 0.0 : NK_NAME(nk_row_moments)(buf, N, &var);
+            NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean), rstd;
+            if (rms)
+                rstd = (NK_A)(1.0 / sqrt((double)NK_NAME(nk_dot)(buf, buf, N) / (double)N + eps));
+            else
+                rstd = (NK_A)(1.0 / sqrt(var + eps));
+            if (rstd_out) rstd_out[i] = rstd;
+            /* the norm's value, in place of the row (each j read before it is written) */
+            if (w && rounding == NK_ROUND_XHAT) {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++)
+                    buf[j] = NK_LOAD(NK_STORE(NK_LOAD(NK_STORE(((buf[j] - mean) - mean_lo) * rstd)) * w[j]));
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) {
+                    NK_A v = ((buf[j] - mean) - mean_lo) * rstd;
+                    if (w) v = v * w[j];
+                    if (b) v = v + b[j];
+                    buf[j] = v;
+                }
+            }
+            if (gate_act == NK_GATE_SIGMOID) {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(buf[j] / ((NK_A)1 + NK_EXP(-NK_LOAD(gr[j]))));
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) {
+                    NK_A g = NK_LOAD(gr[j]);
+                    yr[j] = NK_STORE(buf[j] * (g / ((NK_A)1 + NK_EXP(-g))));
+                }
+            }
+        }
+        free(buf);
+    }
+}
+
 /* LayerNorm (rms = 0) or RMSNorm (rms = 1) over rows of length N; with res != NULL, the row is
  * first h = round(x + res), written to hout (the fused residual add). rstd_out gets one value per
  * row (the mean is recomputed by the backward). rounding: what a two-step composition in the data
@@ -125,9 +176,17 @@ static inline double NK_NAME(nk_row_moments)(const NK_A *buf, int64_t n, double 
  *   NK_ROUND_RSTD (RMSNorm, neither weight nor bias): y = round(x * round(rstd)), the scale rounded
  *     to the data type before it multiplies x (DeepSeek-V4's weightless RMSNorm; x times a 16-bit
  *     value is exact in float, so the one rounding left is the product's).
- * In float32 and float64 every rounding but the last is the identity. */
+ * In float32 and float64 every rounding but the last is the identity.
+ * gate != NULL (not with NK_ROUND_RSTD; gate_act NK_GATE_SILU or NK_GATE_SIGMOID): the gated norms of
+ * linear-attention layers, y = round(v * act(gate)) with v the value above before its last rounding
+ * (NK_ROUND_XHAT: after it, as the composition rounds the norm before the gate's product). */
 void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A *w, const NK_A *b, NK_T *y,
-                         NK_A *rstd_out, int64_t M, int64_t N, double eps, int rms, int rounding, int nt) {
+                         NK_A *rstd_out, int64_t M, int64_t N, double eps, int rms, int rounding, const NK_T *gate,
+                         int gate_act, int nt) {
+    if (gate) {
+        NK_NAME(nk_row_fwd_gated)(x, w, b, y, rstd_out, M, N, eps, rms, rounding, gate, gate_act, nt);
+        return;
+    }
 #pragma omp parallel num_threads(nk_threads(nt))
     {
         NK_A *buf = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N > 0 ? N : 1));

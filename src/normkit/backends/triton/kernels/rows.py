@@ -40,12 +40,24 @@ __all__ = ["row_forward", "row_backward"]
 
 
 @triton.jit
+def _gated(y, G, mask, ROUND_FIRST: tl.constexpr, GATE: tl.constexpr, y_type: tl.constexpr):
+    """The gated norms' last step: ``y · act(gate)`` in float32 (``GATE`` 1: SiLU, 2: sigmoid), with y
+    first rounded to the output's dtype when ``ROUND_FIRST`` (Qwen3-Next rounds its Llama-style norm)."""
+    if ROUND_FIRST:
+        y = rounded(y, y_type).to(tl.float32)
+    g = tl.load(G, mask=mask, other=0.0).to(tl.float32)
+    if GATE == 1:
+        return y * (g / (1.0 + tl.exp(-g)))
+    return y * (1.0 / (1.0 + tl.exp(-g)))
+
+
+@triton.jit
 def _row_forward_kernel(
-    X, R, H, Y, W, B, MEAN, RSTD,
-    M, N, stride_x, stride_r, stride_h, stride_y, eps,
+    X, R, H, Y, W, B, MEAN, RSTD, G,
+    M, N, stride_x, stride_r, stride_h, stride_y, stride_g, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
     RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROUND_FIRST: tl.constexpr, ROUND_RSTD: tl.constexpr,
+    ROUND_FIRST: tl.constexpr, ROUND_RSTD: tl.constexpr, GATE: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -54,6 +66,7 @@ def _row_forward_kernel(
     r_rows = R + rows[:, None] * stride_r
     h_rows = H + rows[:, None] * stride_h
     y_rows = Y + rows[:, None] * stride_y
+    g_rows = G + rows[:, None] * stride_g
     if ONE_TILE:
         mask = row_mask[:, None] & (cols < N)[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -84,6 +97,8 @@ def _row_forward_kernel(
             y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if GATE != 0:
+            y = _gated(y, g_rows + cols[None, :], mask, ROUND_FIRST, GATE, Y.dtype.element_ty)
         tl.store(y_rows + cols[None, :], rounded(y, Y.dtype.element_ty), mask=mask)
     else:
         # pass 1: statistics over column blocks (and h = x + residual, stored for pass 2 to read). LayerNorm
@@ -144,6 +159,8 @@ def _row_forward_kernel(
                 y = y * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
             if HAS_BIAS:
                 y = y + tl.load(B + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
+            if GATE != 0:
+                y = _gated(y, g_rows + c[None, :], mask, ROUND_FIRST, GATE, Y.dtype.element_ty)
             tl.store(y_rows + c[None, :], rounded(y, Y.dtype.element_ty), mask=mask)
 
 
@@ -244,16 +261,22 @@ def _rows(t: Tensor, n: int) -> Tensor:
     return t2 if t2.stride(-1) == 1 or n == 1 else t2.contiguous()
 
 
+#: the gate activations of :func:`row_forward` (``GATE`` in the kernel)
+GATES = {"silu": 1, "sigmoid": 2}
+
+
 def row_forward(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool,
-    round_first: bool = False, round_rstd: bool = False,
+    round_first: bool = False, round_rstd: bool = False, gate: Tensor | None = None, gate_act: str = "silu",
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """Normalize each row of n elements: ``(y, h, mean, rstd)`` with y and h (x + residual, or None) of
     shape (M, n) in x's dtype, rstd float32 (M,) and mean float32 (2, M) (None for RMSNorm): a shift and
     the mean relative to it, whose sum is the mean to more bits than one float32 holds. ``round_first``:
     the normalized value is rounded to x's dtype before the weight multiplies it; ``round_rstd``
     (RMSNorm without parameters): the scale is rounded to x's dtype before it multiplies x (rstd is
-    returned unrounded)."""
+    returned unrounded). ``gate`` (x's shape and dtype; not with a residual or ``round_rstd``): y is
+    ``round(v · act(gate))`` in float32, v the norm before its last rounding (after it with
+    ``round_first``), ``act`` the ``gate_act`` of :data:`GATES`."""
     x2 = _rows(x, n)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -261,16 +284,17 @@ def row_forward(
     h = torch.empty_like(y) if residual is not None else None
     mean = None if rms else torch.empty((2, m), dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    g2 = _rows(gate, n) if gate is not None else None
     block_m, block_n, one_tile = config.row_config(n, x.dtype)
     grid = (config.cdiv(m, block_m),)
     _row_forward_kernel[grid](
         x2, r2 if r2 is not None else x2, h if h is not None else y, y,
         weight if weight is not None else rstd, bias if bias is not None else rstd,
-        mean if mean is not None else rstd, rstd,
-        m, n, x2.stride(0), r2.stride(0) if r2 is not None else 0, n, n, eps,
+        mean if mean is not None else rstd, rstd, g2 if g2 is not None else x2,
+        m, n, x2.stride(0), r2.stride(0) if r2 is not None else 0, n, n, g2.stride(0) if g2 is not None else 0, eps,
         BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, RMS=rms, HAS_RESIDUAL=residual is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROUND_FIRST=round_first, ROUND_RSTD=round_rstd,
-        num_warps=config.warps_for(block_m * block_n),
+        GATE=GATES[gate_act] if gate is not None else 0, num_warps=config.warps_for(block_m * block_n),
     )
     return y, h, mean, rstd
 
