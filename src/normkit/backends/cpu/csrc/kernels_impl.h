@@ -117,8 +117,8 @@ static inline double NK_NAME(nk_row_moments)(const NK_A *buf, int64_t n, double 
 /* ================================ row norms ======================================== */
 
 /* The gated row forward of nk_row_fwd (see there): the norm's values, before their last rounding, go to
- * a row buffer, and the gate's product is rounded once as it is written. act in NK_A with a true division
- * (one per element: the loop is bound by memory), g / (1 + e^-g) or 1 / (1 + e^-g). */
+ * a row buffer, and the gate's product is rounded once as it is written. act in NK_A: nk_sigmoid (as
+ * GroupNorm+SiLU computes it, no divide), times g for SiLU; the exponential is most of the work. */
 static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w, const NK_A *b, NK_T *y, NK_A *rstd_out,
                                       int64_t M, int64_t N, double eps, int rms, int rounding, const NK_T *gate,
                                       int gate_act, int nt) {
@@ -154,12 +154,12 @@ static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w, const NK_A *
             }
             if (gate_act == NK_GATE_SIGMOID) {
 #pragma omp simd
-                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(buf[j] / ((NK_A)1 + NK_EXP(-NK_LOAD(gr[j]))));
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(buf[j] * NK_NAME(nk_sigmoid)(NK_LOAD(gr[j])));
             } else {
 #pragma omp simd
                 for (int64_t j = 0; j < N; j++) {
                     NK_A g = NK_LOAD(gr[j]);
-                    yr[j] = NK_STORE(buf[j] * (g / ((NK_A)1 + NK_EXP(-g))));
+                    yr[j] = NK_STORE(buf[j] * (g * NK_NAME(nk_sigmoid)(g)));
                 }
             }
         }
