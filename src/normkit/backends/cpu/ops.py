@@ -195,19 +195,22 @@ def chan_forward(
     silu: bool,
     out_channels_first: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, rstd, var)`` of BatchNorm (groups == 0) or GroupNorm/InstanceNorm: the mean and variance in
-    float64, rstd in the arithmetic dtype (see :func:`.kernels.chan_forward`)."""
+    """``(y, mean, rstd, var)`` of BatchNorm (groups == 0) or GroupNorm/InstanceNorm; float64 statistics.
+
+    rstd stays float64 here, though the kernel writes it in the arithmetic dtype (as the eager path keeps
+    it): a changed output dtype under an unchanged op name would meet graphs compiled before the change
+    in torch.compile's on-disk caches, which key on the op's name, not on its fake's outputs."""
     y, xk, dims, nhwc, out_nhwc = chan_output(x, groups, out_channels_first)
     mean, rstd, var = K.chan_forward(xk, y, dims, nhwc, out_nhwc, groups, weight, bias, fixed_mean, fixed_var, eps,
                                      silu)
-    return y, mean, rstd, var
+    return y, mean, rstd.to(torch.float64), var
 
 
 @chan_forward.register_fake
 def _(x, weight, bias, groups, fixed_mean, fixed_var, eps, silu, out_channels_first):
     y = chan_output(x, groups, out_channels_first)[0]
     sets = x.shape[0] * groups if groups > 0 else x.shape[1]
-    return y, _empty_vec(x, sets), _empty_vec(x, sets, K.arithmetic_dtype(x.dtype)), _empty_vec(x, sets)
+    return y, _empty_vec(x, sets), _empty_vec(x, sets), _empty_vec(x, sets)
 
 
 @torch.library.custom_op("normkit::cpu_chan_backward", mutates_args=())
@@ -230,7 +233,7 @@ def chan_backward(
     xk, dims, nhwc = channel_layout(x, per_channel=groups == 0)
     dx, dw, db = K.chan_backward(
         _like_layout(dy, xk, nhwc), xk, dims, nhwc, groups, weight, bias,
-        mean, rstd, train, silu, need_weight, need_bias,
+        mean, rstd.to(K.arithmetic_dtype(x.dtype)), train, silu, need_weight, need_bias,
     )
     return dx.view(x.shape), (dw if dw is not None else _empty_vec(x)), (db if db is not None else _empty_vec(x))
 
