@@ -110,7 +110,8 @@ class LlamaStyleRMSNorm:
 class GateAfterRMSNorm(LlamaStyleRMSNorm):
     """Qwen3-Next's gated RMSNorm and its copies (Qwen3.5, OLMo-Hybrid, ...): Llama's RMSNorm (the
     normalized value rounded to the input's dtype, then times the weight), times ``silu(gate)`` in
-    float32, rounded to the input's dtype once more. Another activation than SiLU runs the original."""
+    float32, rounded to the input's dtype once more (one pass in inference: ``F._gated_rms_norm``). Another
+    activation than SiLU runs the original."""
 
     def forward(self, hidden_states: Tensor, gate: Tensor) -> Tensor:
         if self.activation != "silu":
@@ -153,7 +154,8 @@ def _gateable(x: Tensor, gate: Tensor | None) -> bool:
 class Float32GatedRMSNorm:
     """GLM-5-Next's gated RMSNorm and its copies (Kimi-Linear, Bailing-Hybrid, Lara-Mini): RMSNorm in
     float32 times the weight in float32, times the module's activation (sigmoid or SiLU) of the gate in
-    float32, then one rounding to the input's dtype. Another activation runs the original."""
+    float32, then one rounding to the input's dtype (one pass in inference: ``F._gated_rms_norm``). Another
+    activation runs the original."""
 
     def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
         act = _GATE_ACTIVATIONS.get(self.activation)
@@ -169,8 +171,9 @@ class Float32GatedRMSNorm:
 class GroupedGatedRMSNorm:
     """Falcon-H1's gated RMSNorm: all in float32, rounded to the input's dtype once at the end. ``x *
     silu(gate)`` first unless ``norm_before_gate``, normalized over ``n_groups`` groups of the last dim,
-    times the weight (promoted to float32), then times ``silu(gate)`` if ``norm_before_gate``. Input of
-    other than 2 or 3 dims runs the original (which refuses it)."""
+    times the weight (promoted to float32), then times ``silu(gate)`` if ``norm_before_gate`` (with one
+    group, one pass in inference: ``F._gated_rms_norm``). Input of other than 2 or 3 dims runs the
+    original (which refuses it)."""
 
     def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
         if hidden_states.dim() not in (2, 3):
