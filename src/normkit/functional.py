@@ -344,14 +344,19 @@ def _gated_rms_norm(
     eps: float | None,
     activation: str = "silu",
     round_first: bool = False,
+    gate_first: bool = False,
+    group_size: int | None = None,
 ) -> Tensor:
-    """The gated RMSNorm of linear-attention layers, ``(norm · act(gate.float())).to(input.dtype)``: ``norm``
-    is ``rms_norm(input.float()) · weight.float()`` in float32 (GLM-5-Next's and Falcon-H1's order), or with
-    ``round_first`` Hugging Face Llama's ``weight · rms_norm(input).to(input.dtype)`` (Qwen3-Next's; the
-    weight in the input's dtype); ``act`` is ``"silu"`` or ``"sigmoid"``. ``gate`` has the input's shape
-    and dtype. In inference the cpu backend computes it in one pass over the input and the gate (the
-    composition makes four full-size float32 temporaries); with a gradient, under torch.compile and on
-    other backends, it is that composition. Used by converted gated norms."""
+    """The gated RMSNorm of linear-attention layers, rounded to the input's dtype once at the end (see
+    :meth:`normkit.backends.Backend.gated_rms_norm`): ``norm · act(gate.float())`` (GLM-5-Next, Qwen3-Next,
+    Falcon-H1), or with ``gate_first`` the norm of ``input.float() · act(gate.float())`` (Mamba-2,
+    Falcon-H1's other order); ``act`` is ``"silu"`` or ``"sigmoid"``. ``norm`` is RMSNorm over the last dim,
+    or over each ``group_size`` elements of it, times the weight (over the whole last dim) in float32, or
+    with ``round_first`` rounded to the input's dtype and then times the weight in its dtype (Hugging Face
+    Llama's order; the weight in the input's dtype). ``gate`` has the input's shape and dtype. In inference
+    the cpu and triton backends compute it in one pass over the input and the gate (the composition makes
+    several full-size float32 temporaries); with a gradient, under torch.compile and for float64 it is that
+    composition. Used by converted gated norms."""
     if activation not in GATE_ACTIVATIONS:
         raise ValueError(f"_gated_rms_norm: activation must be one of {sorted(GATE_ACTIVATIONS)}, got {activation!r}")
     if gate.shape != input.shape or gate.dtype != input.dtype:
@@ -360,10 +365,13 @@ def _gated_rms_norm(
             f"for {tuple(input.shape)} {input.dtype}"
         )
     shape = _as_shape(normalized_shape)
+    if group_size is not None and (len(shape) != 1 or group_size <= 0 or shape[0] % group_size):
+        raise ValueError(f"_gated_rms_norm: group_size {group_size} must divide normalized_shape {list(shape)}")
+    args = (eps, activation, round_first, gate_first, group_size)
     if has_torch_function_variadic(input, gate, weight):  # a tensor subclass sees the composition's torch ops
-        return get_backend("reference").gated_rms_norm(input, gate, shape, weight, eps, activation, round_first)
+        return get_backend("reference").gated_rms_norm(input, gate, shape, weight, *args)
     _rms_norm_checks(input, shape, weight)
-    y = resolve(input).gated_rms_norm(input, gate, shape, weight, eps, activation, round_first)
+    y = resolve(input).gated_rms_norm(input, gate, shape, weight, *args)
     return _laid_out(y, _suggested_format(input))
 
 

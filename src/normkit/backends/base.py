@@ -138,16 +138,24 @@ class Backend:
         eps: float | None,
         activation: str,
         round_first: bool,
+        gate_first: bool = False,
+        group_size: int | None = None,
     ) -> Tensor:
-        """The gated RMSNorm of linear-attention layers: ``(norm · act(gate.float())).to(x.dtype)``, ``act``
-        ``"silu"`` or ``"sigmoid"``. ``norm`` is ``rms_norm(x.float()) · weight.float()`` in float32
-        (GLM-5-Next's and Falcon-H1's order), or with ``round_first`` Llama's ``weight ·
-        rms_norm(x).to(x.dtype)`` (Qwen3-Next's; a weight in x's dtype)."""
-        if round_first:
-            norm = self.rms_norm_rounded_scale(x, normalized_shape, weight, eps).float()
-        else:
-            norm = self.rms_norm(x.float(), normalized_shape, weight.float(), eps)
-        return (norm * GATE_ACTIVATIONS[activation](gate.float())).to(x.dtype)
+        """The gated RMSNorm of linear-attention layers, ``act`` ``"silu"`` or ``"sigmoid"``, rounded to x's dtype
+        at the end: ``norm · act(gate.float())``, or with ``gate_first`` the norm of ``x.float() ·
+        act(gate.float())``. ``norm`` is RMSNorm in float32 over the last dim, or over each ``group_size``
+        elements of it, times the weight (over the whole last dim): in float32 (GLM-5-Next's and Falcon-H1's
+        order), or with ``round_first`` after the norm is rounded to x's dtype, in the weight's dtype
+        (Llama's, Qwen3-Next's and Mamba-2's; a weight in x's dtype)."""
+        act = GATE_ACTIVATIONS[activation]
+        n = normalized_shape[-1]
+        size = group_size or n
+        h = x.float() * act(gate.float()) if gate_first else x.float()
+        y = self.rms_norm(h.unflatten(-1, (n // size, size)), (size,), None, eps).flatten(-2)
+        y = weight * y.to(x.dtype) if round_first else y * weight.float()
+        if not gate_first:
+            y = y.float() * act(gate.float())
+        return y.to(x.dtype)
 
     def fused_add_layer_norm(
         self,

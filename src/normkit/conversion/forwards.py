@@ -127,9 +127,15 @@ class GateAfterRMSNorm(LlamaStyleRMSNorm):
 class GateFirstRMSNorm:
     """Mamba-2's gated RMSNorm and its copies (Bamba, Zamba2, NemotronH, GraniteMoeHybrid): ``x *
     silu(gate)`` in float32 (x alone without a gate), normalized over groups of ``group_size`` of the
-    last dim, rounded to the input's dtype, then times the weight."""
+    last dim, rounded to the input's dtype, then times the weight (one pass in inference, for a weight in
+    the input's dtype: ``F._gated_rms_norm``)."""
 
     def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
+        x, w, size = hidden_states, self.weight, self.group_size
+        if _gateable(x, gate) and w.shape == x.shape[-1:] and w.dtype == x.dtype and x.shape[-1] % size == 0:
+            # one pass in inference: x · silu(gate), its norm over groups, rounded, times the weight
+            return F._gated_rms_norm(x, gate, (x.shape[-1],), w, self.variance_epsilon, "silu", round_first=True,
+                                     gate_first=True, group_size=size)
         h = hidden_states.to(torch.float32)
         if gate is not None:
             h = h * torch.nn.functional.silu(gate.to(torch.float32))
@@ -171,19 +177,19 @@ class Float32GatedRMSNorm:
 class GroupedGatedRMSNorm:
     """Falcon-H1's gated RMSNorm: all in float32, rounded to the input's dtype once at the end. ``x *
     silu(gate)`` first unless ``norm_before_gate``, normalized over ``n_groups`` groups of the last dim,
-    times the weight (promoted to float32), then times ``silu(gate)`` if ``norm_before_gate`` (with one
-    group, one pass in inference: ``F._gated_rms_norm``). Input of other than 2 or 3 dims runs the
-    original (which refuses it)."""
+    times the weight (promoted to float32), then times ``silu(gate)`` if ``norm_before_gate`` (one pass in
+    inference: ``F._gated_rms_norm``). Input of other than 2 or 3 dims runs the original (which refuses
+    it)."""
 
     def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
         if hidden_states.dim() not in (2, 3):
             return super().forward(hidden_states, gate)
         gated = gate is not None
-        if (gated and self.norm_before_gate and self.n_groups == 1 and _gateable(hidden_states, gate)
-                and self.weight.shape == hidden_states.shape[-1:]):
-            # the norm, the weight's and the gate's products in float32, one rounding: one pass in inference
-            return F._gated_rms_norm(hidden_states, gate, (hidden_states.shape[-1],), self.weight,
-                                     self.variance_epsilon, "silu")
+        last = hidden_states.shape[-1]
+        if (_gateable(hidden_states, gate) and self.weight.shape == (last,) and last % self.n_groups == 0):
+            # the gate, the norm over groups and the weight's product in float32, one rounding: one pass
+            return F._gated_rms_norm(hidden_states, gate, (last,), self.weight, self.variance_epsilon, "silu",
+                                     gate_first=not self.norm_before_gate, group_size=last // self.n_groups)
         h = hidden_states
         if gated and not self.norm_before_gate:
             h = h * torch.nn.functional.silu(gate.to(torch.float32))

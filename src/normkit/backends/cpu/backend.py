@@ -373,10 +373,11 @@ class CpuBackend(Backend):
             return super().rms_norm_rounded_rstd(x, normalized_shape, eps)
         return _row(x, None, None, None, tuple(normalized_shape), ref.rms_norm_eps(x.dtype, eps), True, "rstd")
 
-    def gated_rms_norm(self, x, gate, normalized_shape, weight, eps, activation, round_first):
-        # inference in one pass: the kernel writes round(norm · act(gate)) (the gate's product in float32).
-        # A gradient, torch.compile, float64 (which the originals compute in float32), a weight over
-        # other than the last dim, or (round_first) a weight not in x's dtype take the composition
+    def gated_rms_norm(self, x, gate, normalized_shape, weight, eps, activation, round_first, gate_first=False,
+                       group_size=None):
+        # inference in one pass: the kernel gates in float32 and rounds once (see the base class). A gradient,
+        # torch.compile, float64 (which the originals compute in float32), a weight over other than the last
+        # dim, or (round_first) a weight not in x's dtype take the composition
         if (
             x.dtype == torch.float64
             or torch.compiler.is_compiling()
@@ -385,10 +386,14 @@ class CpuBackend(Backend):
             or (round_first and weight.dtype != x.dtype)
             or self._fallback(x, gate, weight)
         ):
-            return super().gated_rms_norm(x, gate, normalized_shape, weight, eps, activation, round_first)
+            return super().gated_rms_norm(x, gate, normalized_shape, weight, eps, activation, round_first, gate_first,
+                                          group_size)
+        n = x.shape[-1]
+        size = group_size or n  # groups of a row are rows of the kernel, the weight offset by group
         y, _, _ = K.row_forward(
-            x.contiguous(), None, weight, None, x.shape[-1], ref.rms_norm_eps(torch.float32, eps), True,
-            save_rstd=False, rounding="xhat" if round_first else None, gate=gate.contiguous(), gate_act=activation,
+            x.contiguous(), None, weight, None, size, ref.rms_norm_eps(torch.float32, eps), True, save_rstd=False,
+            rounding="xhat" if round_first else None, gate=gate.contiguous(), gate_act=activation,
+            gate_first=gate_first, weight_groups=n // size,
         )
         return y
 

@@ -35,8 +35,8 @@ SUPPORTED_DTYPES = frozenset(_SUFFIX)
 
 _P, _I64, _D, _I = c_void_p, c_int64, c_double, c_int
 _SIGNATURES = {
-    # x, res, hout, w, b, y, rstd, M, N, eps, rms, rounding, gate, gate_act, threads
-    "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I, _P, _I, _I],
+    # x, res, hout, w, b, y, rstd, M, N, eps, rms, rounding, gate, gate_act, gate_first, wgroups, threads
+    "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I, _P, _I, _I, _I64, _I],
     # x, dy, dh, w, rstd, dx, dw, db, grads_float, M, N, rms, threads
     "nk_row_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I],
     # x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act, mean, rstd, var, threads
@@ -131,6 +131,8 @@ def row_forward(
     rounding: str | None = None,
     gate: Tensor | None = None,
     gate_act: str = "silu",
+    gate_first: bool = False,
+    weight_groups: int = 1,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """LayerNorm/RMSNorm over contiguous rows of length ``n`` (after ``h = x + residual``).
 
@@ -140,7 +142,10 @@ def row_forward(
     ``round(round(x̂) · w)``; ``"rstd"`` (RMSNorm without parameters): the scale is, ``round(x ·
     round(rstd))``. rstd itself is saved unrounded either way. ``gate`` (x's shape and dtype, contiguous;
     no residual, no ``"rstd"`` rounding): ``y = round(v · act(gate))`` with ``act`` the ``gate_act`` of
-    :data:`GATES` and v the norm before its last rounding (after it with ``"xhat"``), in float32.
+    :data:`GATES` and v the norm before its last rounding (after it with ``"xhat"``), in float32; with
+    ``gate_first``, y is the norm of ``x · act(gate)`` (in float32). ``weight_groups`` (gated only): the
+    weight and bias have ``weight_groups · n`` elements, row i taking the ``(i % weight_groups)``-th n of
+    them (a norm over groups of n of each longer row, with a weight over the whole row).
     """
     numel = x.numel()
     m = numel // n
@@ -150,7 +155,8 @@ def row_forward(
     w, b = _param(weight, x.dtype), _param(bias, x.dtype)
     _fn("nk_row_fwd", x.dtype)(
         x.data_ptr(), _ptr(residual), _ptr(h), _ptr(w), _ptr(b), y.data_ptr(), _ptr(rstd),
-        m, n, float(eps), int(rms), ROUNDINGS[rounding], _ptr(gate), GATES[gate_act], _threads(numel),
+        m, n, float(eps), int(rms), ROUNDINGS[rounding], _ptr(gate), GATES[gate_act], int(gate_first), weight_groups,
+        _threads(numel),
     )
     return y, h, rstd
 

@@ -88,18 +88,23 @@ class TritonBackend(Backend):
             return super().rms_norm_rounded_rstd(x, normalized_shape, eps)
         return ops.rms_rounded_rstd(x, math.prod(normalized_shape), ref.rms_norm_eps(x.dtype, eps))
 
-    def gated_rms_norm(self, x, gate, normalized_shape, weight, eps, activation, round_first):
+    def gated_rms_norm(self, x, gate, normalized_shape, weight, eps, activation, round_first, gate_first=False,
+                       group_size=None):
         # inference in one kernel (the gate's product in float32); a gradient, torch.compile, float64, a
-        # weight over other than the last dim or (round_first) not in x's dtype take the composition
+        # weight over other than the last dim or (round_first) not in x's dtype, the gate first or groups
+        # (which the Triton kernel does not take) take the composition
         if (
-            x.dtype == torch.float64
+            gate_first
+            or (group_size is not None and group_size != x.shape[-1])
+            or x.dtype == torch.float64
             or torch.compiler.is_compiling()
             or _needs_grad(x, gate, weight)
             or weight.shape != x.shape[-1:]
             or (round_first and weight.dtype != x.dtype)
             or self._fallback(x, gate, weight)
         ):
-            return super().gated_rms_norm(x, gate, normalized_shape, weight, eps, activation, round_first)
+            return super().gated_rms_norm(x, gate, normalized_shape, weight, eps, activation, round_first, gate_first,
+                                          group_size)
         return ops.gated_rms(x, gate, weight, x.shape[-1], ref.rms_norm_eps(torch.float32, eps), activation,
                              round_first)
 

@@ -116,12 +116,21 @@ static inline double NK_NAME(nk_row_moments)(const NK_A *buf, int64_t n, double 
 
 /* ================================ row norms ======================================== */
 
-/* The gated row forward of nk_row_fwd (see there): the norm's values, before their last rounding, go to
- * a row buffer, and the gate's product is rounded once as it is written. act in NK_A: nk_sigmoid (as
- * GroupNorm+SiLU computes it, no divide), times g for SiLU; the exponential is most of the work. */
-static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w, const NK_A *b, NK_T *y, NK_A *rstd_out,
+/* The gate's activation in NK_A: nk_sigmoid (as GroupNorm+SiLU computes it, no divide), times g for SiLU. */
+static inline __attribute__((always_inline)) NK_A NK_NAME(nk_gate)(NK_A g, int sigmoid) {
+    NK_A s = NK_NAME(nk_sigmoid)(g);
+    return sigmoid ? s : g * s;
+}
+
+/* The gated row forward of nk_row_fwd (see there). gate_first: the row is x * act(gate) in NK_A before it
+ * is normalized (Mamba-2's order), and the output is the norm's; otherwise the norm's values, before their
+ * last rounding, go to a row buffer and the gate's product is rounded once as it is written. Row i's
+ * weight and bias start at element (i % wgroups) * N: a norm over groups of N elements of a longer row
+ * whose weight spans the whole row is rows of N, wgroups to a row. The exponential is most of the work. */
+static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w0, const NK_A *b0, NK_T *y, NK_A *rstd_out,
                                       int64_t M, int64_t N, double eps, int rms, int rounding, const NK_T *gate,
-                                      int gate_act, int nt) {
+                                      int gate_act, int gate_first, int64_t wgroups, int nt) {
+    const int sig = gate_act == NK_GATE_SIGMOID;
 #pragma omp parallel num_threads(nk_threads(nt))
     {
         NK_A *buf = (NK_A *)malloc(sizeof(NK_A) * (size_t)(N > 0 ? N : 1));
@@ -129,8 +138,15 @@ static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w, const NK_A *
         for (int64_t i = 0; i < M; i++) {
             const NK_T *xr = x + i * N, *gr = gate + i * N;
             NK_T *yr = y + i * N;
+            const int64_t wo = wgroups > 1 ? (i % wgroups) * N : 0;
+            const NK_A *w = w0 ? w0 + wo : NULL, *b = b0 ? b0 + wo : NULL;
+            if (gate_first) {
 #pragma omp simd
-            for (int64_t j = 0; j < N; j++) buf[j] = NK_LOAD(xr[j]);
+                for (int64_t j = 0; j < N; j++) buf[j] = NK_LOAD(xr[j]) * NK_NAME(nk_gate)(NK_LOAD(gr[j]), sig);
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) buf[j] = NK_LOAD(xr[j]);
+            }
             double var = 0, mean_d = rms ? 0.0 : NK_NAME(nk_row_moments)(buf, N, &var);
             NK_A mean = (NK_A)mean_d, mean_lo = (NK_A)(mean_d - (double)mean), rstd;
             if (rms)
@@ -138,6 +154,22 @@ static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w, const NK_A *
             else
                 rstd = (NK_A)(1.0 / sqrt(var + eps));
             if (rstd_out) rstd_out[i] = rstd;
+            if (gate_first) { /* the norm of the gated row is the output */
+                if (w && rounding == NK_ROUND_XHAT) {
+#pragma omp simd
+                    for (int64_t j = 0; j < N; j++)
+                        yr[j] = NK_STORE(NK_LOAD(NK_STORE(((buf[j] - mean) - mean_lo) * rstd)) * w[j]);
+                } else {
+#pragma omp simd
+                    for (int64_t j = 0; j < N; j++) {
+                        NK_A v = ((buf[j] - mean) - mean_lo) * rstd;
+                        if (w) v = v * w[j];
+                        if (b) v = v + b[j];
+                        yr[j] = NK_STORE(v);
+                    }
+                }
+                continue;
+            }
             /* the norm's value, in place of the row (each j read before it is written) */
             if (w && rounding == NK_ROUND_XHAT) {
 #pragma omp simd
@@ -152,16 +184,8 @@ static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w, const NK_A *
                     buf[j] = v;
                 }
             }
-            if (gate_act == NK_GATE_SIGMOID) {
 #pragma omp simd
-                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(buf[j] * NK_NAME(nk_sigmoid)(NK_LOAD(gr[j])));
-            } else {
-#pragma omp simd
-                for (int64_t j = 0; j < N; j++) {
-                    NK_A g = NK_LOAD(gr[j]);
-                    yr[j] = NK_STORE(buf[j] * (g * NK_NAME(nk_sigmoid)(g)));
-                }
-            }
+            for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(buf[j] * NK_NAME(nk_gate)(NK_LOAD(gr[j]), sig));
         }
         free(buf);
     }
@@ -177,14 +201,16 @@ static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w, const NK_A *
  *     to the data type before it multiplies x (DeepSeek-V4's weightless RMSNorm; x times a 16-bit
  *     value is exact in float, so the one rounding left is the product's).
  * In float32 and float64 every rounding but the last is the identity.
- * gate != NULL (not with NK_ROUND_RSTD; gate_act NK_GATE_SILU or NK_GATE_SIGMOID): the gated norms of
- * linear-attention layers, y = round(v * act(gate)) with v the value above before its last rounding
- * (NK_ROUND_XHAT: after it, as the composition rounds the norm before the gate's product). */
+ * gate != NULL (not with NK_ROUND_RSTD or a residual; gate_act NK_GATE_SILU or NK_GATE_SIGMOID): the gated
+ * norms of linear-attention layers, y = round(v * act(gate)) with v the value above before its last
+ * rounding (NK_ROUND_XHAT: after it, as the composition rounds the norm before the gate's product), or
+ * with gate_first the norm of x * act(gate); wgroups: see nk_row_fwd_gated. */
 void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A *w, const NK_A *b, NK_T *y,
                          NK_A *rstd_out, int64_t M, int64_t N, double eps, int rms, int rounding, const NK_T *gate,
-                         int gate_act, int nt) {
+                         int gate_act, int gate_first, int64_t wgroups, int nt) {
     if (gate) {
-        NK_NAME(nk_row_fwd_gated)(x, w, b, y, rstd_out, M, N, eps, rms, rounding, gate, gate_act, nt);
+        NK_NAME(nk_row_fwd_gated)(x, w, b, y, rstd_out, M, N, eps, rms, rounding, gate, gate_act, gate_first,
+                                  wgroups, nt);
         return;
     }
 #pragma omp parallel num_threads(nk_threads(nt))
