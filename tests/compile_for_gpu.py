@@ -73,12 +73,17 @@ def _launch_everything() -> None:
                          round_first=True)
     for dtype, n in ((bf16, 1024), (f16, 20000)):  # DeepSeek-V4's order: the scale rounded (one tile, blocks)
         rows.row_forward(torch.zeros(3, n, dtype=dtype), None, None, None, n, 1e-6, True, round_rstd=True)
-    # the gated norms: SiLU and sigmoid gates, float32 or Llama's rounding first (one tile, blocks)
-    for dtype, n, act, round_first in ((bf16, 1024, "silu", True), (bf16, 20000, "sigmoid", False),
-                                       (f32, 2048, "sigmoid", False), (f16, 20000, "silu", True)):
-        x = torch.zeros(3, n, dtype=dtype)
-        w = torch.zeros(n, dtype=dtype if round_first else f32)
-        rows.row_forward(x, None, w, None, n, 1e-6, True, round_first=round_first, gate=x, gate_act=act)
+    # the gated norms: SiLU and sigmoid gates, float32 or Llama's rounding first, the gate after or before
+    # the norm, over the row or groups of it (one tile, blocks)
+    for dtype, n, act, round_first, gate_first, groups in (
+        (bf16, 1024, "silu", True, False, 1), (bf16, 20000, "sigmoid", False, False, 1),
+        (f32, 2048, "sigmoid", False, False, 2), (f16, 20000, "silu", True, False, 1),
+        (bf16, 1024, "silu", True, True, 4), (f32, 20000, "silu", False, True, 2), (bf16, 2048, "silu", False, True, 1),
+    ):
+        x = torch.zeros(3, n * groups, dtype=dtype)
+        w = torch.zeros(n * groups, dtype=dtype if round_first else f32)
+        rows.row_forward(x, None, w, None, n, 1e-6, True, round_first=round_first, gate=x, gate_act=act,
+                         gate_first=gate_first, weight_groups=groups)
     # groups: every dtype x layout x (shape, groups) x SiLU, so that each tile shape the heuristics pick
     # is compiled: InstanceNorm of few channels and positions, GroupNorm(32) of small and large images
     # (positions in blocks), one wide group; then float16 without affine parameters

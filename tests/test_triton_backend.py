@@ -267,11 +267,12 @@ def test_rms_norm_scale_rounded_before_the_multiply(dtype, block, device):
     assert torch.equal(out[0].detach(), TorchOps._rms_norm_rounded_rstd(x, (40,), 1e-6))
 
 
+@pytest.mark.parametrize("mode", ["after", "after-groups", "first", "first-groups"])
 @pytest.mark.parametrize("block", [None, 16])
 @pytest.mark.parametrize("round_first", [False, True], ids=["float32", "rounded-first"])
 @pytest.mark.parametrize("act", ["silu", "sigmoid"])
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
-def test_gated_rms_norm_in_one_kernel(dtype, act, round_first, block, device, monkeypatch):
+def test_gated_rms_norm_in_one_kernel(dtype, act, round_first, block, mode, device, monkeypatch):
     """The gated RMSNorm of converted linear-attention layers in inference: one kernel (one tile and column
     blocks), the composition's result within the per-dtype bound of a float64 truth."""
     from normkit.backends.triton.kernels import rows
@@ -281,19 +282,19 @@ def test_gated_rms_norm_in_one_kernel(dtype, act, round_first, block, device, mo
     monkeypatch.setattr(
         rows, "row_forward", lambda *a, **k: gated_launches.append(k.get("gate") is not None) or original(*a, **k)
     )
+    gate_first, size = mode.startswith("first"), 8 if mode.endswith("groups") else 40
     x, gate = rand((5, 40), dtype, device, 2.0, 0.5), rand((5, 40), dtype, device, 3.0)
     w = rand((40,), dtype if round_first else FP32, device, 0.5, 1.0)
     acts = {"silu": F.silu, "sigmoid": torch.sigmoid}
 
-    def composition(x, gate, w, work):
-        if round_first:
-            norm = (w * F.rms_norm(x.to(work), (40,), None, 1e-6).to(x.dtype)).to(work)
-        else:
-            norm = F.rms_norm(x.to(work), (40,), w.to(work), 1e-6)
-        return (norm * acts[act](gate.to(work))).to(x.dtype)
+    def composition(x, gate, w, work):  # the originals' casts (see tests/test_fused.py)
+        h = x.to(work) * acts[act](gate.to(work)) if gate_first else x.to(work)
+        y = F.rms_norm(h.unflatten(-1, (40 // size, size)), (size,), None, 1e-6).flatten(-2)
+        y = (w * y.to(x.dtype)).to(work) if round_first else y * w.to(work)
+        return (y if gate_first else y * acts[act](gate.to(work))).to(x.dtype)
 
     with cap(block), torch.no_grad():
-        ours = NF._gated_rms_norm(x, gate, (40,), w, 1e-6, act, round_first)
+        ours = NF._gated_rms_norm(x, gate, (40,), w, 1e-6, act, round_first, gate_first, size)
         theirs = composition(x, gate, w, torch.float32)
         truth = composition(x.double(), gate.double(), w.double(), torch.float64)
     assert ours.dtype == dtype and gated_launches == [True]

@@ -90,13 +90,10 @@ class TritonBackend(Backend):
 
     def gated_rms_norm(self, x, gate, normalized_shape, weight, eps, activation, round_first, gate_first=False,
                        group_size=None):
-        # inference in one kernel (the gate's product in float32); a gradient, torch.compile, float64, a
-        # weight over other than the last dim or (round_first) not in x's dtype, the gate first or groups
-        # (which the Triton kernel does not take) take the composition
+        # inference in one kernel (the gate in float32); a gradient, torch.compile, float64, a weight over
+        # other than the last dim or (round_first) not in x's dtype take the composition
         if (
-            gate_first
-            or (group_size is not None and group_size != x.shape[-1])
-            or x.dtype == torch.float64
+            x.dtype == torch.float64
             or torch.compiler.is_compiling()
             or _needs_grad(x, gate, weight)
             or weight.shape != x.shape[-1:]
@@ -105,8 +102,8 @@ class TritonBackend(Backend):
         ):
             return super().gated_rms_norm(x, gate, normalized_shape, weight, eps, activation, round_first, gate_first,
                                           group_size)
-        return ops.gated_rms(x, gate, weight, x.shape[-1], ref.rms_norm_eps(torch.float32, eps), activation,
-                             round_first)
+        return ops.gated_rms(x, gate, weight, ref.rms_norm_eps(torch.float32, eps), activation, round_first,
+                             gate_first, group_size or x.shape[-1])
 
     def fused_add_rms_norm(self, x, residual, normalized_shape, weight, eps):
         if self._fallback(x, residual, weight):

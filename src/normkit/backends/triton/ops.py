@@ -244,12 +244,15 @@ def rms_rounded_rstd(x: Tensor, n: int, eps: float) -> Tensor:
 
 
 def gated_rms(
-    x: Tensor, gate: Tensor, weight: Tensor, n: int, eps: float, activation: str, round_first: bool
+    x: Tensor, gate: Tensor, weight: Tensor, eps: float, activation: str, round_first: bool, gate_first: bool,
+    group_size: int,
 ) -> Tensor:
-    """The gated RMSNorm's one kernel in inference: ``round(norm · act(gate))`` (eager calls without a
-    gradient only; the backend composes it otherwise)."""
-    y, _, _, _ = _rows.row_forward(x, None, weight, None, n, eps, True, round_first=round_first, gate=gate,
-                                   gate_act=activation)
+    """The gated RMSNorm's one kernel in inference (eager calls without a gradient only; the backend composes
+    it otherwise): groups of ``group_size`` of each row are the kernel's rows, the weight offset by group."""
+    y, _, _, _ = _rows.row_forward(
+        x, None, weight, None, group_size, eps, True, round_first=round_first, gate=gate, gate_act=activation,
+        gate_first=gate_first, weight_groups=x.shape[-1] // group_size,
+    )
     return y.view(x.shape)
 
 

@@ -40,24 +40,42 @@ __all__ = ["row_forward", "row_backward"]
 
 
 @triton.jit
-def _gated(y, G, mask, ROUND_FIRST: tl.constexpr, GATE: tl.constexpr, y_type: tl.constexpr):
-    """The gated norms' last step: ``y · act(gate)`` in float32 (``GATE`` 1: SiLU, 2: sigmoid), with y
-    first rounded to the output's dtype when ``ROUND_FIRST`` (Qwen3-Next rounds its Llama-style norm)."""
-    if ROUND_FIRST:
-        y = rounded(y, y_type).to(tl.float32)
+def _act(G, mask, GATE: tl.constexpr):
+    """The gate's activation in float32: ``GATE`` 1, SiLU; 2, sigmoid."""
     g = tl.load(G, mask=mask, other=0.0).to(tl.float32)
     if GATE == 1:
-        return y * (g / (1.0 + tl.exp(-g)))
-    return y * (1.0 / (1.0 + tl.exp(-g)))
+        return g / (1.0 + tl.exp(-g))
+    return 1.0 / (1.0 + tl.exp(-g))
+
+
+@triton.jit
+def _gated(y, G, mask, ROUND_FIRST: tl.constexpr, GATE: tl.constexpr, y_type: tl.constexpr):
+    """The gated norms' last step: ``y · act(gate)`` in float32, with y first rounded to the output's
+    dtype when ``ROUND_FIRST`` (Qwen3-Next rounds its Llama-style norm)."""
+    if ROUND_FIRST:
+        y = rounded(y, y_type).to(tl.float32)
+    return y * _act(G, mask, GATE)
+
+
+@triton.jit
+def _param_tile(P, rows, cols, mask, N, wgroups, GROUPED: tl.constexpr):
+    """A weight or bias for a tile, float32, of the tile's shape: one vector for every row, or (``GROUPED``,
+    groups of a longer row as rows) the ``(row % wgroups)``-th N of a weight over the whole row."""
+    if GROUPED:
+        p = tl.load(P + (rows % wgroups)[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        p = tl.broadcast_to(tl.load(P + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :], mask.shape)
+    return p
 
 
 @triton.jit
 def _row_forward_kernel(
     X, R, H, Y, W, B, MEAN, RSTD, G,
-    M, N, stride_x, stride_r, stride_h, stride_y, stride_g, eps,
+    M, N, stride_x, stride_r, stride_h, stride_y, stride_g, eps, wgroups,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
     RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROUND_FIRST: tl.constexpr, ROUND_RSTD: tl.constexpr, GATE: tl.constexpr,
+    ROUND_FIRST: tl.constexpr, ROUND_RSTD: tl.constexpr, GATE: tl.constexpr, GATE_FIRST: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -70,6 +88,8 @@ def _row_forward_kernel(
     if ONE_TILE:
         mask = row_mask[:, None] & (cols < N)[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GATE_FIRST:  # the gated row is normalized (Mamba-2's order)
+            x = x * _act(g_rows + cols[None, :], mask, GATE)
         if HAS_RESIDUAL:
             h = rounded(x + tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32), H.dtype.element_ty)
             tl.store(h_rows + cols[None, :], h, mask=mask)
@@ -94,10 +114,10 @@ def _row_forward_kernel(
         if ROUND_FIRST:  # the normalized value rounded to y's dtype before the weight (HF Llama's order)
             y = rounded(y, Y.dtype.element_ty).to(tl.float32)
         if HAS_WEIGHT:
-            y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            y = y * _param_tile(W, rows, cols, mask, N, wgroups, GROUPED)
         if HAS_BIAS:
-            y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        if GATE != 0:
+            y = y + _param_tile(B, rows, cols, mask, N, wgroups, GROUPED)
+        if GATE != 0 and not GATE_FIRST:
             y = _gated(y, g_rows + cols[None, :], mask, ROUND_FIRST, GATE, Y.dtype.element_ty)
         tl.store(y_rows + cols[None, :], rounded(y, Y.dtype.element_ty), mask=mask)
     else:
@@ -109,6 +129,8 @@ def _row_forward_kernel(
         if not RMS:
             first = row_mask[:, None] & (cols < N)[None, :]
             x = tl.load(x_rows + cols[None, :], mask=first, other=0.0).to(tl.float32)
+            if GATE_FIRST:
+                x = x * _act(g_rows + cols[None, :], first, GATE)
             if HAS_RESIDUAL:
                 x = rounded(x + tl.load(r_rows + cols[None, :], mask=first, other=0.0).to(tl.float32),
                             H.dtype.element_ty).to(tl.float32)
@@ -117,6 +139,8 @@ def _row_forward_kernel(
             c = start + cols
             mask = row_mask[:, None] & (c < N)[None, :]
             x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if GATE_FIRST:
+                x = x * _act(g_rows + c[None, :], mask, GATE)
             if HAS_RESIDUAL:
                 h = rounded(x + tl.load(r_rows + c[None, :], mask=mask, other=0.0).to(tl.float32), H.dtype.element_ty)
                 tl.store(h_rows + c[None, :], h, mask=mask)
@@ -147,6 +171,8 @@ def _row_forward_kernel(
                 x = tl.load(h_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if GATE_FIRST:
+                x = x * _act(g_rows + c[None, :], mask, GATE)
             if RMS and ROUND_RSTD:
                 y = x * rounded(rstd, Y.dtype.element_ty).to(tl.float32)[:, None]
             elif RMS:
@@ -156,10 +182,10 @@ def _row_forward_kernel(
             if ROUND_FIRST:
                 y = rounded(y, Y.dtype.element_ty).to(tl.float32)
             if HAS_WEIGHT:
-                y = y * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
+                y = y * _param_tile(W, rows, c, mask, N, wgroups, GROUPED)
             if HAS_BIAS:
-                y = y + tl.load(B + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
-            if GATE != 0:
+                y = y + _param_tile(B, rows, c, mask, N, wgroups, GROUPED)
+            if GATE != 0 and not GATE_FIRST:
                 y = _gated(y, g_rows + c[None, :], mask, ROUND_FIRST, GATE, Y.dtype.element_ty)
             tl.store(y_rows + c[None, :], rounded(y, Y.dtype.element_ty), mask=mask)
 
@@ -268,6 +294,7 @@ GATES = {"silu": 1, "sigmoid": 2}
 def row_forward(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool,
     round_first: bool = False, round_rstd: bool = False, gate: Tensor | None = None, gate_act: str = "silu",
+    gate_first: bool = False, weight_groups: int = 1,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """Normalize each row of n elements: ``(y, h, mean, rstd)`` with y and h (x + residual, or None) of
     shape (M, n) in x's dtype, rstd float32 (M,) and mean float32 (2, M) (None for RMSNorm): a shift and
@@ -276,7 +303,9 @@ def row_forward(
     (RMSNorm without parameters): the scale is rounded to x's dtype before it multiplies x (rstd is
     returned unrounded). ``gate`` (x's shape and dtype; not with a residual or ``round_rstd``): y is
     ``round(v · act(gate))`` in float32, v the norm before its last rounding (after it with
-    ``round_first``), ``act`` the ``gate_act`` of :data:`GATES`."""
+    ``round_first``), ``act`` the ``gate_act`` of :data:`GATES`; with ``gate_first``, y is the norm of
+    ``x · act(gate)``. ``weight_groups``: the weight and bias have ``weight_groups · n`` elements, row i
+    taking the ``(i % weight_groups)``-th n (groups of n of a longer row, a weight over the whole row)."""
     x2 = _rows(x, n)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -292,9 +321,10 @@ def row_forward(
         weight if weight is not None else rstd, bias if bias is not None else rstd,
         mean if mean is not None else rstd, rstd, g2 if g2 is not None else x2,
         m, n, x2.stride(0), r2.stride(0) if r2 is not None else 0, n, n, g2.stride(0) if g2 is not None else 0, eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, RMS=rms, HAS_RESIDUAL=residual is not None,
+        weight_groups, BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, RMS=rms, HAS_RESIDUAL=residual is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROUND_FIRST=round_first, ROUND_RSTD=round_rstd,
-        GATE=GATES[gate_act] if gate is not None else 0, num_warps=config.warps_for(block_m * block_n),
+        GATE=GATES[gate_act] if gate is not None else 0, GATE_FIRST=gate_first, GROUPED=weight_groups > 1,
+        num_warps=config.warps_for(block_m * block_n),
     )
     return y, h, mean, rstd
 
