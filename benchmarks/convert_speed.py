@@ -189,8 +189,9 @@ def _rt_detr() -> torch.nn.Module:
     return transformers.RTDetrForObjectDetection(transformers.RTDetrConfig(use_pretrained_backbone=False))
 
 
-def _llm_norms() -> list[tuple[type, Callable[[], torch.nn.Module], str, int, int]]:
-    """(class, builder, label, hidden size, number of inputs) of the LLM norms timed by the ``llm_norms`` group."""
+def _llm_norms(scale: int = 1) -> list[tuple[type, Callable[[], torch.nn.Module], str, int, int]]:
+    """(class, builder, label, hidden size, number of inputs) of the LLM norms timed by the ``llm_norms``
+    groups: hidden sizes of 1024 to 4096 times ``scale``."""
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm
     from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated
     from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextRMSNormGated
@@ -202,26 +203,28 @@ def _llm_norms() -> list[tuple[type, Callable[[], torch.nn.Module], str, int, in
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
     from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextRMSNorm
 
+    h = 1024 * scale
+
     def offset(cls: type) -> Callable[[], torch.nn.Module]:
         def build() -> torch.nn.Module:  # their weights start at 0 (an offset from 1): give them a value
-            module = cls(1024)
+            module = cls(h)
             torch.nn.init.normal_(module.weight, std=0.1)
             return module
 
         return build
 
     return [
-        (Glm5NextTextRMSNormGated, lambda: Glm5NextTextRMSNormGated(1024), "", 1024, 2),
-        (Qwen3NextRMSNormGated, lambda: Qwen3NextRMSNormGated(1024), "", 1024, 2),
-        (MambaRMSNormGated, lambda: MambaRMSNormGated(2048, 1024), " (groups of 1024)", 2048, 2),
-        (FalconH1RMSNormGated, lambda: FalconH1RMSNormGated(1024), "", 1024, 2),
-        (FalconH1RMSNormGated, lambda: FalconH1RMSNormGated(2048, n_groups=2, norm_before_gate=False),
-         " (2 groups, gate first)", 2048, 2),
-        (DeepseekV4UnweightedRMSNorm, lambda: DeepseekV4UnweightedRMSNorm(1e-6), "", 1024, 1),
-        (Qwen4ExpTextRMSNorm, offset(Qwen4ExpTextRMSNorm), "", 1024, 1),
-        (Qwen4ExpTextRMSNorm, lambda: Qwen4ExpTextRMSNorm(4096, group_size=1024), " (groups of 1024)", 4096, 1),
-        (MuseSparkTextCenteredRMSNorm, offset(MuseSparkTextCenteredRMSNorm), "", 1024, 1),
-        (MuseSparkTextInputScaledRMSNorm, offset(MuseSparkTextInputScaledRMSNorm), "", 1024, 1),
+        (Glm5NextTextRMSNormGated, lambda: Glm5NextTextRMSNormGated(h), "", h, 2),
+        (Qwen3NextRMSNormGated, lambda: Qwen3NextRMSNormGated(h), "", h, 2),
+        (MambaRMSNormGated, lambda: MambaRMSNormGated(2 * h, h), f" (groups of {h})", 2 * h, 2),
+        (FalconH1RMSNormGated, lambda: FalconH1RMSNormGated(h), "", h, 2),
+        (FalconH1RMSNormGated, lambda: FalconH1RMSNormGated(2 * h, n_groups=2, norm_before_gate=False),
+         " (2 groups, gate first)", 2 * h, 2),
+        (DeepseekV4UnweightedRMSNorm, lambda: DeepseekV4UnweightedRMSNorm(1e-6), "", h, 1),
+        (Qwen4ExpTextRMSNorm, offset(Qwen4ExpTextRMSNorm), "", h, 1),
+        (Qwen4ExpTextRMSNorm, lambda: Qwen4ExpTextRMSNorm(4 * h, group_size=h), f" (groups of {h})", 4 * h, 1),
+        (MuseSparkTextCenteredRMSNorm, offset(MuseSparkTextCenteredRMSNorm), "", h, 1),
+        (MuseSparkTextInputScaledRMSNorm, offset(MuseSparkTextInputScaledRMSNorm), "", h, 1),
     ]
 
 
@@ -370,6 +373,13 @@ def gpu_cases(reps: int) -> dict[str, list[Callable[[], dict]]]:
                             llama_ids(), reps),
             lambda: compare("Llama (h=2048, 4 layers), 4x1024 tokens bf16", _llama(bf16, 2048, 4, 32000),
                             llama_ids(), reps, train=True),
+        ],
+        # the LLM norms of the CPU group at four times the hidden size, bfloat16, 8x2048 tokens
+        "llm_norms": [
+            lambda cls=cls, build=build, label=label, d=d, n_inputs=n_inputs: compare(
+                f"{cls.__name__}{label}, 8x2048x{d} bf16", build().to(bf16),
+                tuple(torch.randn(8, 2048, d, dtype=bf16) for _ in range(n_inputs)), 3 * reps)
+            for cls, build, label, d, n_inputs in _llm_norms(scale=4)
         ],
         "convnext": [
             lambda: compare("timm convnext_tiny, 64x3x224x224", timm.create_model("convnext_tiny"), images(64), reps),

@@ -92,3 +92,6 @@ def test_llm_norm_cases_are_each_their_own(convert_speed):
     thunks = convert_speed.cases(1)["llm_norms"]
     bound = {thunk.__defaults__[:3] for thunk in thunks}
     assert len(thunks) == 2 * len(convert_speed._llm_norms()) == len(bound) * 2
+    gpu = convert_speed.gpu_cases(1)["llm_norms"]  # one dtype, four times the hidden sizes
+    assert len({thunk.__defaults__[:4] for thunk in gpu}) == len(gpu) == len(convert_speed._llm_norms(scale=4))
+    assert {t.__defaults__[3] for t in gpu} == {4 * d for *_, d, _ in convert_speed._llm_norms()}
