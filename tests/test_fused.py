@@ -970,3 +970,5 @@ def test_gated_rms_norm_checks_its_arguments():
         NF._gated_rms_norm(x, x, (8,), torch.ones(7), 1e-6)
     with pytest.raises(ValueError, match="group_size 3 must divide normalized_shape"):
         NF._gated_rms_norm(x, x, (8,), torch.ones(8), 1e-6, group_size=3)
+    with pytest.raises(ValueError, match="normalized_shape must be the last dim"):
+        NF._gated_rms_norm(x, x, (2, 8), torch.ones(2, 8), 1e-6)

@@ -365,7 +365,9 @@ def _gated_rms_norm(
             f"for {tuple(input.shape)} {input.dtype}"
         )
     shape = _as_shape(normalized_shape)
-    if group_size is not None and (len(shape) != 1 or group_size <= 0 or shape[0] % group_size):
+    if len(shape) != 1:
+        raise ValueError(f"_gated_rms_norm: normalized_shape must be the last dim, (n,), got {list(shape)}")
+    if group_size is not None and (group_size <= 0 or shape[0] % group_size):
         raise ValueError(f"_gated_rms_norm: group_size {group_size} must divide normalized_shape {list(shape)}")
     args = (eps, activation, round_first, gate_first, group_size)
     if has_torch_function_variadic(input, gate, weight):  # a tensor subclass sees the composition's torch ops
