@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-__all__ = ["ACTIVATIONS", "Backend", "GATE_ACTIVATIONS", "needs_grad"]
+__all__ = ["ACTIVATIONS", "Backend", "GATE_ACTIVATIONS", "gated_needs_composition", "needs_grad"]
 
 #: the activations :meth:`Backend.batch_norm_act` applies, by name
 ACTIVATIONS = {
@@ -29,6 +29,19 @@ def needs_grad(*tensors: Tensor | None) -> bool:
     if forward_ad._current_level >= 0:
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def gated_needs_composition(x: Tensor, gate: Tensor, weight: Tensor, round_first: bool) -> bool:
+    """Whether :meth:`Backend.gated_rms_norm` must run its composition rather than a one-pass kernel: a
+    gradient, torch.compile, float64 (which the originals compute in float32), a weight over other than the
+    last dim, or (``round_first``) a weight not in x's dtype."""
+    return (
+        x.dtype == torch.float64
+        or torch.compiler.is_compiling()
+        or needs_grad(x, gate, weight)
+        or weight.shape != x.shape[-1:]
+        or (round_first and weight.dtype != x.dtype)
+    )
 
 
 class Backend:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ... import reference as ref
-from ..base import Backend
+from ..base import Backend, gated_needs_composition
 from ..base import needs_grad as _needs_grad
 from . import kernels as K
 from . import ops
@@ -375,17 +375,8 @@ class CpuBackend(Backend):
 
     def gated_rms_norm(self, x, gate, normalized_shape, weight, eps, activation, round_first, gate_first=False,
                        group_size=None):
-        # inference in one pass: the kernel gates in float32 and rounds once (see the base class). A gradient,
-        # torch.compile, float64 (which the originals compute in float32), a weight over other than the last
-        # dim, or (round_first) a weight not in x's dtype take the composition
-        if (
-            x.dtype == torch.float64
-            or torch.compiler.is_compiling()
-            or _needs_grad(x, gate, weight)
-            or weight.shape != x.shape[-1:]
-            or (round_first and weight.dtype != x.dtype)
-            or self._fallback(x, gate, weight)
-        ):
+        # inference in one pass: the kernel gates in float32 and rounds once (see the base class)
+        if gated_needs_composition(x, gate, weight, round_first) or self._fallback(x, gate, weight):
             return super().gated_rms_norm(x, gate, normalized_shape, weight, eps, activation, round_first, gate_first,
                                           group_size)
         n = x.shape[-1]

@@ -21,8 +21,7 @@ import torch
 from torch import Tensor
 
 from ... import reference as ref
-from ..base import Backend
-from ..base import needs_grad as _needs_grad
+from ..base import Backend, gated_needs_composition
 from . import config, ops
 
 __all__ = ["TritonBackend", "SUPPORTED_DTYPES"]
@@ -90,16 +89,8 @@ class TritonBackend(Backend):
 
     def gated_rms_norm(self, x, gate, normalized_shape, weight, eps, activation, round_first, gate_first=False,
                        group_size=None):
-        # inference in one kernel (the gate in float32); a gradient, torch.compile, float64, a weight over
-        # other than the last dim or (round_first) not in x's dtype take the composition
-        if (
-            x.dtype == torch.float64
-            or torch.compiler.is_compiling()
-            or _needs_grad(x, gate, weight)
-            or weight.shape != x.shape[-1:]
-            or (round_first and weight.dtype != x.dtype)
-            or self._fallback(x, gate, weight)
-        ):
+        # inference in one kernel, the gate in float32 (see the base class)
+        if gated_needs_composition(x, gate, weight, round_first) or self._fallback(x, gate, weight):
             return super().gated_rms_norm(x, gate, normalized_shape, weight, eps, activation, round_first, gate_first,
                                           group_size)
         return ops.gated_rms(x, gate, weight, ref.rms_norm_eps(torch.float32, eps), activation, round_first,

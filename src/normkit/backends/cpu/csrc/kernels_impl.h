@@ -154,23 +154,8 @@ static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w0, const NK_A 
             else
                 rstd = (NK_A)(1.0 / sqrt(var + eps));
             if (rstd_out) rstd_out[i] = rstd;
-            if (gate_first) { /* the norm of the gated row is the output */
-                if (w && rounding == NK_ROUND_XHAT) {
-#pragma omp simd
-                    for (int64_t j = 0; j < N; j++)
-                        yr[j] = NK_STORE(NK_LOAD(NK_STORE(((buf[j] - mean) - mean_lo) * rstd)) * w[j]);
-                } else {
-#pragma omp simd
-                    for (int64_t j = 0; j < N; j++) {
-                        NK_A v = ((buf[j] - mean) - mean_lo) * rstd;
-                        if (w) v = v * w[j];
-                        if (b) v = v + b[j];
-                        yr[j] = NK_STORE(v);
-                    }
-                }
-                continue;
-            }
-            /* the norm's value, in place of the row (each j read before it is written) */
+            /* the norm's value, in place of the row (each j read before it is written); with XHAT already
+             * rounded, so that rounding it again below is exact */
             if (w && rounding == NK_ROUND_XHAT) {
 #pragma omp simd
                 for (int64_t j = 0; j < N; j++)
@@ -184,8 +169,13 @@ static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w0, const NK_A 
                     buf[j] = v;
                 }
             }
+            if (gate_first) { /* the norm of the gated row is the output */
 #pragma omp simd
-            for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(buf[j] * NK_NAME(nk_gate)(NK_LOAD(gr[j]), sig));
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(buf[j]);
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) yr[j] = NK_STORE(buf[j] * NK_NAME(nk_gate)(NK_LOAD(gr[j]), sig));
+            }
         }
         free(buf);
     }
