@@ -3,7 +3,10 @@
 Run as a script (``python tests/compile_for_gpu.py``), *without* ``TRITON_INTERPRET``: the launchers are
 called on small CPU tensors with ``JITFunction.run`` replaced by a recorder, so each launch gives the
 kernel, its argument types and its compile-time constants exactly as the launcher chose them for a GPU
-(the tile heuristics see no interpreter); each distinct specialization is then compiled to a cubin with
+(the tile heuristics see no interpreter), and the specialization a real launch gives its arguments (an int
+equal to 1 becomes a constant; a pointer or int divisible by 16 is marked so, which is what lets the
+compiler vectorize loads: without the marks every load compiles to one element a thread); each distinct
+specialization is then compiled to a cubin with
 ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (triton ships ptxas). The interpreter checks what
 the kernels compute; this checks that the same source also compiles for the hardware, which the
 interpreter never does (loop-carried types, constexpr branches, layouts). Prints one JSON line.
@@ -13,14 +16,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
+
+try:  # how a launch specializes its arguments (Triton 3.4 and later)
+    from triton._C.libtriton import native_specialize_impl as _native_specialize
+except ImportError:
+    _native_specialize = None
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 launches: dict[str, tuple] = {}
@@ -38,14 +50,37 @@ def _type(value) -> str:
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
+def _specialize(param, value) -> tuple[str, str | None]:
+    """``(type, attribute)`` of one argument as Triton's launcher specializes it (``("constexpr", 1)`` for an
+    int 1; attribute ``"D"``: divisible by 16), with Triton's own function where it has one."""
+    if _native_specialize is None:  # an older Triton: the types alone, no divisibility marks
+        return _type(value), None
+    from triton.backends.compiler import BaseBackend
+
+    return _native_specialize(BaseBackend, value, param.is_const, not param.do_not_specialize,
+                              not param.do_not_specialize_on_alignment)
+
+
 def _record(self: JITFunction, *args, grid, warmup, **kwargs):
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     names = self.arg_names
     bound = dict(zip(names, args, strict=False)) | kwargs
     constexprs = {names[i]: bound[names[i]] for i in self.constexprs}
-    signature = {n: ("constexpr" if n in constexprs else _type(bound[n])) for n in names}
-    key = f"{self.fn.__name__} {sorted(signature.items())} {sorted(constexprs.items())} {sorted(options.items())}"
-    launches[key] = (self, signature, constexprs, options)
+    signature, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        kind, attr = _specialize(self.params[i], bound[name])
+        if kind == "constexpr":  # an int specialized to its value (1)
+            signature[name], constexprs[name] = "constexpr", attr
+        else:
+            signature[name] = kind
+            if attr == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    key = (f"{self.fn.__name__} {sorted(signature.items())} {sorted(constexprs.items())} {sorted(options.items())} "
+           f"{sorted(attrs)}")
+    launches[key] = (self, signature, constexprs, options, attrs)
 
 
 def _launch_everything() -> None:
@@ -124,16 +159,48 @@ def main() -> int:
     JITFunction.run = _record
     _launch_everything()
     target = GPUTarget("cuda", 90, 32)
-    failures, start = [], time.perf_counter()
-    for key, (fn, signature, constexprs, options) in launches.items():
+    failures, spills, registers, table, start = [], [], 0, [], time.perf_counter()
+    for key, (fn, signature, constexprs, options, attrs) in launches.items():
         try:
-            compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
             assert compiled.asm.get("cubin"), "no cubin"
         except Exception as e:  # report every failure, not just the first
             failures.append(f"{key}: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
-    print(json.dumps({"compiled": len(launches) - len(failures), "failures": failures,
-                      "seconds": round(time.perf_counter() - start, 1)}))
+            continue
+        usage = _resource_usage(compiled.asm["cubin"])
+        if usage:
+            registers = max(registers, usage["REG"])
+            if usage["LOCAL"]:  # registers spilled to local memory: a slow kernel, though a correct one
+                spills.append(f"{fn.fn.__name__} {constexprs} {options}: {usage['LOCAL']} bytes")
+            table.append((usage["REG"], fn.fn.__name__, options.get("num_warps", 4), constexprs))
+    if "--registers" in sys.argv:  # one line per specialization, most registers first
+        for regs, name, warps, constexprs in sorted(table, key=lambda row: -row[0]):
+            flags = {k: v for k, v in constexprs.items() if k.isupper() and v not in (False, 0)}
+            print(f"{regs:4d} registers  {warps:2d} warps  {blocks_per_sm(regs, warps):2d} blocks/SM  {name} {flags}")
+    print(json.dumps({"compiled": len(launches) - len(failures), "failures": failures, "max_registers": registers,
+                      "spills": spills, "seconds": round(time.perf_counter() - start, 1)}))
     return 1 if failures else 0
+
+
+def blocks_per_sm(registers: int, warps: int) -> int:
+    """Programs of ``warps`` warps one sm_90 SM holds at once: 65,536 registers (allocated per warp in
+    units of 256), 64 warps and 32 blocks at most."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(32, 64 // warps, 65536 // (per_warp * warps))
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int] | None:
+    """Registers per thread and bytes of local memory (spills) of a cubin's kernel, read by the
+    ``cuobjdump`` Triton ships (None without it)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = dict(re.findall(r"\b(REG|LOCAL):(\d+)", out))
+    return {k: int(v) for k, v in found.items()} if "REG" in found else None
 
 
 if __name__ == "__main__":

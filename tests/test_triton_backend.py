@@ -655,7 +655,9 @@ def test_torch_compile_fullgraph_matches_eager(compiler, device):
 @pytest.mark.skipif(not INTERPRET, reason="runs with the interpreter tests (TRITON_INTERPRET=1); a GPU runs them")
 def test_every_kernel_compiles_for_an_h100():
     """The interpreter checks what the kernels compute, not that they compile: tests/compile_for_gpu.py
-    compiles every specialization the launchers choose for a GPU to an sm_90 cubin (triton ships ptxas)."""
+    compiles every specialization the launchers choose for a GPU to an sm_90 cubin (triton ships ptxas),
+    with the divisibility marks a real launch gives (vectorized loads), and reads each cubin's registers:
+    none may spill to local memory."""
     import json
     import subprocess
     import sys
@@ -668,6 +670,7 @@ def test_every_kernel_compiles_for_an_h100():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["failures"] == [] and out.returncode == 0
     assert report["compiled"] >= 30
+    assert report["spills"] == []
 
 
 # --------------------------------------------------------------------------------------------------
