@@ -5,7 +5,7 @@
 #
 #   RESULTS=gpu-results bash benchmarks/gpu_session.sh [PHASE ...]
 #
-# PHASE: tests verify bench compile convert profile (default: all, in that order). Each phase has its own time
+# PHASE: tests verify bench compile convert profile tune (default: all, in that order). Each phase has its own time
 # limit (seconds, overridable as e.g. LIMIT_bench=200) and writes its log and results under $RESULTS; a
 # phase that fails or times out does not stop the next one. With PACK=file.tgz the results folder is
 # packed into that file after every phase (for machines that return only a few files). Liger-Kernel and
@@ -22,7 +22,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(tests verify bench compile convert profile)
+[ ${#phases[@]} -eq 0 ] && phases=(tests verify bench compile convert profile tune)
 summary=()
 
 run_phase() {  # name default_limit command...
@@ -62,6 +62,8 @@ for phase in "${phases[@]}"; do
     profile)  # where a converted ResNet-50's time goes (kernels vs host), inference and a training step
         run_phase profile 120 python3 benchmarks/profile_convert.py --device cuda --top 15 \
             --out "$OUT/profile-gpu.json" ;;
+    tune)  # the launch heuristics' choices against alternatives, on the cells the H200 found slowest
+        run_phase tune 170 python3 benchmarks/gpu_tune.py --time-limit 140 --out "$OUT/tune.json" ;;
     *) echo "unknown phase $phase"; exit 2 ;;
     esac
 done

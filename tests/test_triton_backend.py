@@ -713,3 +713,75 @@ def test_gpu_benchmark_only_selects_cells(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "gpu.csv").open()))
     assert {(r["op"], r["shape"]) for r in rows} == {("rms_norm", "16x96")}
     assert len(rows) == len(gpu.PASSES)
+
+
+# --------------------------------------------------------------------------------------------------
+# launch choices for tuning on a GPU
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tuning_replaces_each_launch_choice_and_restores_it():
+    """``config.tuning`` sets the choices benchmarks/gpu_tune.py sweeps, only inside its block."""
+    cpu = torch.device("cpu")
+    before = (config.warps_for(4096), config.row_config(1024, torch.float32), config.tile_elements(),
+              config.row_backward_programs(1000, True, cpu))
+    with config.tuning(warps=2, row_block_m=8, row_programs_per_sm=1, tile=1024):
+        assert config.warps_for(4096) == 2
+        assert config.row_config(1024, torch.float32) == (8, 1024, True)
+        assert config.row_config(100000, torch.float32)[0] == 1  # rows in column blocks: one per program
+        assert config.tile_elements() == 1024
+        assert config.row_backward_programs(1000, True, cpu) == config.num_sms(cpu)
+        assert config.row_backward_programs(2, True, cpu) == 2  # never more programs than tiles
+    assert (config.warps_for(4096), config.row_config(1024, torch.float32), config.tile_elements(),
+            config.row_backward_programs(1000, True, cpu)) == before
+    with pytest.raises(ValueError, match="unknown launch choices"):
+        with config.tuning(block=4):
+            pass
+    with pytest.raises(ValueError, match="power of two"):
+        with config.tuning(tile=1000):
+            pass
+    with pytest.raises(ValueError, match="positive ints"):
+        with config.tuning(warps=0):
+            pass
+
+
+def test_tuned_launches_compute_the_same(device):
+    """Other warps, rows per program, backward programs and tiles change the launch, not the result
+    (beyond float32 rounding): what lets gpu_tune.py compare alternatives by time alone."""
+    x = torch.randn(6, 40, device=device, requires_grad=True)
+    img = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
+
+    def calls():
+        ys = [NF.layer_norm(x, (40,)), NF.group_norm(img, 4), NF.batch_norm(img, None, None, training=True)]
+        return ys, [torch.autograd.grad(y.square().sum(), (x if i == 0 else img,))[0] for i, y in enumerate(ys)]
+
+    ref, grads = calls()
+    with config.tuning(warps=1, row_block_m=2, row_programs_per_sm=1, tile=16):
+        out, got = calls()
+    for a, b in zip(out + got, ref + grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the tiny sweep runs in the interpreter; on a GPU run the script itself")
+def test_gpu_tune_script_runs_tiny(tmp_path, monkeypatch):
+    """``benchmarks/gpu_tune.py --tiny``: every alternative of a case is checked against the heuristics' own
+    outputs and timed, and the JSON names the device and the best choice."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_tune.py"
+    spec = importlib.util.spec_from_file_location("gpu_tune", path)
+    tune = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_tune", tune)  # dataclasses look their module up there
+    spec.loader.exec_module(tune)
+    out = tmp_path / "tune.json"
+    assert tune.main(["--tiny", "--only", "rms_norm", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "interpreter" in report["device"]
+    (fwd, fwdbwd) = report["results"]
+    for r in (fwd, fwdbwd):
+        assert r["complete"] and len(r["rows"]) == 4
+        assert all(row["max_rel_diff"] <= 1e-4 and row["ms"] > 0 for row in r["rows"])
+        assert r["best"]["ms"] == min(row["ms"] for row in r["rows"])

@@ -5,7 +5,8 @@ GPU always launches the same grid: the per-program partial sums, and so the resu
 the same run to run.
 
 Tests shrink the largest block (:func:`max_block`) with :func:`block_cap` so that the loops over column
-blocks, spatial chunks and row tiles run at sizes the Triton interpreter can execute in seconds.
+blocks, spatial chunks and row tiles run at sizes the Triton interpreter can execute in seconds;
+``benchmarks/gpu_tune.py`` replaces single choices with :func:`tuning` to time the alternatives on a GPU.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 import triton  # noqa: F401  (the backend is unavailable without triton: fail at import)
 
 __all__ = [
-    "INTERPRET", "block_cap", "cdiv", "max_block", "next_power_of_2", "num_sms", "row_config", "tile_elements",
-    "warps_for",
+    "INTERPRET", "TUNABLE", "block_cap", "cdiv", "max_block", "next_power_of_2", "num_sms", "row_backward_programs",
+    "row_config", "tile_elements", "tuning", "warps_for",
 ]
 
 #: whether TRITON_INTERPRET=1 was set when the backend loaded: then its kernels run on CPU tensors
@@ -31,6 +32,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRETER_SMS = 3
 
 _cap_override: int | None = None
+
+#: the choices :func:`tuning` can replace, with what each sets
+TUNABLE = {
+    "warps": "num_warps of every kernel whose warps the heuristics choose (rows, sets, BatchNorm)",
+    "row_block_m": "rows per program of the row kernels, for rows that fit one tile",
+    "row_programs_per_sm": "programs per SM of the row backward, for rows that fit one tile",
+    "tile": "elements per tile of the set (GroupNorm/InstanceNorm) and BatchNorm kernels",
+}
+_tuned: dict[str, int] = {}
 
 
 def cdiv(a: int, b: int) -> int:
@@ -58,6 +68,26 @@ def block_cap(elements: int) -> Iterator[None]:
         _cap_override = old
 
 
+@contextlib.contextmanager
+def tuning(**choices: int) -> Iterator[None]:
+    """Within the block, each named choice of :data:`TUNABLE` is the given value instead of the heuristic's
+    (not thread-safe; for timing alternatives, not for production use)."""
+    unknown = set(choices) - set(TUNABLE)
+    if unknown:
+        raise ValueError(f"unknown launch choices {sorted(unknown)}; known: {sorted(TUNABLE)}")
+    if any(not isinstance(v, int) or v < 1 for v in choices.values()):
+        raise ValueError(f"launch choices are positive ints, got {choices}")
+    if "tile" in choices and choices["tile"] & (choices["tile"] - 1):
+        raise ValueError(f"tile must be a power of two, got {choices['tile']}")
+    old = dict(_tuned)
+    _tuned.update(choices)
+    try:
+        yield
+    finally:
+        _tuned.clear()
+        _tuned.update(old)
+
+
 def max_block(dtype: torch.dtype) -> int:
     """The most elements of one row a program holds in registers: rows longer than this are
     processed in column blocks of this size, in two passes (statistics, then the output)."""
@@ -68,7 +98,8 @@ def max_block(dtype: torch.dtype) -> int:
 
 def tile_elements() -> int:
     """Elements per tile for the elementwise and channel kernels."""
-    return min(4096, _cap_override) if _cap_override is not None else 4096
+    tile = _tuned.get("tile", 4096)
+    return min(tile, _cap_override) if _cap_override is not None else tile
 
 
 @functools.cache
@@ -85,6 +116,8 @@ def num_sms(device: torch.device) -> int:
 
 def warps_for(elements: int) -> int:
     """Warps for a tile of ``elements`` values: about 16 elements per thread, 1 to 16 warps."""
+    if _tuned:
+        return _tuned.get("warps", max(1, min(16, elements // 512)))
     return max(1, min(16, elements // 512))
 
 
@@ -98,6 +131,13 @@ def row_config(n: int, dtype: torch.dtype) -> tuple[int, int, bool]:
     cap = max_block(dtype)
     block_n = next_power_of_2(max(n, 1))
     if block_n <= cap:
-        block_m = max(1, min(cap, 4096) // block_n)
-        return min(block_m, 16), block_n, True
+        block_m = min(max(1, min(cap, 4096) // block_n), 16)
+        return _tuned.get("row_block_m", block_m) if _tuned else block_m, block_n, True
     return 1, cap, False
+
+
+def row_backward_programs(num_tiles: int, one_tile: bool, device: torch.device) -> int:
+    """Programs of the row backward: a few per SM for rows that fit a tile (each walks every G-th tile);
+    one per SM for long rows, whose (G, N) partial buffers are read and written per column block."""
+    per_sm = (_tuned.get("row_programs_per_sm", 4) if _tuned else 4) if one_tile else 1
+    return max(1, min(num_tiles, num_sms(device) * per_sm))

@@ -207,7 +207,7 @@ def _tiling(n: int, c: int, s: int, channels_inner: bool, sms: int, tile: int) -
     s_blocks = config.cdiv(s, block_s)
     items, channel_blocks = n * s_blocks, config.cdiv(c, block_c)
     splits, per_split = _splits(items, channel_blocks, sms)
-    return block_c, block_s, s_blocks, items, channel_blocks, splits, per_split, config.warps_for(block_c * block_s)
+    return block_c, block_s, s_blocks, items, channel_blocks, splits, per_split
 
 
 class _Layout:
@@ -216,9 +216,10 @@ class _Layout:
     def __init__(self, x: Tensor) -> None:
         self.x, (n, self.c, self.s), self.strides = ncs_view(x, merge_batch=True)
         (self.block_c, self.block_s, self.s_blocks, self.items, self.channel_blocks, self.splits,
-         self.items_per_split, self.warps) = _tiling(
+         self.items_per_split) = _tiling(
             n, self.c, self.s, self.strides[1] == 1, config.num_sms(x.device), config.tile_elements()
         )
+        self.warps = config.warps_for(self.block_c * self.block_s)  # outside the cache: config.tuning may set it
 
     @property
     def dims(self) -> tuple[int, ...]:

@@ -341,9 +341,7 @@ def row_backward(
     dx = torch.empty((m, n), dtype=xh.dtype, device=xh.device)
     block_m, block_n, one_tile = config.row_config(n, xh.dtype)
     num_tiles = config.cdiv(m, block_m)
-    # a few programs per SM for rows that fit a tile; one per SM for long rows, whose (G, N) partial
-    # buffers are read and written per column block
-    programs = max(1, min(num_tiles, config.num_sms(xh.device) * (4 if one_tile else 1)))
+    programs = config.row_backward_programs(num_tiles, one_tile, xh.device)
     need_dw = need_dw and weight is not None
     part_shape = (programs, n)
     alloc = torch.empty if one_tile else torch.zeros
