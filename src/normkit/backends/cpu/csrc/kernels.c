@@ -202,6 +202,8 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 
 #define NK_BLOCK 2048  /* elements per exact two-pass block: fits L1 with room to spare */
 #define NK_PAR_SLOTS 4096 /* (n, c) slots from which the backward's bookkeeping loops are threaded */
+#define NK_GRAD_COLS 256  /* channels per block of the backward's parameter-gradient sums over the samples */
+#define NK_SHORT_RUN 256  /* 16-bit runs up to this long take the backward's vector-accumulator sums */
 #define NK_ROWS 16384  /* elements per channels-last sub-block (rows x C): its per-channel merge is amortized */
 #define NK_SUB_MAX 256 /* ... and at most this many rows, the terms of each float partial sum (few channels) */
 /* rows per channels-last sub-block of C channels */
@@ -230,9 +232,37 @@ static inline int64_t nk_sub_rows(int64_t C) {
 
 /* ---- instantiate the kernels for each dtype ------------------------------------------------- */
 
+/* NK_LOADV(v, p): one vector of NK_LANES values of NK_T at p (unaligned) into v, a vector of NK_A */
+typedef uint16_t nk_u16x8 __attribute__((vector_size(16)));
+typedef uint32_t nk_u32x8 __attribute__((vector_size(32)));
+#define NK_LOADV_COPY(v, p) memcpy(&(v), (p), sizeof(v))
+/* bfloat16: the bits widened and shifted into a float's high half, eight at a time */
+#define NK_LOADV_BF16(v, p)                                                                                 \
+    do {                                                                                                    \
+        nk_u16x8 h_;                                                                                        \
+        memcpy(&h_, (p), sizeof h_);                                                                        \
+        nk_u32x8 u_ = __builtin_convertvector(h_, nk_u32x8) << 16;                                          \
+        memcpy(&(v), &u_, sizeof(v));                                                                       \
+    } while (0)
+#if NK_HAVE_F16
+typedef _Float16 nk_f16x8 __attribute__((vector_size(16)));
+#define NK_LOADV_F16(v, p)                                                                                  \
+    do {                                                                                                    \
+        nk_f16x8 h_;                                                                                        \
+        memcpy(&h_, (p), sizeof h_);                                                                        \
+        (v) = __builtin_convertvector(h_, __typeof__(v));                                                   \
+    } while (0)
+#else
+#define NK_LOADV_F16(v, p)                                                                                  \
+    do {                                                                                                    \
+        for (int l_ = 0; l_ < 8; l_++) (v)[l_] = nk_f16_load((p)[l_]);                                      \
+    } while (0)
+#endif
+
 #define NK_T float
 #define NK_A float
 #define NK_LOAD(v) (v)
+#define NK_LOADV(v, p) NK_LOADV_COPY(v, p)
 #define NK_STORE(v) (v)
 #define NK_NAME(base) base##_f32
 #define NK_RCP(v) nk_rcpf(v)
@@ -242,6 +272,7 @@ static inline int64_t nk_sub_rows(int64_t C) {
 #define NK_T double
 #define NK_A double
 #define NK_LOAD(v) (v)
+#define NK_LOADV(v, p) NK_LOADV_COPY(v, p)
 #define NK_STORE(v) (v)
 #define NK_NAME(base) base##_f64
 #define NK_RCP(v) (1.0 / (v))
@@ -251,6 +282,7 @@ static inline int64_t nk_sub_rows(int64_t C) {
 #define NK_T nk_bf16
 #define NK_A float
 #define NK_LOAD(v) nk_bf16_load(v)
+#define NK_LOADV(v, p) NK_LOADV_BF16(v, p)
 #define NK_STORE(v) nk_bf16_store(v)
 #define NK_NAME(base) base##_bf16
 #define NK_RCP(v) nk_rcpf(v)
@@ -260,6 +292,7 @@ static inline int64_t nk_sub_rows(int64_t C) {
 #define NK_T nk_f16
 #define NK_A float
 #define NK_LOAD(v) nk_f16_load(v)
+#define NK_LOADV(v, p) NK_LOADV_F16(v, p)
 #define NK_STORE(v) nk_f16_store(v)
 #define NK_NAME(base) base##_f16
 #define NK_RCP(v) nk_rcpf(v)
