@@ -26,6 +26,16 @@ static inline NK_A NK_NAME(nk_hsum)(const NK_NAME(nk_vec) *v) {
     return r;
 }
 
+/* A vector's lanes added as a tree (log2(lanes) dependent adds; a `#pragma omp simd reduction` adds them
+ * one after another, through memory, which on the short runs of small images cost as much as the run) */
+static inline NK_A NK_NAME(nk_hsum_tree)(NK_NAME(nk_vec) v) {
+    NK_A t[NK_LANES];
+    memcpy(t, &v, sizeof t);
+    for (int64_t w = NK_LANES / 2; w > 0; w /= 2)
+        for (int64_t i = 0; i < w; i++) t[i] += t[i + w];
+    return t[0];
+}
+
 /* sum of (a[j] - k) */
 static inline NK_A NK_NAME(nk_sum_sub)(const NK_A *a, int64_t n, NK_A k) {
     NK_NAME(nk_vec) s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, v0, v1, v2, v3, kk;
@@ -360,11 +370,35 @@ static void NK_NAME(nk_run_moments)(const NK_T *p, int64_t S, double *mean, doub
         double e;
         for (int pass = 0;; pass++) { /* a second pass only when the shift was far off */
             sd = 0, sd2 = 0;
+            if (sizeof(NK_T) == sizeof(NK_A) || len <= NK_SHORT_RUN) {
+                /* vector accumulators added as a tree (see nk_sums_run_vec): the simd reduction's lane-by-
+                 * lane epilogue costs as much as a short run (InstanceNorm and BatchNorm on small images) */
+                NK_NAME(nk_vec) v1 = {0}, v2 = {0}, w1 = {0}, w2 = {0}, kk, xv, yv;
+                for (int64_t l = 0; l < NK_LANES; l++) kk[l] = k;
+                int64_t j = 0;
+                for (; j + 2 * NK_LANES <= len; j += 2 * NK_LANES) { /* two accumulators: two add chains */
+                    NK_LOADV(xv, p + s0 + j);
+                    NK_LOADV(yv, p + s0 + j + NK_LANES);
+                    xv -= kk, yv -= kk;
+                    v1 += xv, v2 += xv * xv, w1 += yv, w2 += yv * yv;
+                }
+                for (; j + NK_LANES <= len; j += NK_LANES) {
+                    NK_LOADV(xv, p + s0 + j);
+                    xv -= kk;
+                    v1 += xv, v2 += xv * xv;
+                }
+                sd = NK_NAME(nk_hsum_tree)(v1 + w1), sd2 = NK_NAME(nk_hsum_tree)(v2 + w2);
+                for (; j < len; j++) {
+                    NK_A d = NK_LOAD(p[s0 + j]) - k;
+                    sd += d, sd2 += d * d;
+                }
+            } else {
 #pragma omp simd reduction(+ : sd, sd2)
-            for (int64_t j = 0; j < len; j++) {
-                NK_A d = NK_LOAD(p[s0 + j]) - k;
-                sd += d;
-                sd2 += d * d;
+                for (int64_t j = 0; j < len; j++) {
+                    NK_A d = NK_LOAD(p[s0 + j]) - k;
+                    sd += d;
+                    sd2 += d * d;
+                }
             }
             e = (double)sd / (double)len;
             if (pass == 1 || (double)len * e * e <= 0.5 * (double)sd2) break;
@@ -669,16 +703,6 @@ static inline __attribute__((always_inline)) NK_A NK_NAME(nk_dz)(NK_A dy, NK_A x
 
 /* The loop bodies of nk_chan_bwd's two passes, inlined once with act = 0 and once with act = 1 so
  * that no simd loop carries a runtime branch (which would make the compiler emit scalar code). */
-
-/* A vector's lanes added as a tree (log2(lanes) dependent adds; a `#pragma omp simd reduction` adds them
- * one after another, through memory, which on the short runs of small images cost as much as the run) */
-static inline NK_A NK_NAME(nk_hsum_tree)(NK_NAME(nk_vec) v) {
-    NK_A t[NK_LANES];
-    memcpy(t, &v, sizeof t);
-    for (int64_t w = NK_LANES / 2; w > 0; w /= 2)
-        for (int64_t i = 0; i < w; i++) t[i] += t[i + w];
-    return t[0];
-}
 
 /* pass 1 over a channels-first run without an activation: sums of x - m, dy and dy (x - m), in vector
  * accumulators (one vector of x and dy at a time, loaded with NK_LOADV; the tail in scalars), each
