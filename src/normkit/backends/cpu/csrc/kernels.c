@@ -203,7 +203,7 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 #define NK_BLOCK 2048  /* elements per exact two-pass block: fits L1 with room to spare */
 #define NK_PAR_SLOTS 4096 /* (n, c) slots from which the backward's bookkeeping loops are threaded */
 #define NK_GRAD_COLS 256  /* channels per block of the backward's parameter-gradient sums over the samples */
-#define NK_SHORT_RUN 256  /* 16-bit runs up to this long take the backward's vector-accumulator sums */
+#define NK_SHORT_RUN 256  /* 16-bit runs up to this long take the channel norms' vector-accumulator sums */
 #define NK_ROWS 16384  /* elements per channels-last sub-block (rows x C): its per-channel merge is amortized */
 #define NK_SUB_MAX 256 /* ... and at most this many rows, the terms of each float partial sum (few channels) */
 /* rows per channels-last sub-block of C channels */
@@ -233,9 +233,14 @@ static inline int64_t nk_sub_rows(int64_t C) {
 /* ---- instantiate the kernels for each dtype ------------------------------------------------- */
 
 /* NK_LOADV(v, p): one vector of NK_LANES values of NK_T at p (unaligned) into v, a vector of NK_A */
+#define NK_LOADV_COPY(v, p) memcpy(&(v), (p), sizeof(v))
+#define NK_LOADV_ELEMENTS(v, p, load)                                                                       \
+    do {                                                                                                    \
+        for (int l_ = 0; l_ < 8; l_++) (v)[l_] = load((p)[l_]);                                             \
+    } while (0)
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9) /* __builtin_convertvector */
 typedef uint16_t nk_u16x8 __attribute__((vector_size(16)));
 typedef uint32_t nk_u32x8 __attribute__((vector_size(32)));
-#define NK_LOADV_COPY(v, p) memcpy(&(v), (p), sizeof(v))
 /* bfloat16: the bits widened and shifted into a float's high half, eight at a time */
 #define NK_LOADV_BF16(v, p)                                                                                 \
     do {                                                                                                    \
@@ -252,11 +257,14 @@ typedef _Float16 nk_f16x8 __attribute__((vector_size(16)));
         memcpy(&h_, (p), sizeof h_);                                                                        \
         (v) = __builtin_convertvector(h_, __typeof__(v));                                                   \
     } while (0)
-#else
-#define NK_LOADV_F16(v, p)                                                                                  \
-    do {                                                                                                    \
-        for (int l_ = 0; l_ < 8; l_++) (v)[l_] = nk_f16_load((p)[l_]);                                      \
-    } while (0)
+#endif
+#endif
+/* otherwise element by element (correct, slower) */
+#ifndef NK_LOADV_BF16
+#define NK_LOADV_BF16(v, p) NK_LOADV_ELEMENTS(v, p, nk_bf16_load)
+#endif
+#ifndef NK_LOADV_F16
+#define NK_LOADV_F16(v, p) NK_LOADV_ELEMENTS(v, p, nk_f16_load)
 #endif
 
 #define NK_T float
