@@ -1,6 +1,6 @@
 """Time the triton backend's launch choices on a GPU: for each case, every combination of a few values of
 the choices in ``normkit.backends.triton.config.TUNABLE`` (warps, rows per program, backward programs per
-SM, tile size) against the heuristics' own, with the kernel benchmark's L2-cold timer.
+SM, tile size, programs per GroupNorm set) against the heuristics' own, with the kernel benchmark's L2-cold timer.
 
     python benchmarks/gpu_tune.py --out gpu-results/tune.json [--time-limit 150] [--only rms_norm]
     TRITON_INTERPRET=1 python benchmarks/gpu_tune.py --tiny     # the script itself, on the CPU
@@ -59,6 +59,9 @@ CASES = [
     Case("rms_norm", (32768, 4096), torch.float32, grid=_ROW_GRID, passes=("fwd",)),
     Case("group_norm", (8, 512, 64, 64), torch.bfloat16, grid=_CHAN_GRID),
     Case("group_norm", (8, 512, 64, 64), torch.bfloat16, "channels_last", grid=_CHAN_GRID),
+    # few sets (a diffusion model's GroupNorm(32) at batch 1-2): programs per set, split by default
+    Case("group_norm", (1, 512, 64, 64), torch.bfloat16, grid={"set_splits": (1, 2, 4, 8, 16)}),
+    Case("group_norm", (2, 320, 64, 64), torch.bfloat16, "channels_last", grid={"set_splits": (1, 2, 4, 8)}),
     Case("batch_norm", (64, 64, 112, 112), torch.float32, grid=_CHAN_GRID),
     Case("batch_norm", (256, 64, 56, 56), torch.bfloat16, "channels_last", grid=_CHAN_GRID),
     Case("batch_norm", (64, 2048, 7, 7), torch.float32, grid=_CHAN_GRID),
@@ -68,7 +71,7 @@ CASES = [
 TINY_CASES = [
     Case("rms_norm", (8, 64), torch.float32, grid={"warps": (1, 2), "row_block_m": (1, 2)}),
     Case("layer_norm", (8, 64), torch.bfloat16, grid={"row_programs_per_sm": (1, 2)}, passes=("fwdbwd",)),
-    Case("group_norm", (2, 8, 4, 4), torch.float32, "channels_last", grid={"tile": (32, 64)}),
+    Case("group_norm", (2, 8, 4, 4), torch.float32, "channels_last", grid={"tile": (32, 64), "set_splits": (1, 2)}),
     Case("batch_norm", (2, 8, 4, 4), torch.float32, grid={"warps": (1, 2), "tile": (32, 64)}),
 ]
 

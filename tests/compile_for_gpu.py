@@ -135,6 +135,18 @@ def _launch_everything() -> None:
         w, b = (torch.zeros(c, dtype=f32), torch.zeros(c, dtype=dtype)) if affine else (None, None)
         y, mean, rstd, var = sets.set_forward(img, groups, w, b, 1e-5, silu)
         sets.set_backward(img, img, groups, w, b, mean, rstd, silu, affine, affine)
+    # the same sets split over programs (few sets: small batches), each tile shape of both sizes
+    from normkit.backends.triton import config
+
+    with config.tuning(set_splits=2):
+        for dtype, layout, shape, groups, silu, affine in set_cases:
+            if shape[2] < 6:
+                continue
+            img = torch.zeros(shape, dtype=dtype).contiguous(memory_format=layout)
+            c = shape[1]
+            w, b = (torch.zeros(c, dtype=f32), torch.zeros(c, dtype=dtype)) if affine else (None, None)
+            y, mean, rstd, var = sets.set_forward(img, groups, w, b, 1e-5, silu)
+            sets.set_backward(img, img, groups, w, b, mean, rstd, silu, affine, affine)
     # BatchNorm: (dtype, layout, training, affine, shape); the larger shape splits positions over programs
     small, large = (2, 64, 6, 6), (16, 64, 56, 56)
     for dtype, layout, training, affine, shape in (

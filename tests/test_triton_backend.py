@@ -373,6 +373,65 @@ def test_channel_kernels_match_truth(op, shape, groups, dtype, layout, block, de
         assert leaves[0].grad.stride() == x.stride()
 
 
+# (op, shape, groups, dtype, layout, tile cap, splits): a set's positions over several programs
+SPLIT_CASES = [
+    ("group_norm", (2, 6, 7, 5), 3, FP32, "nchw", 16, 2),  # 5 tiles of 8 positions: spans of 3 and 2
+    ("group_norm", (2, 6, 7, 5), 3, BF16, "channels_last", 16, 3),
+    ("group_norm", (1, 4, 9, 4), 2, FP16, "nchw", 16, 5),  # a tile each (the last one part-filled)
+    ("group_norm", (2, 40, 9), 1, FP32, "nchw", 16, 2),  # channel blocks within each split
+    ("group_norm_silu", (2, 6, 7, 5), 3, BF16, "nchw", 16, 2),
+    ("group_norm_silu", (1, 8, 6, 6), 4, FP32, "channels_last", 32, 4),
+    ("instance_norm", (2, 3, 37), None, FP32, "nchw", 8, 3),
+]
+
+
+@pytest.mark.parametrize(
+    "op,shape,groups,dtype,layout,block,splits", SPLIT_CASES,
+    ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}-{str(c[3])[6:]}-{c[4]}-split{c[6]}" for c in SPLIT_CASES],
+)
+def test_split_sets_match_truth(op, shape, groups, dtype, layout, block, splits, device):
+    """Sets split over programs (few sets: small batches) compute what one program per set does: outputs
+    and gradients against the float64 truth, with and without affine parameters."""
+    torch.manual_seed(2)
+    c = shape[1]
+    x = _layout(rand(shape, dtype, device, 2.0, 0.5), layout)
+    pdt = param_dtype(op, dtype, device)
+    w, b = rand((c,), pdt, device, 0.5, 1.0), rand((c,), pdt, device, 0.5)
+    with cap(block), config.tuning(set_splits=splits):
+        check(_channel_call(op, groups, c, device), [x, w, b], dtype, msg=f"{op} split {splits}")
+        if op != "group_norm_silu":  # GroupNorm+SiLU always has its affine parameters
+            check(_channel_call(op, groups, c, device), [x, None, None], dtype, msg=f"{op} split {splits} plain")
+
+
+def test_few_sets_are_split_over_programs():
+    """``config.set_splits``: one program per set while there are as many as SMs; with fewer, enough
+    splits of at least two tiles for about two programs an SM; a tuned value is capped at the tiles."""
+    sms = 132
+    assert config.set_splits(sms, 100, sms) == 1 and config.set_splits(1, 3, sms) == 1
+    assert config.set_splits(32, 128, sms) == 9  # GroupNorm(32) at batch 1: 288 programs
+    assert config.set_splits(1, 100, sms) == 50  # splits of two tiles or more
+    with config.tuning(set_splits=64):
+        assert config.set_splits(sms, 10, sms) == 10
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's three SMs make one sample's sets few")
+def test_split_sets_are_what_the_default_runs_for_one_sample():
+    """The default launch splits a lone sample's sets (GroupNorm(2) at batch 1 on the interpreter's three
+    SMs): same results as one program per set, within float32 rounding, and deterministic."""
+    x = rand((1, 4, 16, 16), FP32, "cpu", 2.0, 0.5).requires_grad_()
+    with normkit.use_backend("triton"), cap(64):
+        runs = []
+        for splits in (None, 1):
+            with config.tuning(set_splits=splits) if splits else contextlib.nullcontext():
+                y = NF.group_norm(x, 2)
+                runs.append((y, *torch.autograd.grad(y.square().sum(), x)))
+        again = NF.group_norm(x, 2)
+    assert config.set_splits(2, 4, config.num_sms(torch.device("cpu"))) > 1
+    assert torch.equal(runs[0][0], again)
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("norm", ["batch", "instance"])
 @pytest.mark.parametrize("dtype,layout", [(FP32, "nchw"), (BF16, "channels_last")])
 def test_running_statistics_update_like_torch(norm, dtype, layout, device):

@@ -21,7 +21,7 @@ import triton  # noqa: F401  (the backend is unavailable without triton: fail at
 
 __all__ = [
     "INTERPRET", "TUNABLE", "block_cap", "cdiv", "max_block", "next_power_of_2", "num_sms", "row_backward_programs",
-    "row_config", "tile_elements", "tuning", "warps_for",
+    "row_config", "set_splits", "tile_elements", "tuned", "tuning", "warps_for",
 ]
 
 #: whether TRITON_INTERPRET=1 was set when the backend loaded: then its kernels run on CPU tensors
@@ -39,6 +39,7 @@ TUNABLE = {
     "row_block_m": "rows per program of the row kernels, for rows that fit one tile",
     "row_programs_per_sm": "programs per SM of the row backward, for rows that fit one tile",
     "tile": "elements per tile of the set (GroupNorm/InstanceNorm) and BatchNorm kernels",
+    "set_splits": "programs per (sample, group) set of the GroupNorm/InstanceNorm kernels",
 }
 _tuned: dict[str, int] = {}
 
@@ -134,6 +135,23 @@ def row_config(n: int, dtype: torch.dtype) -> tuple[int, int, bool]:
         block_m = min(max(1, min(cap, 4096) // block_n), 16)
         return _tuned.get("row_block_m", block_m) if _tuned else block_m, block_n, True
     return 1, cap, False
+
+
+def tuned() -> bool:
+    """Whether :func:`tuning` replaces any choice now (launch parameters cached per shape are then stale)."""
+    return bool(_tuned)
+
+
+def set_splits(programs: int, tiles: int, sms: int) -> int:
+    """Programs per set of the GroupNorm/InstanceNorm kernels, ``programs`` being the one-per-set count,
+    ``tiles`` a set's position tiles and ``sms`` the GPU's: 1 while there are at least as many programs as
+    SMs; with fewer (small batches: GroupNorm(32) at batch 1 is 32 programs), enough splits of two or more
+    tiles each to give every SM about two programs, so that the idle SMs read the set too."""
+    if _tuned and "set_splits" in _tuned:
+        return max(1, min(_tuned["set_splits"], tiles))
+    if programs >= sms or tiles < 4:
+        return 1
+    return max(1, min(cdiv(2 * sms, programs), tiles // 2))
 
 
 def row_backward_programs(num_tiles: int, one_tile: bool, device: torch.device) -> int:

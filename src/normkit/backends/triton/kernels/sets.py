@@ -16,9 +16,20 @@ recomputed from x and the statistics: nothing but x and (N, G) statistics is sav
 the per-sample partials of ``dbias`` and ``dweight``; pass 2 writes
 ``dx = rstd · (g - c1 - xhat · c2)`` with ``g = dz · w``, ``c1 = mean(g)``, ``c2 = mean(g · xhat)``.
 The partials, an (N, C) float32 buffer, are summed over N in a fixed order.
+
+Few sets (fewer programs than SMs: GroupNorm(32) at batch 1-4, as diffusion models run it) leave most of
+the GPU idle with one program per set, so each set's positions are then split over ``splits`` programs
+(grid axis 1, :func:`~normkit.backends.triton.config.set_splits`): the forward's first kernel writes each
+split's (mean, M2, count), the second merges them in split order (every program the same merge) and
+writes its split of the output; the backward's first kernel writes each split's per-channel sums as rows
+of an (N·splits, C) buffer, the second adds a set's rows for ``c1`` and ``c2`` and writes its split of dx,
+and the parameter gradients are the column sums of that buffer.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -45,6 +56,65 @@ def _tile(n, g, c0, s0, G, S, sN, sC, sS, CG: tl.constexpr, BLOCK_C: tl.constexp
 
 
 @triton.jit
+def _set_shift(X, n, g, G, S, sN, sC, sS, CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The set's shift: its first tile's mean (every split computes the same), so that a large mean keeps
+    its bits in the statistics of ``x - shift``."""
+    offs, c, c_mask, mask = _tile(n, g, 0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+    first = tl.sum(tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), axis=2), axis=1)
+    return first / tl.cast(tl.minimum(S, BLOCK_S) * tl.minimum(CG, BLOCK_C), tl.float32)
+
+
+@triton.jit
+def _stats_range(X, n, g, shift, s_lo, s_hi, G, S, sN, sC, sS, GROUPS: tl.constexpr, CG: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(mean, M2, count) per group of ``x - shift`` over positions ``[s_lo, s_hi)``, tiles merged with Chan's
+    formula in order."""
+    mean = tl.zeros([GROUPS], dtype=tl.float32)
+    m2 = tl.zeros([GROUPS], dtype=tl.float32)
+    seen = tl.zeros([GROUPS], dtype=tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+            x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - shift[:, None, None], 0.0)
+            count = tl.cast(tl.minimum(S - s0, BLOCK_S) * tl.minimum(CG - c0, BLOCK_C), tl.float32)
+            tile_mean = tl.sum(tl.sum(x, axis=2), axis=1) / count
+            xc = tl.where(mask, x - tile_mean[:, None, None], 0.0)
+            mean, m2, seen = chan_merge(mean, m2, seen, tile_mean, tl.sum(tl.sum(xc * xc, axis=2), axis=1), count)
+    return mean, m2, seen
+
+
+@triton.jit
+def _apply_range(X, Y, W, B, n, g, shift, mean, rstd, s_lo, s_hi, G, S, sN, sC, sS, CG: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, GROUPS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    """``y = ((x - shift) - mean) · rstd · w + b`` (then SiLU) over positions ``[s_lo, s_hi)``."""
+    for c0 in range(0, CG, BLOCK_C):
+        offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+        scale = tl.broadcast_to(rstd[:, None], [GROUPS, BLOCK_C])
+        if HAS_WEIGHT:
+            scale = scale * tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            beta = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            y = ((x - shift[:, None, None]) - mean[:, None, None]) * scale[:, :, None]
+            if HAS_BIAS:
+                y = y + beta[:, :, None]
+            if SILU:
+                y = silu(y)
+            tl.store(Y + offs, rounded(y, Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_stats(MEAN, RSTD, VAR, stat, valid, mean, var, rstd, num_stats):
+    """A set's statistics: the mean relative to the shift (the second half of MEAN), rstd and the variance."""
+    tl.store(MEAN + num_stats + stat, mean, mask=valid)
+    tl.store(RSTD + stat, rstd, mask=valid)
+    tl.store(VAR + stat, var, mask=valid)
+
+
+@triton.jit
 def _set_forward_kernel(
     X, Y, W, B, MEAN, RSTD, VAR,
     G, S, sN, sC, sS, eps, group_blocks, num_stats,
@@ -54,44 +124,118 @@ def _set_forward_kernel(
     pid = tl.program_id(0)
     n = (pid // group_blocks).to(tl.int64)
     g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
-    # statistics of x - shift, the shift being the first tile's mean: a large mean keeps its bits
-    offs, c, c_mask, mask = _tile(n, g, 0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
-    first = tl.sum(tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), axis=2), axis=1)
-    shift = first / tl.cast(tl.minimum(S, BLOCK_S) * tl.minimum(CG, BLOCK_C), tl.float32)
+    shift = _set_shift(X, n, g, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+    mean, m2, _ = _stats_range(X, n, g, shift, 0, S, G, S, sN, sC, sS, GROUPS, CG, BLOCK_C, BLOCK_S)
+    var = m2 / (S * CG)
+    rstd = tl.math.rsqrt(var + eps)
+    tl.store(MEAN + n * G + g, shift, mask=g < G)
+    _store_stats(MEAN, RSTD, VAR, n * G + g, g < G, mean, var, rstd, num_stats)
+    _apply_range(X, Y, W, B, n, g, shift, mean, rstd, 0, S, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S, GROUPS,
+                 HAS_WEIGHT, HAS_BIAS, SILU)
+
+
+@triton.jit
+def _split_stats_kernel(
+    X, MEAN, PART, G, S, sN, sC, sS, group_blocks, num_stats, span,
+    CG: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Split ``program_id(1)`` of a set: its (mean, M2, count) into PART, a (3, num_stats, splits) buffer;
+    split 0 writes the set's shift."""
+    pid, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    n = (pid // group_blocks).to(tl.int64)
+    g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
+    stat = n * G + g
+    shift = _set_shift(X, n, g, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+    if split == 0:
+        tl.store(MEAN + stat, shift, mask=g < G)
+    s_lo = split * span
+    mean, m2, seen = _stats_range(X, n, g, shift, s_lo, tl.minimum(s_lo + span, S), G, S, sN, sC, sS, GROUPS, CG,
+                                  BLOCK_C, BLOCK_S)
+    part = stat * splits + split
+    block = num_stats * splits
+    tl.store(PART + part, mean, mask=g < G)
+    tl.store(PART + block + part, m2, mask=g < G)
+    tl.store(PART + 2 * block + part, seen, mask=g < G)
+
+
+@triton.jit
+def _split_apply_kernel(
+    X, Y, W, B, PART, MEAN, RSTD, VAR, G, S, sN, sC, sS, eps, group_blocks, num_stats, span,
+    CG: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):
+    """Split ``program_id(1)`` of a set's output: the splits' moments merged in split order (the same merge
+    in every program), split 0 writing the statistics."""
+    pid, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    n = (pid // group_blocks).to(tl.int64)
+    g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
+    stat = n * G + g
+    valid = g < G
+    block = num_stats * splits
     mean = tl.zeros([GROUPS], dtype=tl.float32)
     m2 = tl.zeros([GROUPS], dtype=tl.float32)
     seen = tl.zeros([GROUPS], dtype=tl.float32)
-    for c0 in range(0, CG, BLOCK_C):
-        for s0 in range(0, S, BLOCK_S):
-            offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
-            x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - shift[:, None, None], 0.0)
-            count = tl.cast(tl.minimum(S - s0, BLOCK_S) * tl.minimum(CG - c0, BLOCK_C), tl.float32)
-            tile_mean = tl.sum(tl.sum(x, axis=2), axis=1) / count
-            xc = tl.where(mask, x - tile_mean[:, None, None], 0.0)
-            mean, m2, seen = chan_merge(mean, m2, seen, tile_mean, tl.sum(tl.sum(xc * xc, axis=2), axis=1), count)
+    for r in range(0, splits):
+        part = stat * splits + r
+        mean, m2, seen = chan_merge(
+            mean, m2, seen, tl.load(PART + part, mask=valid, other=0.0),
+            tl.load(PART + block + part, mask=valid, other=0.0),
+            tl.load(PART + 2 * block + part, mask=valid, other=0.0),  # a count of 0 leaves a group as it is
+        )
+    shift = tl.load(MEAN + stat, mask=valid, other=0.0)
     var = m2 / (S * CG)
     rstd = tl.math.rsqrt(var + eps)
-    stat = n * G + g
-    tl.store(MEAN + stat, shift, mask=g < G)
-    tl.store(MEAN + num_stats + stat, mean, mask=g < G)
-    tl.store(RSTD + stat, rstd, mask=g < G)
-    tl.store(VAR + stat, var, mask=g < G)
+    if split == 0:
+        _store_stats(MEAN, RSTD, VAR, stat, valid, mean, var, rstd, num_stats)
+    s_lo = split * span
+    _apply_range(X, Y, W, B, n, g, shift, mean, rstd, s_lo, tl.minimum(s_lo + span, S), G, S, sN, sC, sS, CG,
+                 BLOCK_C, BLOCK_S, GROUPS, HAS_WEIGHT, HAS_BIAS, SILU)
+
+
+@triton.jit
+def _set_params(W, B, c, c_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A channel block's weight and bias in float32 (1 and 0 without them)."""
+    w = tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_WEIGHT else tl.where(c_mask, 1.0, 0.0)
+    b = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros_like(w)
+    return w, b
+
+
+@triton.jit
+def _grad_sums(DY, X, n, g, c0, shift, mean, rstd, w, b, s_lo, s_hi, G, S, sN, sC, sS, GROUPS: tl.constexpr,
+               CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SILU: tl.constexpr):
+    """Per channel of the block at ``c0``: the sums of dz and dz · xhat over positions ``[s_lo, s_hi)``."""
+    sum_dz = tl.zeros([GROUPS, BLOCK_C], dtype=tl.float32)
+    sum_dz_xhat = tl.zeros([GROUPS, BLOCK_C], dtype=tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        xc = (x - shift[:, None, None]) - mean[:, None, None]
+        xhat = tl.where(mask, xc * rstd[:, None, None], 0.0)
+        if SILU:
+            dz = dz * silu_slope(xhat * w[:, :, None] + b[:, :, None])
+        sum_dz += tl.sum(dz, axis=2)
+        sum_dz_xhat += tl.sum(dz * xhat, axis=2)
+    return sum_dz, sum_dz_xhat
+
+
+@triton.jit
+def _dx_range(DY, X, DX, W, B, n, g, shift, mean, rstd, c1, c2, s_lo, s_hi, G, S, sN, sC, sS, CG: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SILU: tl.constexpr):
+    """``dx = rstd · (dz · w - c1 - xhat · c2)`` over positions ``[s_lo, s_hi)``."""
     for c0 in range(0, CG, BLOCK_C):
         offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
-        scale = tl.broadcast_to(rstd[:, None], [GROUPS, BLOCK_C])
-        if HAS_WEIGHT:
-            scale = scale * tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            beta = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32)
-        for s0 in range(0, S, BLOCK_S):
+        w, b = _set_params(W, B, c, c_mask, HAS_WEIGHT, HAS_BIAS)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
             offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            y = ((x - shift[:, None, None]) - mean[:, None, None]) * scale[:, :, None]
-            if HAS_BIAS:
-                y = y + beta[:, :, None]
+            dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            xhat = ((x - shift[:, None, None]) - mean[:, None, None]) * rstd[:, None, None]
             if SILU:
-                y = silu(y)
-            tl.store(Y + offs, rounded(y, Y.dtype.element_ty), mask=mask)
+                dz = dz * silu_slope(xhat * w[:, :, None] + b[:, :, None])
+            dx = (dz * w[:, :, None] - c1[:, None, None] - xhat * c2[:, None, None]) * rstd[:, None, None]
+            tl.store(DX + offs, rounded(dx, DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -113,20 +257,9 @@ def _set_backward_kernel(
     # pass 1: per-channel sums of dz and dz * xhat (the parameter-gradient partials), and c1, c2
     for c0 in range(0, CG, BLOCK_C):
         offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
-        w = tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_WEIGHT else tl.where(c_mask, 1.0, 0.0)
-        b = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros_like(w)
-        sum_dz = tl.zeros([GROUPS, BLOCK_C], dtype=tl.float32)
-        sum_dz_xhat = tl.zeros([GROUPS, BLOCK_C], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            xc = (x - shift[:, None, None]) - mean[:, None, None]
-            xhat = tl.where(mask, xc * rstd[:, None, None], 0.0)
-            if SILU:
-                dz = dz * silu_slope(xhat * w[:, :, None] + b[:, :, None])
-            sum_dz += tl.sum(dz, axis=2)
-            sum_dz_xhat += tl.sum(dz * xhat, axis=2)
+        w, b = _set_params(W, B, c, c_mask, HAS_WEIGHT, HAS_BIAS)
+        sum_dz, sum_dz_xhat = _grad_sums(DY, X, n, g, c0, shift, mean, rstd, w, b, 0, S, G, S, sN, sC, sS, GROUPS,
+                                         CG, BLOCK_C, BLOCK_S, SILU)
         # each loop result gets one use (the masks change nothing): triton 3.6's thread-locality pass
         # asserts that an accumulated reduction's result is used once, and both are used twice below
         sum_dz = tl.where(c_mask, sum_dz, 0.0)
@@ -140,20 +273,67 @@ def _set_backward_kernel(
         c2 += tl.sum(w * sum_dz_xhat, axis=1)
     c1 = c1 / (S * CG)
     c2 = c2 / (S * CG)
-    # pass 2: dx
+    _dx_range(DY, X, DX, W, B, n, g, shift, mean, rstd, c1, c2, 0, S, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S,
+              HAS_WEIGHT, HAS_BIAS, SILU)
+
+
+@triton.jit
+def _split_grads_kernel(
+    DY, X, W, B, MEAN, RSTD, DW_PART, DB_PART, G, C, S, sN, sC, sS, group_blocks, num_stats, span,
+    CG: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):
+    """Split ``program_id(1)``'s per-channel sums of dz · xhat and dz, into row ``n · splits + split`` of the
+    (N · splits, C) buffers DW_PART and DB_PART."""
+    pid, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    n = (pid // group_blocks).to(tl.int64)
+    g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
+    shift = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
+    mean = tl.load(MEAN + num_stats + n * G + g, mask=g < G, other=0.0)
+    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    s_lo = split * span
     for c0 in range(0, CG, BLOCK_C):
         offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
-        w = tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_WEIGHT else tl.where(c_mask, 1.0, 0.0)
-        b = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros_like(w)
-        for s0 in range(0, S, BLOCK_S):
-            offs, c, c_mask, mask = _tile(n, g, c0, s0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = ((x - shift[:, None, None]) - mean[:, None, None]) * rstd[:, None, None]
-            if SILU:
-                dz = dz * silu_slope(xhat * w[:, :, None] + b[:, :, None])
-            dx = (dz * w[:, :, None] - c1[:, None, None] - xhat * c2[:, None, None]) * rstd[:, None, None]
-            tl.store(DX + offs, rounded(dx, DX.dtype.element_ty), mask=mask)
+        w, b = _set_params(W, B, c, c_mask, HAS_WEIGHT, HAS_BIAS)
+        sum_dz, sum_dz_xhat = _grad_sums(DY, X, n, g, c0, shift, mean, rstd, w, b, s_lo, tl.minimum(s_lo + span, S),
+                                         G, S, sN, sC, sS, GROUPS, CG, BLOCK_C, BLOCK_S, SILU)
+        part = (n * splits + split) * C + c
+        tl.store(DW_PART + part, sum_dz_xhat, mask=c_mask)
+        tl.store(DB_PART + part, sum_dz, mask=c_mask)
+
+
+@triton.jit
+def _split_dx_kernel(
+    DY, X, DX, W, B, MEAN, RSTD, DW_PART, DB_PART, G, C, S, sN, sC, sS, group_blocks, num_stats, span,
+    CG: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):
+    """Split ``program_id(1)`` of a set's dx: c1 and c2 from the splits' sums (added in split order, the same
+    in every program)."""
+    pid, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    n = (pid // group_blocks).to(tl.int64)
+    g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
+    shift = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
+    mean = tl.load(MEAN + num_stats + n * G + g, mask=g < G, other=0.0)
+    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    c1 = tl.zeros([GROUPS], dtype=tl.float32)
+    c2 = tl.zeros([GROUPS], dtype=tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
+        w, b = _set_params(W, B, c, c_mask, HAS_WEIGHT, HAS_BIAS)
+        sum_dz = tl.zeros([GROUPS, BLOCK_C], dtype=tl.float32)
+        sum_dz_xhat = tl.zeros([GROUPS, BLOCK_C], dtype=tl.float32)
+        for r in range(0, splits):
+            part = (n * splits + r) * C + c
+            sum_dz += tl.load(DB_PART + part, mask=c_mask, other=0.0)
+            sum_dz_xhat += tl.load(DW_PART + part, mask=c_mask, other=0.0)
+        c1 += tl.sum(w * sum_dz, axis=1)
+        c2 += tl.sum(w * sum_dz_xhat, axis=1)
+    c1 = c1 / (S * CG)
+    c2 = c2 / (S * CG)
+    s_lo = split * span
+    _dx_range(DY, X, DX, W, B, n, g, shift, mean, rstd, c1, c2, s_lo, tl.minimum(s_lo + span, S), G, S, sN, sC, sS,
+              CG, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, SILU)
 
 
 def ncs_view(x: Tensor, merge_batch: bool = False) -> tuple[Tensor, tuple[int, int, int], tuple[int, int, int]]:
@@ -195,6 +375,45 @@ def _set_config(cg: int, groups: int, s: int, channels_inner: bool) -> tuple[int
     return per_program, block_c, block_s
 
 
+class _Launch(NamedTuple):
+    """Every launch parameter of one set-kernel call."""
+
+    cg: int
+    per_program: int
+    block_c: int
+    block_s: int
+    group_blocks: int
+    warps: int
+    splits: int
+    span: int  # positions per split (a multiple of block_s)
+
+
+def _plan(n: int, c: int, s: int, groups: int, channels_inner: bool, sms: int) -> _Launch:
+    cg = c // groups
+    per_program, block_c, block_s = _set_config(cg, groups, s, channels_inner)
+    group_blocks = config.cdiv(groups, per_program)
+    s_blocks = config.cdiv(s, block_s)
+    splits = config.set_splits(n * group_blocks, s_blocks, sms)
+    per_split = config.cdiv(s_blocks, splits)
+    return _Launch(cg, per_program, block_c, block_s, group_blocks, config.warps_for(per_program * block_c * block_s),
+                   config.cdiv(s_blocks, per_split), per_split * block_s)  # no empty split
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(n: int, c: int, s: int, groups: int, channels_inner: bool, sms: int, tile: int) -> _Launch:
+    return _plan(n, c, s, groups, channels_inner, sms)  # tile: in the key only (tests cap it)
+
+
+def _launch(n: int, c: int, s: int, groups: int, strides: tuple[int, int, int], device: torch.device) -> _Launch:
+    """The launch parameters of a call, computed once per shape (host time is what small norms on a GPU are
+    short of), or afresh while ``config.tuning`` replaces a choice."""
+    channels_inner = strides[1] == 1 and s > 1
+    sms = config.num_sms(device)
+    if config.tuned():
+        return _plan(n, c, s, groups, channels_inner, sms)
+    return _cached_plan(n, c, s, groups, channels_inner, sms, config.tile_elements())
+
+
 def set_forward(
     x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float, silu: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -205,15 +424,25 @@ def set_forward(
     y = torch.empty_like(xk)
     stats = [torch.empty(shape, dtype=torch.float32, device=x.device) for shape in ((2, n, groups), (n, groups))]
     stats.append(torch.empty_like(stats[1]))
-    cg = c // groups
-    per_program, block_c, block_s = _set_config(cg, groups, s, strides[1] == 1 and s > 1)
-    group_blocks = config.cdiv(groups, per_program)
-    _set_forward_kernel[(n * group_blocks,)](
-        xk, y, weight if weight is not None else xk, bias if bias is not None else xk, *stats,
-        groups, s, *strides, eps, group_blocks, n * groups,
-        CG=cg, GROUPS=per_program, BLOCK_C=block_c, BLOCK_S=block_s,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu,
-        num_warps=config.warps_for(per_program * block_c * block_s),
+    p = _launch(n, c, s, groups, strides, x.device)
+    w, b = weight if weight is not None else xk, bias if bias is not None else xk
+    if p.splits == 1:
+        _set_forward_kernel[(n * p.group_blocks,)](
+            xk, y, w, b, *stats, groups, s, *strides, eps, p.group_blocks, n * groups,
+            CG=p.cg, GROUPS=p.per_program, BLOCK_C=p.block_c, BLOCK_S=p.block_s,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, num_warps=p.warps,
+        )
+        return (y, *stats)
+    part = torch.empty((3, n * groups, p.splits), dtype=torch.float32, device=x.device)
+    grid = (n * p.group_blocks, p.splits)
+    _split_stats_kernel[grid](
+        xk, stats[0], part, groups, s, *strides, p.group_blocks, n * groups, p.span,
+        CG=p.cg, GROUPS=p.per_program, BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.warps,
+    )
+    _split_apply_kernel[grid](
+        xk, y, w, b, part, *stats, groups, s, *strides, eps, p.group_blocks, n * groups, p.span,
+        CG=p.cg, GROUPS=p.per_program, BLOCK_C=p.block_c, BLOCK_S=p.block_s,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, num_warps=p.warps,
     )
     return (y, *stats)
 
@@ -228,18 +457,23 @@ def set_backward(
     dyk = like(dy, xk)
     dx = torch.empty_like(xk)
     need_dw = need_dw and weight is not None
-    dw_part = torch.empty((n, c), dtype=torch.float32, device=x.device) if need_dw else None
-    db_part = torch.empty((n, c), dtype=torch.float32, device=x.device) if need_db else None
-    cg = c // groups
-    per_program, block_c, block_s = _set_config(cg, groups, s, strides[1] == 1 and s > 1)
-    group_blocks = config.cdiv(groups, per_program)
-    _set_backward_kernel[(n * group_blocks,)](
-        dyk, xk, dx, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd,
-        dw_part if dw_part is not None else mean, db_part if db_part is not None else mean,
-        groups, c, s, *strides, group_blocks, n * groups,
-        CG=cg, GROUPS=per_program, BLOCK_C=block_c, BLOCK_S=block_s,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, NEED_DW=need_dw, NEED_DB=need_db,
-        num_warps=config.warps_for(per_program * block_c * block_s),
-    )
-    dw, db = sum_partials(dw_part, db_part)
+    p = _launch(n, c, s, groups, strides, x.device)
+    w, b = weight if weight is not None else mean, bias if bias is not None else mean
+    flags = dict(CG=p.cg, GROUPS=p.per_program, BLOCK_C=p.block_c, BLOCK_S=p.block_s, HAS_WEIGHT=weight is not None,
+                 HAS_BIAS=bias is not None, SILU=silu, num_warps=p.warps)
+    if p.splits == 1:
+        dw_part = torch.empty((n, c), dtype=torch.float32, device=x.device) if need_dw else None
+        db_part = torch.empty((n, c), dtype=torch.float32, device=x.device) if need_db else None
+        _set_backward_kernel[(n * p.group_blocks,)](
+            dyk, xk, dx, w, b, mean, rstd, dw_part if dw_part is not None else mean,
+            db_part if db_part is not None else mean, groups, c, s, *strides, p.group_blocks, n * groups, **flags,
+            NEED_DW=need_dw, NEED_DB=need_db,
+        )
+    else:  # both sums feed c1 and c2, so both buffers are written whatever the caller needs
+        dw_part, db_part = (torch.empty((n * p.splits, c), dtype=torch.float32, device=x.device) for _ in range(2))
+        grid = (n * p.group_blocks, p.splits)
+        args = (dw_part, db_part, groups, c, s, *strides, p.group_blocks, n * groups, p.span)
+        _split_grads_kernel[grid](dyk, xk, w, b, mean, rstd, *args, **flags)
+        _split_dx_kernel[grid](dyk, xk, dx, w, b, mean, rstd, *args, **flags)
+    dw, db = sum_partials(dw_part if need_dw else None, db_part if need_db else None)
     return dx, dw, db
