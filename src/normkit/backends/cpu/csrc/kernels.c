@@ -204,13 +204,15 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 #define NK_PAR_SLOTS 4096 /* (n, c) slots from which the backward's bookkeeping loops are threaded */
 #define NK_GRAD_COLS 256  /* channels per block of the backward's parameter-gradient sums over the samples */
 #define NK_SHORT_RUN 256  /* 16-bit runs up to this long take the channel norms' vector-accumulator sums */
-#define NK_ROWS 16384  /* elements per channels-last sub-block (rows x C): its per-channel merge is amortized */
+#define NK_ROWS 65536  /* elements per channels-last sub-block (rows x C): its per-channel merge is amortized */
+#define NK_FIRST_ROWS 16384 /* ... the statistics' first sub-block of a task, which may be summed twice */
 #define NK_SUB_MAX 256 /* ... and at most this many rows, the terms of each float partial sum (few channels) */
-/* rows per channels-last sub-block of C channels */
-static inline int64_t nk_sub_rows(int64_t C) {
-    int64_t r = NK_ROWS / C;
+/* rows per channels-last sub-block of C channels, of about `elements` elements */
+static inline int64_t nk_rows_of(int64_t C, int64_t elements) {
+    int64_t r = elements / C;
     return r < 1 ? 1 : (r > NK_SUB_MAX ? NK_SUB_MAX : r);
 }
+static inline int64_t nk_sub_rows(int64_t C) { return nk_rows_of(C, NK_ROWS); }
 #define NK_CF_W 32     /* positions per tile of the channels-first row norms (vector lanes) */
 #ifndef NK_CF_AHEAD
 #define NK_CF_AHEAD 4  /* tiles ahead that the channels-first row norms prefetch */
