@@ -86,6 +86,7 @@ def _record(self: JITFunction, *args, grid, warmup, **kwargs):
 def _launch_everything() -> None:
     """Call every launcher on small CPU tensors with the GPU heuristics (nothing runs): each kernel with
     each of its compile-time branches at least once, the dtypes spread over the cases."""
+    from normkit.backends.triton import config
     from normkit.backends.triton.kernels import batch, rows, sets
     from normkit.backends.triton.kernels.reduce import update_running_stats
 
@@ -136,8 +137,6 @@ def _launch_everything() -> None:
         y, mean, rstd, var = sets.set_forward(img, groups, w, b, 1e-5, silu)
         sets.set_backward(img, img, groups, w, b, mean, rstd, silu, affine, affine)
     # the same sets split over programs (few sets: small batches), each tile shape of both sizes
-    from normkit.backends.triton import config
-
     with config.tuning(set_splits=2):
         for dtype, layout, shape, groups, silu, affine in set_cases:
             if shape[2] < 6:
