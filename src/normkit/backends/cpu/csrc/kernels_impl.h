@@ -777,8 +777,9 @@ static inline __attribute__((always_inline)) void NK_NAME(nk_sums_row)(const NK_
     }
 }
 
-/* pass 2: dx = rstd * (w dz + k2 xhat + k3), over n contiguous elements whose constants advance
- * by `step` (0: one channels-first run; 1: one channels-last row). SiLU's derivative takes its
+/* pass 2 with SiLU (without it, nk_dx_linear): dx = rstd * (w dz + k2 xhat + k3), over n contiguous
+ * elements whose constants advance by `step` (0: one channels-first run; 1: one channels-last row),
+ * dz = dy silu'(z). SiLU's derivative takes its
  * input from the centre zc that pass 1 used, so that each dz here is the dz pass 1 summed: dx is a
  * near-total cancellation of dz against its sums (for a group of two elements it is zero but for
  * eps), which a dz a rounding of the mean apart would turn into a 1% error. */
@@ -786,7 +787,7 @@ static inline __attribute__((always_inline)) void NK_NAME(nk_dx)(const NK_T *xr,
                                                                  int64_t n, const int step, const NK_A *m,
                                                                  const NK_A *l, const NK_A *zc, const NK_A *r,
                                                                  const NK_A *w, const NK_A *b, const NK_A *k2,
-                                                                 const NK_A *k3, const int act) {
+                                                                 const NK_A *k3) {
     /* dxr restrict: no store to dx changes the constants, so a run's constants are loaded once, not
      * re-read for every vector of it (which the compiler must do if dx might alias them) */
 #pragma omp simd
@@ -794,7 +795,7 @@ static inline __attribute__((always_inline)) void NK_NAME(nk_dx)(const NK_T *xr,
         int64_t c = step ? j : 0;
         NK_A xv = NK_LOAD(xr[j]);
         NK_A xhat = ((xv - m[c]) - l[c]) * r[c];
-        NK_A dz = act ? NK_NAME(nk_dz)(NK_LOAD(dyr[j]), (xv - zc[c]) * r[c], w[c], b[c], 1) : NK_LOAD(dyr[j]);
+        NK_A dz = NK_NAME(nk_dz)(NK_LOAD(dyr[j]), (xv - zc[c]) * r[c], w[c], b[c], 1);
         dxr[j] = NK_STORE((dz * w[c] + xhat * k2[c] + k3[c]) * r[c]);
     }
 }
@@ -1060,8 +1061,8 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     /* per set: its exact mean (train: statistics of x), which gives the low part of the centre; a2
      * becomes sum dz * xhat; then the constants of dx = rstd * (w dz - mean_set(w dz) - xhat
      * mean_set(w dz xhat)): cancel first, then scale. Each sum over a set's slots runs in slot order. */
-    NK_A *k2 = (NK_A *)malloc(sizeof(NK_A) * pc), *k3 = (NK_A *)malloc(sizeof(NK_A) * pc);
-    /* without an activation, pass 2's constants multiplied out (nk_dx_linear) */
+    /* pass 2's constants: k2, k3 for SiLU (nk_dx); without an activation, multiplied out (nk_dx_linear) */
+    NK_A *k2 = act ? (NK_A *)malloc(sizeof(NK_A) * pc) : NULL, *k3 = act ? (NK_A *)malloc(sizeof(NK_A) * pc) : NULL;
     NK_A *la = act ? NULL : (NK_A *)malloc(sizeof(NK_A) * pc), *lb = act ? NULL : (NK_A *)malloc(sizeof(NK_A) * pc);
     NK_A *lc = act ? NULL : (NK_A *)malloc(sizeof(NK_A) * pc);
 #pragma omp parallel for num_threads(ntb) schedule(static)
@@ -1090,11 +1091,13 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         } else {
             for (int64_t i = i0; i < i0 + D; i++) a2[i] *= (double)r[i];
         }
+        double kk2 = -g2 / set_count, kk3 = -g1 / set_count;
         for (int64_t i = i0; i < i0 + D; i++) {
-            k2[i] = (NK_A)(-g2 / set_count);
-            k3[i] = (NK_A)(-g1 / set_count);
-            if (!act) {
-                double ri = (double)r[i], kk2 = -g2 / set_count, kk3 = -g1 / set_count;
+            if (act) {
+                k2[i] = (NK_A)kk2;
+                k3[i] = (NK_A)kk3;
+            } else {
+                double ri = (double)r[i];
                 la[i] = (NK_A)(ri * (double)zw[i]);
                 lb[i] = (NK_A)(ri * ri * kk2);
                 lc[i] = (NK_A)(ri * (kk3 - (double)ml[i] * ri * kk2));
@@ -1129,7 +1132,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
                 NK_T *dxr = dx + nc * S;
                 if (act)
                     NK_NAME(nk_dx)(xr, dyr, dxr, S, 0, mh + i, ml + i, zc + i, r + i, zw + i, zb + i, k2 + i,
-                                   k3 + i, 1);
+                                   k3 + i);
                 else
                     NK_NAME(nk_dx_linear)(xr, dyr, dxr, S, 0, mh + i, la + i, lb + i, lc + i);
             }
@@ -1140,7 +1143,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
             const NK_T *xr = x + ns * C, *dyr = dy + ns * C;
             NK_T *dxr = dx + ns * C;
             if (act)
-                NK_NAME(nk_dx)(xr, dyr, dxr, C, 1, mh + o, ml + o, zc + o, r + o, zw + o, zb + o, k2 + o, k3 + o, 1);
+                NK_NAME(nk_dx)(xr, dyr, dxr, C, 1, mh + o, ml + o, zc + o, r + o, zw + o, zb + o, k2 + o, k3 + o);
             else
                 NK_NAME(nk_dx_linear)(xr, dyr, dxr, C, 1, mh + o, la + o, lb + o, lc + o);
         }

@@ -239,6 +239,17 @@ def _dx_range(DY, X, DX, W, B, n, g, shift, mean, rstd, c1, c2, s_lo, s_hi, G, S
 
 
 @triton.jit
+def _saved_stats(MEAN, RSTD, pid, group_blocks, G, num_stats, GROUPS: tl.constexpr):
+    """A backward program's sample, its groups and their saved statistics: ``(n, g, shift, mean, rstd)``."""
+    n = (pid // group_blocks).to(tl.int64)
+    g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
+    shift = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
+    mean = tl.load(MEAN + num_stats + n * G + g, mask=g < G, other=0.0)
+    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    return n, g, shift, mean, rstd
+
+
+@triton.jit
 def _set_backward_kernel(
     DY, X, DX, W, B, MEAN, RSTD, DW_PART, DB_PART,
     G, C, S, sN, sC, sS, group_blocks, num_stats,
@@ -247,11 +258,7 @@ def _set_backward_kernel(
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = (pid // group_blocks).to(tl.int64)
-    g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
-    shift = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
-    mean = tl.load(MEAN + num_stats + n * G + g, mask=g < G, other=0.0)
-    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    n, g, shift, mean, rstd = _saved_stats(MEAN, RSTD, pid, group_blocks, G, num_stats, GROUPS)
     c1 = tl.zeros([GROUPS], dtype=tl.float32)
     c2 = tl.zeros([GROUPS], dtype=tl.float32)
     # pass 1: per-channel sums of dz and dz * xhat (the parameter-gradient partials), and c1, c2
@@ -286,11 +293,7 @@ def _split_grads_kernel(
     """Split ``program_id(1)``'s per-channel sums of dz · xhat and dz, into row ``n · splits + split`` of the
     (N · splits, C) buffers DW_PART and DB_PART."""
     pid, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    n = (pid // group_blocks).to(tl.int64)
-    g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
-    shift = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
-    mean = tl.load(MEAN + num_stats + n * G + g, mask=g < G, other=0.0)
-    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    n, g, shift, mean, rstd = _saved_stats(MEAN, RSTD, pid, group_blocks, G, num_stats, GROUPS)
     s_lo = split * span
     for c0 in range(0, CG, BLOCK_C):
         offs, c, c_mask, mask = _tile(n, g, c0, 0, G, S, sN, sC, sS, CG, BLOCK_C, BLOCK_S)
@@ -311,11 +314,7 @@ def _split_dx_kernel(
     """Split ``program_id(1)`` of a set's dx: c1 and c2 from the splits' sums (added in split order, the same
     in every program)."""
     pid, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    n = (pid // group_blocks).to(tl.int64)
-    g = (pid % group_blocks) * GROUPS + tl.arange(0, GROUPS)
-    shift = tl.load(MEAN + n * G + g, mask=g < G, other=0.0)
-    mean = tl.load(MEAN + num_stats + n * G + g, mask=g < G, other=0.0)
-    rstd = tl.load(RSTD + n * G + g, mask=g < G, other=0.0)
+    n, g, shift, mean, rstd = _saved_stats(MEAN, RSTD, pid, group_blocks, G, num_stats, GROUPS)
     c1 = tl.zeros([GROUPS], dtype=tl.float32)
     c2 = tl.zeros([GROUPS], dtype=tl.float32)
     for c0 in range(0, CG, BLOCK_C):
