@@ -616,16 +616,6 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
     int64_t sets = groups > 0 ? N * groups : C;
     if (fixed_mean) {
         for (int64_t c = 0; c < C; c++) mean_out[c] = (double)fixed_mean[c], var_out[c] = (double)fixed_var[c];
-    } else if (groups > 0 && !in_nhwc) {
-        /* channels-first GroupNorm/InstanceNorm: a set's C/groups channels are one contiguous run,
-         * summed as such (per-channel runs and their merge cost more than the data when S is small) */
-        int64_t len = (C / groups) * S;
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t k = 0; k < sets; k++) {
-            double m2;
-            NK_NAME(nk_run_moments)(x + k * len, len, mean_out + k, &m2);
-            var_out[k] = len > 0 ? m2 / (double)len : NAN;
-        }
     } else {
         /* BatchNorm channels-last: the N*S rows are summed as one sample's, split among the threads
          * regardless of samples, so that no per-(n, c) moments are kept or merged */
@@ -663,6 +653,35 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
     free(shift);
 }
 
+/* Channels-first GroupNorm/InstanceNorm, one set at a time: its statistics, then its output while the
+ * set is still in L1/L2 (one read from memory instead of two). A set's C/groups channels are one
+ * contiguous run, summed as such (per-channel runs and their merge cost more than the data when S is
+ * small); the constants are nk_chan_fwd_all's, so the output is the same to the bit. */
+static void NK_NAME(nk_chan_fwd_sets)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int64_t groups,
+                                      const NK_A *w, const NK_A *b, double eps, int act, double *mean_out,
+                                      NK_A *rstd_out, double *var_out, int nt) {
+    int64_t D = C / groups, len = D * S;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t k = 0; k < N * groups; k++) {
+        double m2;
+        NK_NAME(nk_run_moments)(x + k * len, len, mean_out + k, &m2);
+        var_out[k] = len > 0 ? m2 / (double)len : NAN;
+        double rstd = 1.0 / sqrt(var_out[k] + eps);
+        rstd_out[k] = (NK_A)rstd;
+        NK_A hi = (NK_A)mean_out[k];
+        double lo = mean_out[k] - (double)hi;
+        for (int64_t d = 0, c = (k % groups) * D; d < D; d++, c++) {
+            double a = rstd * (w ? (double)w[c] : 1.0);
+            NK_A shift = (NK_A)((b ? (double)b[c] : 0.0) - lo * a);
+            const NK_T *xr = x + k * len + d * S;
+            NK_T *yr = y + k * len + d * S;
+#define NK_CALL(A) NK_NAME(nk_apply_run)(xr, yr, S, hi, (NK_A)a, shift, A)
+            NK_BY_ACT(act, NK_CALL)
+#undef NK_CALL
+        }
+    }
+}
+
 void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
                           int64_t groups, const NK_A *w, const NK_A *b, const NK_A *fixed_mean,
                           const NK_A *fixed_var, double eps, int act, double *mean_out, NK_A *rstd_out,
@@ -679,6 +698,10 @@ void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t 
                              var_out ? var_out : tmp + sets, nt);
         free(tmp);
         free(tmp_rstd);
+        return;
+    }
+    if (groups > 0 && !in_nhwc) {
+        NK_NAME(nk_chan_fwd_sets)(x, y, N, C, S, groups, w, b, eps, act, mean_out, rstd_out, var_out, nt);
         return;
     }
     if (groups > 0 && N >= nt && nt > 1) {
