@@ -616,6 +616,15 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
     int64_t sets = groups > 0 ? N * groups : C;
     if (fixed_mean) {
         for (int64_t c = 0; c < C; c++) mean_out[c] = (double)fixed_mean[c], var_out[c] = (double)fixed_var[c];
+    } else if (groups > 0 && !in_nhwc) {
+        /* channels-first GroupNorm/InstanceNorm with few sets a thread (nk_chan_fwd_sets otherwise) */
+        int64_t len = (C / groups) * S;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t k = 0; k < sets; k++) {
+            double m2;
+            NK_NAME(nk_run_moments)(x + k * len, len, mean_out + k, &m2);
+            var_out[k] = len > 0 ? m2 / (double)len : NAN;
+        }
     } else {
         /* BatchNorm channels-last: the N*S rows are summed as one sample's, split among the threads
          * regardless of samples, so that no per-(n, c) moments are kept or merged */
@@ -656,7 +665,8 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
 /* Channels-first GroupNorm/InstanceNorm, one set at a time: its statistics, then its output while the
  * set is still in L1/L2 (one read from memory instead of two). A set's C/groups channels are one
  * contiguous run, summed as such (per-channel runs and their merge cost more than the data when S is
- * small); the constants are nk_chan_fwd_all's, so the output is the same to the bit. */
+ * small); the constants are nk_chan_fwd_all's, so the output is the same to the bit. Threaded over the
+ * sets: used when there are enough of them to keep every thread busy. */
 static void NK_NAME(nk_chan_fwd_sets)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int64_t groups,
                                       const NK_A *w, const NK_A *b, double eps, int act, double *mean_out,
                                       NK_A *rstd_out, double *var_out, int nt) {
@@ -700,7 +710,7 @@ void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t 
         free(tmp_rstd);
         return;
     }
-    if (groups > 0 && !in_nhwc) {
+    if (groups > 0 && !in_nhwc && (N * groups >= NK_SETS_PER_THREAD * nt || nt == 1)) {
         NK_NAME(nk_chan_fwd_sets)(x, y, N, C, S, groups, w, b, eps, act, mean_out, rstd_out, var_out, nt);
         return;
     }
@@ -939,6 +949,161 @@ static void NK_NAME(nk_chan_bwd_fixed)(const NK_T *x, const NK_T *dy, NK_T *dx, 
     free(a2);
 }
 
+/* What the steps of nk_chan_bwd share. A slot i is (n, c), i = n * C + c, for GroupNorm/InstanceNorm
+ * and the channel for BatchNorm, whose sets are channels; a set's slots are contiguous (i = n * C + g *
+ * D + d for set k = n * groups + g). Per slot: xhat = ((x - mh) - ml) * r and z = xhat * zw + zb; pass
+ * 1's sums a0 = sum (x - shift), a1 = sum dz, a2 = sum dz (x - mh); pass 2's constants (k2, k3 and
+ * pass 1's centre zc with SiLU, for nk_dx; la, lb, lc without, for nk_dx_linear). */
+typedef struct {
+    const NK_T *x, *dy;
+    NK_T *dx;
+    int64_t N, C, S, groups, D; /* D: channels a set */
+    int per_nc, nhwc, train, act;
+    const NK_A *w, *b, *mean, *rstd;
+    double set_count, slot_count; /* elements in a set, and summed into a slot */
+    NK_A *mh, *ml, *r, *zw, *zb, *zc, *k2, *k3, *la, *lb, *lc;
+    double *a0, *a1, *a2;
+} NK_NAME(nk_bwd);
+
+/* Before pass 1, set k's shift (the saved mean for SiLU, whose derivative in pass 1 needs the input's
+ * normalized value; else nk_set_shift's median of three) and its slots' constants */
+static inline void NK_NAME(nk_bwd_begin)(const NK_NAME(nk_bwd) *st, int64_t k) {
+    int64_t n = st->per_nc ? k / st->groups : 0, c0 = st->per_nc ? (k % st->groups) * st->D : k, i0 = n * st->C + c0;
+    NK_A sh = st->act ? st->mean[k]
+                      : NK_NAME(nk_set_shift)(st->x, st->nhwc, st->N, st->C, st->S, n, c0, st->D, !st->per_nc);
+    for (int64_t d = 0; d < st->D; d++) {
+        int64_t i = i0 + d, c = c0 + d;
+        st->mh[i] = sh;
+        st->r[i] = st->rstd[k];
+        st->zw[i] = st->w ? st->w[c] : (NK_A)1;
+        st->zb[i] = st->b ? st->b[c] : (NK_A)0;
+    }
+}
+
+/* Pass 1 over slot i, channels-first: its run, or for BatchNorm its channel's run in every sample, in order */
+static inline void NK_NAME(nk_bwd_sums_run)(const NK_NAME(nk_bwd) *st, int64_t i) {
+    const int64_t S = st->S, runs = st->per_nc ? 1 : st->N, run_step = st->per_nc ? 0 : st->C * S;
+    double s0 = 0, s1 = 0, s2 = 0, t0, t1, t2;
+    const NK_T *xr = st->x + i * S, *dyr = st->dy + i * S;
+    for (int64_t n = 0; n < runs; n++, xr += run_step, dyr += run_step) {
+        if (st->act)
+            NK_NAME(nk_sums_run)(xr, dyr, S, st->mh[i], st->r[i], st->zw[i], st->zb[i], 1, &t0, &t1, &t2);
+        else
+            NK_NAME(nk_sums_run)(xr, dyr, S, st->mh[i], st->r[i], st->zw[i], st->zb[i], 0, &t0, &t1, &t2);
+        s0 += t0, s1 += t1, s2 += t2;
+    }
+    st->a0[i] = s0, st->a1[i] = s1, st->a2[i] = s2;
+}
+
+/* Pass 1 channels-last: blocks of rows of a sample; BatchNorm's rows are all one set's, so its N*S rows
+ * are split among the threads as if they were one sample's */
+static void NK_NAME(nk_bwd_sums_rows)(const NK_NAME(nk_bwd) *st, int64_t NP, int nt) {
+    const int64_t C = st->C, SR = st->per_nc ? st->S : st->N * st->S;
+    int64_t B = nk_row_blocks(NP, SR, nt);
+    int64_t rows_per_block = (SR + B - 1) / B;
+    int64_t sub = nk_sub_rows(C);
+    double *p0 = (double *)calloc((size_t)(NP * B * C + 1), sizeof(double));
+    double *p1 = (double *)calloc((size_t)(NP * B * C + 1), sizeof(double));
+    double *p2 = (double *)calloc((size_t)(NP * B * C + 1), sizeof(double));
+#pragma omp parallel num_threads(nt)
+    {
+        NK_A *u0 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
+        NK_A *u1 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C), *u2 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < NP * B; task++) {
+            int64_t n = task / B, bk = task % B;
+            int64_t r0 = bk * rows_per_block, r1 = r0 + rows_per_block < SR ? r0 + rows_per_block : SR;
+            const NK_A *cm = st->mh + n * C, *cr = st->r + n * C, *cw = st->zw + n * C, *cb = st->zb + n * C;
+            for (int64_t s0 = r0; s0 < r1; s0 += sub) {
+                int64_t s1 = s0 + sub < r1 ? s0 + sub : r1;
+                for (int64_t c = 0; c < C; c++) u0[c] = 0, u1[c] = 0, u2[c] = 0;
+                for (int64_t s = s0; s < s1; s++) {
+                    const NK_T *xr = st->x + (n * SR + s) * C, *dyr = st->dy + (n * SR + s) * C;
+                    if (st->act)
+                        NK_NAME(nk_sums_row)(xr, dyr, C, cm, cr, cw, cb, 1, u0, u1, u2);
+                    else
+                        NK_NAME(nk_sums_row)(xr, dyr, C, cm, cr, cw, cb, 0, u0, u1, u2);
+                }
+                double *q0 = p0 + task * C, *q1 = p1 + task * C, *q2 = p2 + task * C;
+                for (int64_t c = 0; c < C; c++) q0[c] += u0[c], q1[c] += u1[c], q2[c] += u2[c];
+            }
+        }
+        free(u0);
+        free(u1);
+        free(u2);
+    }
+    for (int64_t n = 0; n < NP; n++)
+        for (int64_t bk = 0; bk < B; bk++)
+            for (int64_t c = 0; c < C; c++) {
+                int64_t t = (n * B + bk) * C + c;
+                st->a0[n * C + c] += p0[t];
+                st->a1[n * C + c] += p1[t];
+                st->a2[n * C + c] += p2[t];
+            }
+    free(p0);
+    free(p1);
+    free(p2);
+}
+
+/* After pass 1, set k: its exact mean (train: statistics of x), which gives the low part of the centre;
+ * a2 becomes sum dz * xhat; then the constants of dx = rstd * (w dz - mean_set(w dz) - xhat
+ * mean_set(w dz xhat)): cancel first, then scale. Each sum over a set's slots runs in slot order. */
+static inline void NK_NAME(nk_bwd_end)(const NK_NAME(nk_bwd) *st, int64_t k) {
+    int64_t n = st->per_nc ? k / st->groups : 0, c0 = st->per_nc ? (k % st->groups) * st->D : k, i0 = n * st->C + c0;
+    int64_t i1 = i0 + st->D;
+    NK_A *mh = st->mh, *ml = st->ml, *r = st->r;
+    double *a0 = st->a0, *a1 = st->a1, *a2 = st->a2;
+    if (st->act) /* pass 1's centre, which SiLU's derivative keeps in pass 2 (mh becomes the exact mean) */
+        for (int64_t i = i0; i < i1; i++) st->zc[i] = mh[i];
+    double g1 = 0, g2 = 0;
+    if (st->train) {
+        double sx = 0;
+        for (int64_t i = i0; i < i1; i++) sx += a0[i] + st->slot_count * (double)mh[i];
+        double m = sx / st->set_count;
+        for (int64_t i = i0; i < i1; i++) {
+            a2[i] = (double)r[i] * (a2[i] - (m - (double)mh[i]) * a1[i]);
+            mh[i] = (NK_A)m;
+            ml[i] = (NK_A)(m - (double)mh[i]);
+            double wc = st->w ? (double)st->w[c0 + i - i0] : 1.0;
+            g1 += wc * a1[i];
+            g2 += wc * a2[i];
+        }
+    } else if (!st->act) {
+        /* eval: pass 1 was centred on a shift inside the data, not on the fixed mean (running
+         * statistics may lie far from this batch), so sum dz (x - m) = sum dz (x - K) - (m - K) sum dz */
+        for (int64_t i = i0; i < i1; i++) {
+            a2[i] = (double)r[i] * (a2[i] - ((double)st->mean[k] - (double)mh[i]) * a1[i]);
+            mh[i] = st->mean[k];
+        }
+    } else {
+        for (int64_t i = i0; i < i1; i++) a2[i] *= (double)r[i];
+    }
+    double kk2 = -g2 / st->set_count, kk3 = -g1 / st->set_count;
+    for (int64_t i = i0; i < i1; i++) {
+        if (st->act) {
+            st->k2[i] = (NK_A)kk2;
+            st->k3[i] = (NK_A)kk3;
+        } else {
+            double ri = (double)r[i];
+            st->la[i] = (NK_A)(ri * (double)st->zw[i]);
+            st->lb[i] = (NK_A)(ri * ri * kk2);
+            st->lc[i] = (NK_A)(ri * (kk3 - (double)ml[i] * ri * kk2));
+        }
+    }
+}
+
+/* Pass 2 over the channels-first run nc = n * C + c, whose constants are slot i's */
+static inline void NK_NAME(nk_bwd_dx_run)(const NK_NAME(nk_bwd) *st, int64_t nc, int64_t i) {
+    const int64_t S = st->S;
+    const NK_T *xr = st->x + nc * S, *dyr = st->dy + nc * S;
+    NK_T *dxr = st->dx + nc * S;
+    if (st->act)
+        NK_NAME(nk_dx)(xr, dyr, dxr, S, 0, st->mh + i, st->ml + i, st->zc + i, st->r + i, st->zw + i, st->zb + i,
+                       st->k2 + i, st->k3 + i);
+    else
+        NK_NAME(nk_dx_linear)(xr, dyr, dxr, S, 0, st->mh + i, st->la + i, st->lb + i, st->lc + i);
+}
+
 /* Backward of nk_chan_fwd (same layout for x, dy and dx). train: the statistics came from x (they
  * are differentiated); otherwise they were constants (eval BatchNorm).
  *
@@ -971,7 +1136,9 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
     /* The constants and sums between the passes are kept per (n, c) for GroupNorm/InstanceNorm and
      * per channel for BatchNorm, whose sets are channels: BatchNorm's pass 1 sums each channel over
      * every sample directly, and nothing of size N*C is kept or reduced afterwards. */
-    const int per_nc = groups > 0;
+    NK_NAME(nk_bwd) st = {.x = x, .dy = dy, .dx = dx, .N = N, .C = C, .S = S, .groups = groups, .per_nc = groups > 0,
+                          .nhwc = nhwc, .train = train, .act = act, .w = w, .b = b, .mean = mean, .rstd = rstd};
+    const int per_nc = st.per_nc;
     const int64_t NP = per_nc ? N : 1, P = NP * C; /* the (n, c) slots: i = n * C + c, n < NP */
     size_t pc = (size_t)(P + 1);
     int64_t sets = per_nc ? N * groups : C;
@@ -981,149 +1148,68 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
      * and a loop over a few thousand slots takes microseconds on one thread. Each sum over a set
      * adds its terms in the serial order either way, so results do not depend on it. */
     const int ntb = P >= NK_PAR_SLOTS ? nt : 1;
-    /* per slot constants: xhat = ((x - mh) - ml) * r; z = xhat * zw + zb */
-    NK_A *mh = (NK_A *)malloc(sizeof(NK_A) * pc), *ml = (NK_A *)calloc(pc, sizeof(NK_A));
-    NK_A *r = (NK_A *)malloc(sizeof(NK_A) * pc);
-    NK_A *zw = (NK_A *)malloc(sizeof(NK_A) * pc), *zb = (NK_A *)malloc(sizeof(NK_A) * pc);
-    double *a0 = (double *)calloc(pc, sizeof(double)); /* sum (x - shift) */
-    double *a1 = (double *)calloc(pc, sizeof(double)); /* sum dz */
-    double *a2 = (double *)calloc(pc, sizeof(double)); /* sum dz (x - m_hi) */
-    /* A set's slots are contiguous: i = n * C + g * D + d for GroupNorm/InstanceNorm (set k = n *
-     * groups + g), the channel itself for BatchNorm. The bookkeeping below walks the sets, one loop
-     * before pass 1 and one after (each parallel loop is a synchronization of the threads). */
-    int64_t D = per_nc ? C / groups : 1;
-    /* Per set, its shift: the saved mean for SiLU (its derivative in pass 1 needs the input's
-     * normalized value), else nk_set_shift's median of three. Then its slots' constants. */
-#pragma omp parallel for num_threads(ntb) schedule(static)
-    for (int64_t k = 0; k < sets; k++) {
-        int64_t n = per_nc ? k / groups : 0, c0 = per_nc ? (k % groups) * D : k, i0 = n * C + c0;
-        NK_A sh = act ? mean[k] : NK_NAME(nk_set_shift)(x, nhwc, N, C, S, n, c0, D, !per_nc);
-        for (int64_t d = 0; d < D; d++) {
-            int64_t i = i0 + d, c = c0 + d;
-            mh[i] = sh;
-            r[i] = rstd[k];
-            zw[i] = w ? w[c] : (NK_A)1;
-            zb[i] = b ? b[c] : (NK_A)0;
-        }
+    st.D = per_nc ? C / groups : 1;
+    st.set_count = per_nc ? (double)st.D * (double)S : (double)N * (double)S;
+    st.slot_count = per_nc ? (double)S : (double)N * (double)S;
+    st.mh = (NK_A *)malloc(sizeof(NK_A) * pc), st.ml = (NK_A *)calloc(pc, sizeof(NK_A));
+    st.r = (NK_A *)malloc(sizeof(NK_A) * pc);
+    st.zw = (NK_A *)malloc(sizeof(NK_A) * pc), st.zb = (NK_A *)malloc(sizeof(NK_A) * pc);
+    st.a0 = (double *)calloc(pc, sizeof(double));
+    st.a1 = (double *)calloc(pc, sizeof(double));
+    st.a2 = (double *)calloc(pc, sizeof(double));
+    /* pass 2's constants: k2, k3 and pass 1's centre zc for SiLU (nk_dx); without it, multiplied out
+     * (nk_dx_linear) */
+    if (act) {
+        st.k2 = (NK_A *)malloc(sizeof(NK_A) * pc), st.k3 = (NK_A *)malloc(sizeof(NK_A) * pc);
+        st.zc = (NK_A *)malloc(sizeof(NK_A) * pc);
+    } else {
+        st.la = (NK_A *)malloc(sizeof(NK_A) * pc), st.lb = (NK_A *)malloc(sizeof(NK_A) * pc);
+        st.lc = (NK_A *)malloc(sizeof(NK_A) * pc);
     }
-    /* pass 1 */
-    if (!nhwc) {
-        /* per (n, c) run; BatchNorm adds a channel's runs over the samples in order on one thread
-         * (its slot i is the channel, run n * C + i) */
-        const int64_t runs = per_nc ? 1 : N, run_step = per_nc ? 0 : C * S;
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t i = 0; i < P; i++) {
-            double s0 = 0, s1 = 0, s2 = 0, t0, t1, t2;
-            const NK_T *xr = x + i * S, *dyr = dy + i * S;
-            for (int64_t n = 0; n < runs; n++, xr += run_step, dyr += run_step) {
-                if (act)
-                    NK_NAME(nk_sums_run)(xr, dyr, S, mh[i], r[i], zw[i], zb[i], 1, &t0, &t1, &t2);
-                else
-                    NK_NAME(nk_sums_run)(xr, dyr, S, mh[i], r[i], zw[i], zb[i], 0, &t0, &t1, &t2);
-                s0 += t0, s1 += t1, s2 += t2;
-            }
-            a0[i] = s0, a1[i] = s1, a2[i] = s2;
+    /* the shifts first, in a loop of their own: three scattered loads a set, which overlap here but
+     * would each stall a set's passes below */
+#pragma omp parallel for num_threads(ntb) schedule(static)
+    for (int64_t k = 0; k < sets; k++) NK_NAME(nk_bwd_begin)(&st, k);
+    if (per_nc && !nhwc && (sets >= NK_SETS_PER_THREAD * nt || nt == 1) &&
+        (sizeof(NK_T) == sizeof(NK_A) || S > NK_SHORT_RUN)) {
+        /* channels-first GroupNorm/InstanceNorm with sets enough for every thread: each set's two
+         * passes back to back, the second while its D runs are still in L1/L2 (the same arithmetic
+         * as the steps below, one set at a time). Not for 16-bit data on short runs, whose passes
+         * are bound by their conversions more than by memory (0.95-0.97x at 7x7) */
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(st)
+        for (int64_t k = 0; k < sets; k++) {
+            int64_t i0 = (k / groups) * C + (k % groups) * st.D;
+            for (int64_t i = i0; i < i0 + st.D; i++) NK_NAME(nk_bwd_sums_run)(&st, i);
+            NK_NAME(nk_bwd_end)(&st, k);
+            for (int64_t i = i0; i < i0 + st.D; i++) NK_NAME(nk_bwd_dx_run)(&st, i, i);
         }
     } else {
-        /* blocks of rows of a sample; BatchNorm's rows are all one set's, so its N*S rows are
-         * split among the threads as if they were one sample's */
-        int64_t SR = per_nc ? S : N * S;
-        int64_t B = nk_row_blocks(NP, SR, nt);
-        int64_t rows_per_block = (SR + B - 1) / B;
-        int64_t sub = nk_sub_rows(C);
-        double *p0 = (double *)calloc((size_t)(NP * B * C + 1), sizeof(double));
-        double *p1 = (double *)calloc((size_t)(NP * B * C + 1), sizeof(double));
-        double *p2 = (double *)calloc((size_t)(NP * B * C + 1), sizeof(double));
-#pragma omp parallel num_threads(nt)
-        {
-            NK_A *u0 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
-            NK_A *u1 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C), *u2 = (NK_A *)malloc(sizeof(NK_A) * (size_t)C);
-#pragma omp for schedule(static)
-            for (int64_t task = 0; task < NP * B; task++) {
-                int64_t n = task / B, bk = task % B;
-                int64_t r0 = bk * rows_per_block, r1 = r0 + rows_per_block < SR ? r0 + rows_per_block : SR;
-                const NK_A *cm = mh + n * C, *cr = r + n * C, *cw = zw + n * C, *cb = zb + n * C;
-                for (int64_t s0 = r0; s0 < r1; s0 += sub) {
-                    int64_t s1 = s0 + sub < r1 ? s0 + sub : r1;
-                    for (int64_t c = 0; c < C; c++) u0[c] = 0, u1[c] = 0, u2[c] = 0;
-                    for (int64_t s = s0; s < s1; s++) {
-                        const NK_T *xr = x + (n * SR + s) * C, *dyr = dy + (n * SR + s) * C;
-                        if (act)
-                            NK_NAME(nk_sums_row)(xr, dyr, C, cm, cr, cw, cb, 1, u0, u1, u2);
-                        else
-                            NK_NAME(nk_sums_row)(xr, dyr, C, cm, cr, cw, cb, 0, u0, u1, u2);
-                    }
-                    double *q0 = p0 + task * C, *q1 = p1 + task * C, *q2 = p2 + task * C;
-                    for (int64_t c = 0; c < C; c++) q0[c] += u0[c], q1[c] += u1[c], q2[c] += u2[c];
-                }
-            }
-            free(u0);
-            free(u1);
-            free(u2);
-        }
-        for (int64_t n = 0; n < NP; n++)
-            for (int64_t bk = 0; bk < B; bk++)
-                for (int64_t c = 0; c < C; c++) {
-                    int64_t t = (n * B + bk) * C + c;
-                    a0[n * C + c] += p0[t];
-                    a1[n * C + c] += p1[t];
-                    a2[n * C + c] += p2[t];
-                }
-        free(p0);
-        free(p1);
-        free(p2);
-    }
-    /* pass 1's centre, which SiLU's derivative keeps in pass 2 (mh becomes the exact mean below) */
-    NK_A *zc = NULL;
-    if (act) {
-        zc = (NK_A *)malloc(sizeof(NK_A) * pc);
-        memcpy(zc, mh, sizeof(NK_A) * (size_t)P);
-    }
-    double set_count = per_nc ? (double)D * (double)S : (double)N * (double)S;
-    double slot_count = per_nc ? (double)S : (double)N * (double)S; /* elements summed per slot */
-    /* per set: its exact mean (train: statistics of x), which gives the low part of the centre; a2
-     * becomes sum dz * xhat; then the constants of dx = rstd * (w dz - mean_set(w dz) - xhat
-     * mean_set(w dz xhat)): cancel first, then scale. Each sum over a set's slots runs in slot order. */
-    /* pass 2's constants: k2, k3 for SiLU (nk_dx); without an activation, multiplied out (nk_dx_linear) */
-    NK_A *k2 = act ? (NK_A *)malloc(sizeof(NK_A) * pc) : NULL, *k3 = act ? (NK_A *)malloc(sizeof(NK_A) * pc) : NULL;
-    NK_A *la = act ? NULL : (NK_A *)malloc(sizeof(NK_A) * pc), *lb = act ? NULL : (NK_A *)malloc(sizeof(NK_A) * pc);
-    NK_A *lc = act ? NULL : (NK_A *)malloc(sizeof(NK_A) * pc);
-#pragma omp parallel for num_threads(ntb) schedule(static)
-    for (int64_t k = 0; k < sets; k++) {
-        int64_t n = per_nc ? k / groups : 0, c0 = per_nc ? (k % groups) * D : k, i0 = n * C + c0;
-        double g1 = 0, g2 = 0;
-        if (train) {
-            double sx = 0;
-            for (int64_t i = i0; i < i0 + D; i++) sx += a0[i] + slot_count * (double)mh[i];
-            double m = sx / set_count;
-            for (int64_t i = i0; i < i0 + D; i++) {
-                a2[i] = (double)r[i] * (a2[i] - (m - (double)mh[i]) * a1[i]);
-                mh[i] = (NK_A)m;
-                ml[i] = (NK_A)(m - (double)mh[i]);
-                double wc = w ? (double)w[c0 + i - i0] : 1.0;
-                g1 += wc * a1[i];
-                g2 += wc * a2[i];
-            }
-        } else if (!act) {
-            /* eval: pass 1 was centred on a shift inside the data, not on the fixed mean (running
-             * statistics may lie far from this batch), so sum dz (x - m) = sum dz (x - K) - (m - K) sum dz */
-            for (int64_t i = i0; i < i0 + D; i++) {
-                a2[i] = (double)r[i] * (a2[i] - ((double)mean[k] - (double)mh[i]) * a1[i]);
-                mh[i] = mean[k];
-            }
+        /* pass 1 */
+        if (!nhwc) {
+            /* per (n, c) run; BatchNorm adds a channel's runs over the samples in order on one thread */
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(st)
+            for (int64_t i = 0; i < P; i++) NK_NAME(nk_bwd_sums_run)(&st, i);
         } else {
-            for (int64_t i = i0; i < i0 + D; i++) a2[i] *= (double)r[i];
+            NK_NAME(nk_bwd_sums_rows)(&st, NP, nt);
         }
-        double kk2 = -g2 / set_count, kk3 = -g1 / set_count;
-        for (int64_t i = i0; i < i0 + D; i++) {
-            if (act) {
-                k2[i] = (NK_A)kk2;
-                k3[i] = (NK_A)kk3;
-            } else {
-                double ri = (double)r[i];
-                la[i] = (NK_A)(ri * (double)zw[i]);
-                lb[i] = (NK_A)(ri * ri * kk2);
-                lc[i] = (NK_A)(ri * (kk3 - (double)ml[i] * ri * kk2));
+#pragma omp parallel for num_threads(ntb) schedule(static)
+        for (int64_t k = 0; k < sets; k++) NK_NAME(nk_bwd_end)(&st, k);
+        /* pass 2 */
+        if (!nhwc) {
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) firstprivate(st)
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t c = 0; c < C; c++) NK_NAME(nk_bwd_dx_run)(&st, n * C + c, per_nc ? n * C + c : c);
+        } else {
+#pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t ns = 0; ns < N * S; ns++) {
+                int64_t o = per_nc ? (ns / S) * C : 0;
+                const NK_T *xr = x + ns * C, *dyr = dy + ns * C;
+                NK_T *dxr = dx + ns * C;
+                if (act)
+                    NK_NAME(nk_dx)(xr, dyr, dxr, C, 1, st.mh + o, st.ml + o, st.zc + o, st.r + o, st.zw + o,
+                                   st.zb + o, st.k2 + o, st.k3 + o);
+                else
+                    NK_NAME(nk_dx_linear)(xr, dyr, dxr, C, 1, st.mh + o, st.la + o, st.lb + o, st.lc + o);
             }
         }
     }
@@ -1136,7 +1222,7 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
         int64_t c1 = c0 + NK_GRAD_COLS < C ? c0 + NK_GRAD_COLS : C;
         double sw[NK_GRAD_COLS] = {0}, sb[NK_GRAD_COLS] = {0};
         for (int64_t n = 0; n < NP; n++) {
-            const double *q2 = a2 + n * C, *q1 = a1 + n * C;
+            const double *q2 = st.a2 + n * C, *q1 = st.a1 + n * C;
 #pragma omp simd
             for (int64_t c = c0; c < c1; c++) sw[c - c0] += q2[c], sb[c - c0] += q1[c];
         }
@@ -1145,46 +1231,20 @@ void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, in
             if (db) nk_put_grad(db, grads_float, c, sb[c - c0]);
         }
     }
-    /* pass 2 */
-    if (!nhwc) {
-#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
-        for (int64_t n = 0; n < N; n++)
-            for (int64_t c = 0; c < C; c++) {
-                int64_t nc = n * C + c, i = per_nc ? nc : c;
-                const NK_T *xr = x + nc * S, *dyr = dy + nc * S;
-                NK_T *dxr = dx + nc * S;
-                if (act)
-                    NK_NAME(nk_dx)(xr, dyr, dxr, S, 0, mh + i, ml + i, zc + i, r + i, zw + i, zb + i, k2 + i,
-                                   k3 + i);
-                else
-                    NK_NAME(nk_dx_linear)(xr, dyr, dxr, S, 0, mh + i, la + i, lb + i, lc + i);
-            }
-    } else {
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t ns = 0; ns < N * S; ns++) {
-            int64_t o = per_nc ? (ns / S) * C : 0;
-            const NK_T *xr = x + ns * C, *dyr = dy + ns * C;
-            NK_T *dxr = dx + ns * C;
-            if (act)
-                NK_NAME(nk_dx)(xr, dyr, dxr, C, 1, mh + o, ml + o, zc + o, r + o, zw + o, zb + o, k2 + o, k3 + o);
-            else
-                NK_NAME(nk_dx_linear)(xr, dyr, dxr, C, 1, mh + o, la + o, lb + o, lc + o);
-        }
-    }
-    free(mh);
-    free(ml);
-    free(r);
-    free(zw);
-    free(zb);
-    free(a0);
-    free(a1);
-    free(a2);
-    free(k2);
-    free(k3);
-    free(la);
-    free(lb);
-    free(lc);
-    free(zc);
+    free(st.mh);
+    free(st.ml);
+    free(st.r);
+    free(st.zw);
+    free(st.zb);
+    free(st.a0);
+    free(st.a1);
+    free(st.a2);
+    free(st.k2);
+    free(st.k3);
+    free(st.la);
+    free(st.lb);
+    free(st.lc);
+    free(st.zc);
     free(mean);
 }
 
