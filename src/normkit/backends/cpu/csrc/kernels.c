@@ -202,7 +202,7 @@ static inline int64_t nk_row_blocks(int64_t N, int64_t S, int nt) {
 
 #define NK_BLOCK 2048  /* elements per exact two-pass block: fits L1 with room to spare */
 #define NK_PAR_SLOTS 4096 /* (n, c) slots from which the backward's bookkeeping loops are threaded */
-#define NK_SETS_PER_THREAD 4 /* GroupNorm/InstanceNorm sets a thread from which a set is worked through at once */
+#define NK_SETS_PER_THREAD 4 /* sets a thread (a sample's group, a BatchNorm channel) from which each is done at once */
 #define NK_GRAD_COLS 256  /* channels per block of the backward's parameter-gradient sums over the samples */
 #define NK_SHORT_RUN 256  /* 16-bit runs up to this long take the channel norms' vector-accumulator sums */
 #define NK_ROWS 65536  /* elements per channels-last sub-block (rows x C): its per-channel merge is amortized */
