@@ -209,6 +209,75 @@ def test_parameters_in_float32_with_low_precision_data():
     _check(lambda f, x, w, b: f.batch_norm(x, None, None, w, b, True), [x, w, b], torch.float16, msg="mixed bn")
 
 
+_SIXTEEN = [torch.bfloat16, torch.float16]
+
+
+def _parameter_dtype_cases(dtype):
+    """(name, call(f, x, *params), x, params) for every kernel that takes parameter vectors: rows forward and
+    backward (with and without the residual), GroupNorm (+SiLU), BatchNorm training and eval (its running
+    statistics in the data's dtype too), InstanceNorm, the channel LayerNorm/RMSNorm of a channels-first
+    tensor. Channels-first and channels-last images."""
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    rows, img, c = rnd(5, 48), rnd(4, 12, 3, 5), 12
+    cl = img.contiguous(memory_format=torch.channels_last)
+    rm, rv = rnd(c), (torch.rand(c, generator=g) + 0.5).to(dtype)
+    return [
+        ("layer_norm", lambda f, x, w, b: f.layer_norm(x, (48,), w, b), rows, [rnd(48), rnd(48)]),
+        ("rms_norm", lambda f, x, w: f.rms_norm(x, (48,), w), rows, [rnd(48)]),
+        ("fused_add_rms_norm", lambda f, x, w: f.fused_add_rms_norm(x, x * 2, (48,), w)[0], rows, [rnd(48)]),
+        ("group_norm", lambda f, x, w, b: f.group_norm(x, 3, w, b), img, [rnd(c), rnd(c)]),
+        ("group_norm_silu", lambda f, x, w, b: f.group_norm_silu(x, 3, w, b), cl, [rnd(c), rnd(c)]),
+        ("batch_norm", lambda f, x, w, b: f.batch_norm(x, None, None, w, b, True), img, [rnd(c), rnd(c)]),
+        ("batch_norm channels_last", lambda f, x, w, b: f.batch_norm(x, None, None, w, b, True), cl, [rnd(c), rnd(c)]),
+        ("batch_norm eval", lambda f, x, w, b, m, v: f.batch_norm(x, m, v, w, b, False), img, [rnd(c), rnd(c), rm, rv]),
+        ("instance_norm", lambda f, x, w, b: f.instance_norm(x, weight=w, bias=b), img, [rnd(c), rnd(c)]),
+        ("channel_layer_norm", lambda f, x, w, b: f.channel_layer_norm(x, w, b), img, [rnd(c), rnd(c)]),
+        ("channel_rms_norm", lambda f, x, w: f.channel_rms_norm(x, w), cl, [rnd(c)]),
+    ]
+
+
+@pytest.mark.parametrize("dtype", _SIXTEEN)
+@pytest.mark.parametrize("case", range(11))
+def test_sixteen_bit_parameters_go_to_the_kernel_as_they_are(case, dtype):
+    """Parameters in the data's 16-bit dtype reach the kernels unconverted (they convert them once, where a
+    torch op per parameter cost more than a small norm's kernel): the outputs and input gradient are the
+    bits of the same call with the parameters' float32 copies (the conversion is exact), and the parameter
+    gradients are those rounded to the 16-bit dtype."""
+    from normkit.backends.cpu import kernels as K
+
+    name, call, x, params = _parameter_dtype_cases(dtype)[case]
+    assert K._params(dtype, *params)[1] == 1 and K._params(dtype, *(p.float() for p in params))[1] == 0
+    results = []
+    for ps in (params, [p.float() for p in params]):
+        xl = x.clone().requires_grad_()
+        leaves = [p.clone().requires_grad_() for p in ps[:2]] + list(ps[2:])  # running stats: no grad
+        with normkit.use_backend("cpu"):
+            y = call(NF, xl, *leaves)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), xl.grad, [p.grad for p in leaves[:2]]))
+    (y16, dx16, g16), (y32, dx32, g32) = results
+    assert torch.equal(y16, y32) and torch.equal(dx16, dx32), name
+    for a, b in zip(g16, g32, strict=True):
+        assert a.dtype == dtype and b.dtype == torch.float32
+        # the double sums rounded once to the 16-bit dtype, or via float32: at most one unit apart
+        assert_close(a, b.to(dtype), dtype, msg=f"{name} parameter gradient")
+
+
+@pytest.mark.parametrize("dtype", _SIXTEEN)
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_sixteen_bit_weight_of_the_gated_norm_goes_to_the_kernel_as_it_is(group_size, dtype):
+    """The gated row kernel's weight spans the whole row when the norm is over groups of it: converted in
+    full, the output is the bits of the float32 copy's."""
+    g = torch.Generator().manual_seed(4)
+    x, gate, w = (torch.randn(*s, generator=g).to(dtype) for s in ((5, 48), (5, 48), (48,)))
+    with normkit.use_backend("cpu"), torch.no_grad():
+        outs = [NF._gated_rms_norm(x, gate, (48,), p, 1e-6, group_size=group_size) for p in (w, w.float())]
+    assert torch.equal(outs[0], outs[1])
+
 def test_non_finite_values_propagate_like_torch():
     x = torch.randn(4, 16)
     x[1, 3] = float("nan")

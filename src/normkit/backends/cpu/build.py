@@ -25,7 +25,7 @@ from pathlib import Path
 
 __all__ = ["BuildError", "cache_dir", "library_path", "load_library"]
 
-_SOURCES = ("kernels.c", "kernels_impl.h", "channel_rows_impl.h")
+_SOURCES = ("kernels.c", "kernels_impl.h", "channel_rows_impl.h", "entry_points_impl.h")
 _SOURCE_DIR = Path(__file__).with_name("csrc")
 # gnu11: a*b+c may fuse into an FMA; no errno and no FP traps: both would block vectorizing exp and
 # the selects (results are unchanged: normkit never reads errno or FP exception flags)

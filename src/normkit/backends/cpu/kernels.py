@@ -2,7 +2,8 @@
 
 Inputs must already be in the layout the kernel expects (callers in :mod:`.backend` arrange that);
 parameters are passed as contiguous vectors in the arithmetic dtype (float64 for float64 data,
-float32 otherwise), so float32 parameters with bfloat16 data need no extra kernel.
+float32 otherwise), or, when all of a call's are contiguous vectors of 16-bit data's own dtype, as they
+are (the kernel converts them once; see :func:`_params`).
 """
 
 from __future__ import annotations
@@ -36,19 +37,21 @@ SUPPORTED_DTYPES = frozenset(_SUFFIX)
 _P, _I64, _D, _I = c_void_p, c_int64, c_double, c_int
 _SIGNATURES = {
     # x, res, hout, w, b, y, rstd, M, N, eps, rms, rounding, gate, gate_act, gate_first, wgroups, threads
-    "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I, _P, _I, _I, _I64, _I],
-    # x, dy, dh, w, rstd, dx, dw, db, grads_float, M, N, rms, threads
-    "nk_row_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I],
-    # x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act, mean, rstd, var, threads
-    "nk_chan_fwd": [_P, _P, _I64, _I64, _I64, _I, _I, _I64, _P, _P, _P, _P, _D, _I, _P, _P, _P, _I],
-    # x, dy, dx, N, C, S, nhwc, groups, w, b, mean, rstd, train, act, dw, db, grads_float, threads
-    "nk_chan_bwd": [_P, _P, _P, _I64, _I64, _I64, _I, _I64, _P, _P, _P, _P, _I, _I, _P, _P, _I, _I],
+    # (params_t: the parameters are in the data's 16-bit dtype, for the kernel to convert; see _params)
+    "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I, _P, _I, _I, _I64, _I, _I],
+    # x, dy, dh, w, rstd, dx, dw, db, grads_float, M, N, rms, params_t, threads
+    "nk_row_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I],
+    # x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act, mean, rstd, var, params_t,
+    # threads
+    "nk_chan_fwd": [_P, _P, _I64, _I64, _I64, _I, _I, _I64, _P, _P, _P, _P, _D, _I, _P, _P, _P, _I, _I],
+    # x, dy, dx, N, C, S, nhwc, groups, w, b, mean, rstd, train, act, dw, db, grads_float, params_t, threads
+    "nk_chan_bwd": [_P, _P, _P, _I64, _I64, _I64, _I, _I64, _P, _P, _P, _P, _I, _I, _P, _P, _I, _I, _I],
     # run_mean, run_var, mean, var, C, momentum, var_factor
     "nk_running_update": [_P, _P, _P, _P, _I64, _D, _D],
-    # x, x_nhwc, w, b, y, y_nhwc, rstd, N, C, S, eps, rms, threads
-    "nk_cf_fwd": [_P, _I, _P, _P, _P, _I, _P, _I64, _I64, _I64, _D, _I, _I],
-    # x, x_nhwc, dy, dy_nhwc, w, rstd, dx, dx_nhwc, dw, db, grads_float, N, C, S, rms, threads
-    "nk_cf_bwd": [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I64, _I64, _I64, _I, _I],
+    # x, x_nhwc, w, b, y, y_nhwc, rstd, N, C, S, eps, rms, params_t, threads
+    "nk_cf_fwd": [_P, _I, _P, _P, _P, _I, _P, _I64, _I64, _I64, _D, _I, _I, _I],
+    # x, x_nhwc, dy, dy_nhwc, w, rstd, dx, dx_nhwc, dw, db, grads_float, N, C, S, rms, params_t, threads
+    "nk_cf_bwd": [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I64, _I64, _I64, _I, _I, _I],
 }
 
 #: activation codes of the channel-norm forward kernel (NK_ACT_* in csrc/kernels.c)
@@ -119,6 +122,21 @@ def _param(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return p.detach().reshape(-1).to(acc).contiguous()
 
 
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+def _params(dtype: torch.dtype, *params: Tensor | None) -> tuple[list[Tensor | None], int]:
+    """A call's parameters as the kernel takes them, and its ``params_t`` flag: as they are, flag 1, when
+    the data is 16-bit and every parameter given is a contiguous vector of the data's dtype (a bfloat16
+    model's weights: the kernel converts them, where a torch op per parameter cost more than a small
+    norm's kernel); else each as :func:`_param` gives it, flag 0. Converted copies must outlive the call:
+    bind the list before the call, not inside its argument list."""
+    if dtype in _SIXTEEN_BIT and all(p is None or (p.dtype == dtype and p.dim() == 1 and p.is_contiguous())
+                                     for p in params):
+        return list(params), 1
+    return [_param(p, dtype) for p in params], 0
+
+
 def row_forward(
     x: Tensor,
     residual: Tensor | None,
@@ -152,11 +170,11 @@ def row_forward(
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else None
     rstd = torch.empty(m, dtype=arithmetic_dtype(x.dtype)) if save_rstd else None
-    w, b = _param(weight, x.dtype), _param(bias, x.dtype)
+    (w, b), params_t = _params(x.dtype, weight, bias)
     _fn("nk_row_fwd", x.dtype)(
         x.data_ptr(), _ptr(residual), _ptr(h), _ptr(w), _ptr(b), y.data_ptr(), _ptr(rstd),
         m, n, float(eps), int(rms), ROUNDINGS[rounding], _ptr(gate), GATES[gate_act], int(gate_first), weight_groups,
-        _threads(numel),
+        params_t, _threads(numel),
     )
     return y, h, rstd
 
@@ -179,10 +197,10 @@ def row_backward(
     dx = torch.empty_like(x)
     dw = torch.empty(n, dtype=grads) if need_weight else None
     db = torch.empty(n, dtype=grads) if need_bias else None
-    w = _param(weight, x.dtype)
+    (w,), params_t = _params(x.dtype, weight)
     _fn("nk_row_bwd", x.dtype)(
         x.data_ptr(), dy.data_ptr(), _ptr(dh), _ptr(w), rstd.data_ptr(), dx.data_ptr(),
-        _ptr(dw), _ptr(db), int(grads == torch.float32), m, n, int(rms), _threads(x.numel()),
+        _ptr(dw), _ptr(db), int(grads == torch.float32), m, n, int(rms), params_t, _threads(x.numel()),
     )
     return dx, dw, db
 
@@ -221,13 +239,11 @@ def chan_forward(
     if need_rstd is None:
         need_rstd = need_stats
     rstd = torch.empty(sets, dtype=arithmetic_dtype(x.dtype)) if need_rstd else None
-    w, b = _param(weight, x.dtype), _param(bias, x.dtype)
-    # converted copies (if any) must outlive the call: bound here, not made inside the argument list
-    fm, fv = _param(fixed_mean, x.dtype), _param(fixed_var, x.dtype)
+    (w, b, fm, fv), params_t = _params(x.dtype, weight, bias, fixed_mean, fixed_var)
     _fn("nk_chan_fwd", x.dtype)(
         x.data_ptr(), y.data_ptr(), n, c, s, int(in_nhwc), int(out_nhwc), groups, _ptr(w), _ptr(b),
         _ptr(fm), _ptr(fv), float(eps), ACTIVATIONS[activation] if activation else int(silu), _ptr(mean), _ptr(rstd),
-        _ptr(var), _threads(x.numel()),
+        _ptr(var), params_t, _threads(x.numel()),
     )
     return mean, rstd, var
 
@@ -285,11 +301,11 @@ def chan_backward(
     dx = torch.empty_like(x)
     dw = torch.empty(c, dtype=grads) if need_weight else None
     db = torch.empty(c, dtype=grads) if need_bias else None
-    w, b = _param(weight, x.dtype), _param(bias, x.dtype)
+    (w, b), params_t = _params(x.dtype, weight, bias)
     _fn("nk_chan_bwd", x.dtype)(
         x.data_ptr(), dy.data_ptr(), dx.data_ptr(), n, c, s, int(nhwc), groups, _ptr(w), _ptr(b),
         _ptr(mean), rstd.data_ptr(), int(train), int(silu), _ptr(dw), _ptr(db), int(grads == torch.float32),
-        _threads(x.numel()),
+        params_t, _threads(x.numel()),
     )
     return dx, dw, db
 
@@ -322,10 +338,10 @@ def channel_row_forward(
     s = x.numel() // max(n * c, 1)
     y = channels_last_like(x)
     rstd = torch.empty(n, s, dtype=arithmetic_dtype(x.dtype)) if save_rstd else None
-    w, b = _param(weight, x.dtype), _param(bias, x.dtype)
+    (w, b), params_t = _params(x.dtype, weight, bias)
     _fn("nk_cf_fwd", x.dtype)(
         x.data_ptr(), int(is_channels_last(x)), _ptr(w), _ptr(b), y.data_ptr(), 1, _ptr(rstd), n, c, s,
-        float(eps), int(rms), _threads(x.numel()),
+        float(eps), int(rms), params_t, _threads(x.numel()),
     )
     return y, rstd
 
@@ -341,10 +357,10 @@ def channel_row_backward(
     dx = channels_last_like(x)
     dw = torch.empty(c, dtype=grads) if need_weight else None
     db = torch.empty(c, dtype=grads) if need_bias else None
-    w = _param(weight, x.dtype)  # a converted copy must outlive the call
+    (w,), params_t = _params(x.dtype, weight)  # a converted copy must outlive the call
     _fn("nk_cf_bwd", x.dtype)(
         x.data_ptr(), int(is_channels_last(x)), dy.data_ptr(), int(is_channels_last(dy)),
         _ptr(w), rstd.data_ptr(), dx.data_ptr(), 1, _ptr(dw), _ptr(db), int(grads == torch.float32), n, c, s,
-        int(rms), _threads(x.numel()),
+        int(rms), params_t, _threads(x.numel()),
     )
     return dx, dw, db

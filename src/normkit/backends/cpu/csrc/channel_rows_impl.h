@@ -124,8 +124,8 @@ static inline void NK_NAME(nk_cf_stats)(const NK_A *buf, int64_t C, int rms, dou
 
 /* y = LayerNorm/RMSNorm of x over the channels at each position; x and y each channels-first or
  * channels-last (x_nhwc, y_nhwc); rstd_out gets one value per (n, position). */
-void NK_NAME(nk_cf_fwd)(const NK_T *x, int x_nhwc, const NK_A *w, const NK_A *b, NK_T *y, int y_nhwc, NK_A *rstd_out,
-                        int64_t N, int64_t C, int64_t S, double eps, int rms, int nt) {
+static void NK_NAME(nk_cf_fwd_impl)(const NK_T *x, int x_nhwc, const NK_A *w, const NK_A *b, NK_T *y, int y_nhwc,
+                                    NK_A *rstd_out, int64_t N, int64_t C, int64_t S, double eps, int rms, int nt) {
     int64_t tiles = (S + NK_CF_W - 1) / NK_CF_W;
 #pragma omp parallel num_threads(nk_threads(nt))
     {
@@ -156,9 +156,9 @@ void NK_NAME(nk_cf_fwd)(const NK_T *x, int x_nhwc, const NK_A *w, const NK_A *b,
  * dw[c] and db[c] (may be NULL; double, or float with grads_float) get the sums over n and positions of
  * dy xhat and dy. Each
  * of x, dy and dx is channels-first or channels-last (its *_nhwc flag). */
-void NK_NAME(nk_cf_bwd)(const NK_T *x, int x_nhwc, const NK_T *dy, int dy_nhwc, const NK_A *w, const NK_A *rstd_in,
-                        NK_T *dx, int dx_nhwc, void *dw, void *db, int grads_float, int64_t N, int64_t C, int64_t S,
-                        int rms, int nt) {
+static void NK_NAME(nk_cf_bwd_impl)(const NK_T *x, int x_nhwc, const NK_T *dy, int dy_nhwc, const NK_A *w,
+                                    const NK_A *rstd_in, NK_T *dx, int dx_nhwc, void *dw, void *db, int grads_float,
+                                    int64_t N, int64_t C, int64_t S, int rms, int nt) {
     nt = nk_threads(nt);
     int64_t tiles = (S + NK_CF_W - 1) / NK_CF_W;
     double *part_w = (double *)calloc((size_t)nt * (size_t)C + 1, sizeof(double));

@@ -310,7 +310,7 @@ typedef _Float16 nk_f16x8 __attribute__((vector_size(16)));
 #define NK_EXP(v) nk_expf(v)
 #include "kernels_impl.h"
 
-int nk_abi_version(void) { return 2; }
+int nk_abi_version(void) { return 3; }
 int nk_has_native_f16(void) { return NK_HAVE_F16; }
 int nk_openmp(void) {
 #ifdef _OPENMP

@@ -205,9 +205,9 @@ static void NK_NAME(nk_row_fwd_gated)(const NK_T *x, const NK_A *w0, const NK_A 
  * norms of linear-attention layers, y = round(v * act(gate)) with v the value above before its last
  * rounding (NK_ROUND_XHAT: after it, as the composition rounds the norm before the gate's product), or
  * with gate_first the norm of x * act(gate); wgroups: see nk_row_fwd_gated. */
-void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A *w, const NK_A *b, NK_T *y,
-                         NK_A *rstd_out, int64_t M, int64_t N, double eps, int rms, int rounding, const NK_T *gate,
-                         int gate_act, int gate_first, int64_t wgroups, int nt) {
+static void NK_NAME(nk_row_fwd_impl)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A *w, const NK_A *b,
+                                     NK_T *y, NK_A *rstd_out, int64_t M, int64_t N, double eps, int rms, int rounding,
+                                     const NK_T *gate, int gate_act, int gate_first, int64_t wgroups, int nt) {
     if (gate) {
         NK_NAME(nk_row_fwd_gated)(x, w, b, y, rstd_out, M, N, eps, rms, rounding, gate, gate_act, gate_first,
                                   wgroups, nt);
@@ -281,8 +281,9 @@ void NK_NAME(nk_row_fwd)(const NK_T *x, const NK_T *res, NK_T *hout, const NK_A 
  * float32 mean saved for backward would lose the bits that centre a row with a large mean), so
  * the forward saves only rstd. dw and db (may be NULL) get the column sums of dy * xhat and dy, in
  * double, or rounded to float with grads_float (nk_put_grad). */
-void NK_NAME(nk_row_bwd)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK_A *w, const NK_A *rstd_in,
-                         NK_T *dx, void *dw, void *db, int grads_float, int64_t M, int64_t N, int rms, int nt) {
+static void NK_NAME(nk_row_bwd_impl)(const NK_T *x, const NK_T *dy, const NK_T *dh, const NK_A *w,
+                                     const NK_A *rstd_in, NK_T *dx, void *dw, void *db, int grads_float, int64_t M,
+                                     int64_t N, int rms, int nt) {
     nt = nk_threads(nt);
     /* every loop below is free of selects (a loop-invariant `w ? ... : ...` or `if (dw)` inside a
      * simd loop made the compiler unswitch it into scalar code): a missing weight is a vector of
@@ -724,10 +725,10 @@ static void NK_NAME(nk_chan_fwd_channels)(const NK_T *x, NK_T *y, int64_t N, int
     }
 }
 
-void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc, int out_nhwc,
-                          int64_t groups, const NK_A *w, const NK_A *b, const NK_A *fixed_mean,
-                          const NK_A *fixed_var, double eps, int act, double *mean_out, NK_A *rstd_out,
-                          double *var_out, int nt) {
+static void NK_NAME(nk_chan_fwd_impl)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int in_nhwc,
+                                      int out_nhwc, int64_t groups, const NK_A *w, const NK_A *b,
+                                      const NK_A *fixed_mean, const NK_A *fixed_var, double eps, int act,
+                                      double *mean_out, NK_A *rstd_out, double *var_out, int nt) {
     nt = nk_threads(nt);
     if (!mean_out || !rstd_out || !var_out) {
         /* statistics the caller does not keep (all of them in inference; the mean and variance of a
@@ -735,7 +736,7 @@ void NK_NAME(nk_chan_fwd)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t 
         size_t sets = (size_t)(groups > 0 ? N * groups : C) + 1;
         double *tmp = (double *)malloc(2 * sets * sizeof(double));
         NK_A *tmp_rstd = (NK_A *)malloc(sets * sizeof(NK_A));
-        NK_NAME(nk_chan_fwd)(x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act,
+        NK_NAME(nk_chan_fwd_impl)(x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act,
                              mean_out ? mean_out : tmp, rstd_out ? rstd_out : tmp_rstd,
                              var_out ? var_out : tmp + sets, nt);
         free(tmp);
@@ -1155,9 +1156,10 @@ static inline void NK_NAME(nk_bwd_dx_run)(const NK_NAME(nk_bwd) *st, int64_t nc,
  * with no cancellation worth the name since |m - K| is of the order of the spread. (Only SiLU's
  * derivative inside pass 1 sees the float mean instead of the exact one.)
  * dw/db (may be NULL) get per-channel sums of dz * xhat and dz (double, or float with grads_float). */
-void NK_NAME(nk_chan_bwd)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, int64_t C, int64_t S, int nhwc,
-                          int64_t groups, const NK_A *w, const NK_A *b, const double *mean_in, const NK_A *rstd,
-                          int train, int act, void *dw, void *db, int grads_float, int nt) {
+static void NK_NAME(nk_chan_bwd_impl)(const NK_T *x, const NK_T *dy, NK_T *dx, int64_t N, int64_t C, int64_t S,
+                                      int nhwc, int64_t groups, const NK_A *w, const NK_A *b, const double *mean_in,
+                                      const NK_A *rstd, int train, int act, void *dw, void *db, int grads_float,
+                                      int nt) {
     nt = nk_threads(nt);
     /* the mean arrives in double, as the forward returned it (the caller keeps no converted copy);
      * the passes use it rounded to NK_A, as a float32 copy would have held it */
@@ -1312,6 +1314,7 @@ void NK_NAME(nk_running_update)(NK_A *run_mean, NK_A *run_var, const double *mea
 
 /* the channels-first row norms (LayerNorm2d), with the same macros */
 #include "channel_rows_impl.h"
+#include "entry_points_impl.h"
 
 #undef NK_T
 #undef NK_A
