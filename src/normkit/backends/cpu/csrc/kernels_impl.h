@@ -737,8 +737,8 @@ static void NK_NAME(nk_chan_fwd_impl)(const NK_T *x, NK_T *y, int64_t N, int64_t
         double *tmp = (double *)malloc(2 * sets * sizeof(double));
         NK_A *tmp_rstd = (NK_A *)malloc(sets * sizeof(NK_A));
         NK_NAME(nk_chan_fwd_impl)(x, y, N, C, S, in_nhwc, out_nhwc, groups, w, b, fixed_mean, fixed_var, eps, act,
-                             mean_out ? mean_out : tmp, rstd_out ? rstd_out : tmp_rstd,
-                             var_out ? var_out : tmp + sets, nt);
+                                  mean_out ? mean_out : tmp, rstd_out ? rstd_out : tmp_rstd,
+                                  var_out ? var_out : tmp + sets, nt);
         free(tmp);
         free(tmp_rstd);
         return;
@@ -1216,7 +1216,7 @@ static void NK_NAME(nk_chan_bwd_impl)(const NK_T *x, const NK_T *dy, NK_T *dx, i
          * time): a GroupNorm/InstanceNorm set's D runs, or a BatchNorm channel's N. Not for 16-bit data
          * on short runs, whose passes are bound by their conversions more than by memory (0.95-0.97x
          * at 7x7) */
-#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(st)
+#pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t k = 0; k < sets; k++) {
             if (per_nc) {
                 int64_t i0 = (k / groups) * C + (k % groups) * st.D;
@@ -1233,7 +1233,7 @@ static void NK_NAME(nk_chan_bwd_impl)(const NK_T *x, const NK_T *dy, NK_T *dx, i
         /* pass 1 */
         if (!nhwc) {
             /* per (n, c) run; BatchNorm adds a channel's runs over the samples in order on one thread */
-#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(st)
+#pragma omp parallel for num_threads(nt) schedule(static)
             for (int64_t i = 0; i < P; i++) NK_NAME(nk_bwd_sums_run)(&st, i);
         } else {
             NK_NAME(nk_bwd_sums_rows)(&st, NP, nt);
@@ -1242,7 +1242,7 @@ static void NK_NAME(nk_chan_bwd_impl)(const NK_T *x, const NK_T *dy, NK_T *dx, i
         for (int64_t k = 0; k < sets; k++) NK_NAME(nk_bwd_end)(&st, k);
         /* pass 2 */
         if (!nhwc) {
-#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) firstprivate(st)
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
             for (int64_t n = 0; n < N; n++)
                 for (int64_t c = 0; c < C; c++) NK_NAME(nk_bwd_dx_run)(&st, n * C + c, per_nc ? n * C + c : c);
         } else {
