@@ -36,8 +36,8 @@ SUPPORTED_DTYPES = frozenset(_SUFFIX)
 
 _P, _I64, _D, _I = c_void_p, c_int64, c_double, c_int
 _SIGNATURES = {
-    # x, res, hout, w, b, y, rstd, M, N, eps, rms, rounding, gate, gate_act, gate_first, wgroups, threads
     # (params_t: the parameters are in the data's 16-bit dtype, for the kernel to convert; see _params)
+    # x, res, hout, w, b, y, rstd, M, N, eps, rms, rounding, gate, gate_act, gate_first, wgroups, params_t, threads
     "nk_row_fwd": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _D, _I, _I, _P, _I, _I, _I64, _I, _I],
     # x, dy, dh, w, rstd, dx, dw, db, grads_float, M, N, rms, params_t, threads
     "nk_row_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I],
