@@ -270,6 +270,21 @@ typedef _Float16 nk_f16x8 __attribute__((vector_size(16)));
 #define NK_LOADV_F16(v, p) NK_LOADV_ELEMENTS(v, p, nk_f16_load)
 #endif
 
+/* The exported kernels take one argument: their arguments packed by the caller into consecutive 8-byte
+ * slots, integers and pointers as int64 and floating-point values as double (kernels.py packs them with
+ * struct). ctypes converting eighteen separate arguments took 4.4 µs a call, the packed one 1 µs. */
+static inline int64_t nk_slot_i(const unsigned char *a, int k) {
+    int64_t v;
+    memcpy(&v, a + 8 * k, 8);
+    return v;
+}
+static inline double nk_slot_d(const unsigned char *a, int k) {
+    double v;
+    memcpy(&v, a + 8 * k, 8);
+    return v;
+}
+#define NK_SLOT_P(a, k) ((void *)(intptr_t)nk_slot_i(a, k))
+
 #define NK_T float
 #define NK_A float
 #define NK_LOAD(v) (v)
@@ -310,7 +325,7 @@ typedef _Float16 nk_f16x8 __attribute__((vector_size(16)));
 #define NK_EXP(v) nk_expf(v)
 #include "kernels_impl.h"
 
-int nk_abi_version(void) { return 3; }
+int nk_abi_version(void) { return 4; }
 int nk_has_native_f16(void) { return NK_HAVE_F16; }
 int nk_openmp(void) {
 #ifdef _OPENMP

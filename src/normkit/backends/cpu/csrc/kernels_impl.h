@@ -1298,8 +1298,8 @@ static void NK_NAME(nk_chan_bwd_impl)(const NK_T *x, const NK_T *dy, NK_T *dx, i
  * run = run * (1 - momentum) + stat * momentum, with the variance made unbiased by var_factor first.
  * One call for what would be eight small torch ops. The volatile products keep the compiler from
  * fusing them into FMAs, which would round differently from the torch-op formula it replaces. */
-void NK_NAME(nk_running_update)(NK_A *run_mean, NK_A *run_var, const double *mean, const double *var, int64_t C,
-                                double momentum, double var_factor) {
+static void NK_NAME(nk_running_update_impl)(NK_A *run_mean, NK_A *run_var, const double *mean, const double *var,
+                                            int64_t C, double momentum, double var_factor) {
     for (int64_t c = 0; c < C; c++) {
         if (run_mean) {
             volatile double kept = (double)run_mean[c] * (1.0 - momentum), added = mean[c] * momentum;
