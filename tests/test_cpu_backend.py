@@ -430,6 +430,8 @@ def test_set_at_a_time_and_whole_tensor_passes_give_the_same_bits(norm, dtype):
     there are at least four a thread, and through the whole tensor pass by pass otherwise: one thread
     takes the first order and two threads with six sets the second. The output and the input gradient
     are the same bits (each set's sums run in the same order either way)."""
+    from normkit.backends.cpu import kernels as K
+
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(2, 6, 64, 64, generator=g) * 2 + 3).to(dtype)  # 49,152 elements: two threads' worth
     dy = torch.randn(x.shape, generator=g).to(dtype)
@@ -443,6 +445,7 @@ def test_set_at_a_time_and_whole_tensor_passes_give_the_same_bits(norm, dtype):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
+            assert K._threads(x.numel()) == n  # the two orders are really both taken
             xl = x.clone().requires_grad_()
             with normkit.use_backend("cpu"):
                 y = calls[norm](xl)

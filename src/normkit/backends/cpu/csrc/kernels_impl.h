@@ -604,6 +604,17 @@ static void NK_NAME(nk_apply)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int6
     }
 }
 
+/* nk_apply's constants for channel c of a set with this mean and rstd: hi, the mean rounded to NK_A;
+ * scale = rstd w; shift = b - lo scale, lo = mean - hi (computed in double, rounded once each). Every
+ * forward order takes them from here, so that they give the same bits. */
+static inline void NK_NAME(nk_consts)(double mean, double rstd, const NK_A *w, const NK_A *b, int64_t c, NK_A *hi,
+                                      NK_A *scale, NK_A *shift) {
+    double a = rstd * (w ? (double)w[c] : 1.0);
+    *hi = (NK_A)mean;
+    *scale = (NK_A)a;
+    *shift = (NK_A)((b ? (double)b[c] : 0.0) - (mean - (double)*hi) * a);
+}
+
 /* Forward of BatchNorm (groups == 0: statistics per channel over N and S), GroupNorm and
  * InstanceNorm (groups > 0: per (n, group)), with optional SiLU (act == 1).
  * fixed_mean/fixed_var (per channel, groups == 0 only, in NK_A: the running statistics as they are
@@ -650,10 +661,7 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
     for (int64_t n = 0, i = 0; i < P; n++)
         for (int64_t c = 0, g = 0, d = 0; c < C; c++, i++) {
             int64_t k = groups > 0 ? n * groups + g : c;
-            double a = rstd[k] * (w ? (double)w[c] : 1.0);
-            hi[i] = (NK_A)mean_out[k];
-            scale[i] = (NK_A)a;
-            shift[i] = (NK_A)((b ? (double)b[c] : 0.0) - (mean_out[k] - (double)hi[i]) * a);
+            NK_NAME(nk_consts)(mean_out[k], rstd[k], w, b, c, hi + i, scale + i, shift + i);
             if (++d == D) d = 0, g++;
         }
     NK_NAME(nk_apply)(x, y, N, C, S, in_nhwc, out_nhwc, groups > 0, hi, scale, shift, act, nt);
@@ -666,7 +674,7 @@ static void NK_NAME(nk_chan_fwd_all)(const NK_T *x, NK_T *y, int64_t N, int64_t 
 /* Channels-first GroupNorm/InstanceNorm, one set at a time: its statistics, then its output while the
  * set is still in L1/L2 (one read from memory instead of two). A set's C/groups channels are one
  * contiguous run, summed as such (per-channel runs and their merge cost more than the data when S is
- * small); the constants are nk_chan_fwd_all's, so the output is the same to the bit. Threaded over the
+ * small); the constants are nk_consts', as nk_chan_fwd_all's, so the output is the same to the bit. Threaded over the
  * sets: used when there are enough of them to keep every thread busy. */
 static void NK_NAME(nk_chan_fwd_sets)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, int64_t groups,
                                       const NK_A *w, const NK_A *b, double eps, int act, double *mean_out,
@@ -679,14 +687,12 @@ static void NK_NAME(nk_chan_fwd_sets)(const NK_T *x, NK_T *y, int64_t N, int64_t
         var_out[k] = len > 0 ? m2 / (double)len : NAN;
         double rstd = 1.0 / sqrt(var_out[k] + eps);
         rstd_out[k] = (NK_A)rstd;
-        NK_A hi = (NK_A)mean_out[k];
-        double lo = mean_out[k] - (double)hi;
         for (int64_t d = 0, c = (k % groups) * D; d < D; d++, c++) {
-            double a = rstd * (w ? (double)w[c] : 1.0);
-            NK_A shift = (NK_A)((b ? (double)b[c] : 0.0) - lo * a);
+            NK_A hi, scale, shift;
+            NK_NAME(nk_consts)(mean_out[k], rstd, w, b, c, &hi, &scale, &shift);
             const NK_T *xr = x + k * len + d * S;
             NK_T *yr = y + k * len + d * S;
-#define NK_CALL(A) NK_NAME(nk_apply_run)(xr, yr, S, hi, (NK_A)a, shift, A)
+#define NK_CALL(A) NK_NAME(nk_apply_run)(xr, yr, S, hi, scale, shift, A)
             NK_BY_ACT(act, NK_CALL)
 #undef NK_CALL
         }
@@ -695,7 +701,7 @@ static void NK_NAME(nk_chan_fwd_sets)(const NK_T *x, NK_T *y, int64_t N, int64_t
 
 /* Channels-first BatchNorm training, one channel at a time: the moments of its N runs, merged in sample
  * order with nk_sets_from_nc's arithmetic, then its N runs normalized while they are still in L1/L2.
- * The statistics and constants are nk_chan_fwd_all's, so the output is the same to the bit. */
+ * The statistics are nk_chan_fwd_all's and the constants nk_consts', so the output is the same to the bit. */
 static void NK_NAME(nk_chan_fwd_channels)(const NK_T *x, NK_T *y, int64_t N, int64_t C, int64_t S, const NK_A *w,
                                           const NK_A *b, double eps, int act, double *mean_out, NK_A *rstd_out,
                                           double *var_out, int nt) {
@@ -712,13 +718,14 @@ static void NK_NAME(nk_chan_fwd_channels)(const NK_T *x, NK_T *y, int64_t N, int
         }
         mean_out[c] = m;
         var_out[c] = cnt > 0 ? q / cnt : NAN;
-        double rstd = 1.0 / sqrt(var_out[c] + eps), a = rstd * (w ? (double)w[c] : 1.0);
+        double rstd = 1.0 / sqrt(var_out[c] + eps);
         rstd_out[c] = (NK_A)rstd;
-        NK_A hi = (NK_A)m, shift = (NK_A)((b ? (double)b[c] : 0.0) - (m - (double)hi) * a);
+        NK_A hi, scale, shift;
+        NK_NAME(nk_consts)(m, rstd, w, b, c, &hi, &scale, &shift);
         for (int64_t n = 0; n < N; n++) {
             const NK_T *xr = x + (n * C + c) * S;
             NK_T *yr = y + (n * C + c) * S;
-#define NK_CALL(A) NK_NAME(nk_apply_run)(xr, yr, S, hi, (NK_A)a, shift, A)
+#define NK_CALL(A) NK_NAME(nk_apply_run)(xr, yr, S, hi, scale, shift, A)
             NK_BY_ACT(act, NK_CALL)
 #undef NK_CALL
         }
