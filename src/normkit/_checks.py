@@ -68,6 +68,12 @@ def parameter_dtypes(
     ``"mixed_then_same"`` (GroupNorm: the CPU rule, whose messages say "(CPU)" there too, then the
     input's dtype only).
     """
+    dtype = x.dtype
+    for p in params:
+        if p is not None and (p.dtype if isinstance(p, Tensor) else p) != dtype:
+            break
+    else:
+        return  # the common case, every parameter in x's dtype (or absent), passes every rule
     if not x.is_cpu:
         if cuda == "any":
             return
@@ -83,8 +89,6 @@ def parameter_dtypes(
 def _cpu_parameter_rule(
     x: Tensor, params: Sequence[Tensor | torch.dtype | None], check_order: Sequence[Tensor | torch.dtype | None] | None
 ) -> None:
-    if check_order is None and all(p is None or (isinstance(p, Tensor) and p.dtype == x.dtype) for p in params):
-        return  # the common case, every parameter in x's dtype (or absent): nothing to report
     defined = [d for d in map(_dtype, params) if d is not None]
     if not defined:
         return

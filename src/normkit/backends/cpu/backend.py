@@ -69,6 +69,15 @@ def _grads(weight: Tensor | None, bias_dtype: torch.dtype | None) -> torch.dtype
     return K.grad_dtype(None if weight is None else weight.dtype, bias_dtype)
 
 
+def _param_grad(g: Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> Tensor:
+    """A parameter's gradient from the kernel's vector: cast to ``dtype`` and (given a ``shape`` of more than
+    one dim) viewed as it, each only when needed (a view to a torch.Size took 3 µs and a cast to the dtype it
+    already has 1.3 µs a call, a tenth of a small LayerNorm's backward)."""
+    if shape is not None and len(shape) != 1:
+        g = g.view(shape)
+    return g if g.dtype == dtype else g.to(dtype)
+
+
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
@@ -134,8 +143,8 @@ class _RowNorm(torch.autograd.Function):
                 dy.contiguous(), h.contiguous(), None if dh is None else dh.contiguous(), weight, rstd,
                 math.prod(ctx.shape), ctx.rms, need_w, need_b and not ctx.rms, _grads(weight, ctx.bias_dtype),
             )
-        dw = dw.view(weight.shape).to(weight.dtype) if need_w else None
-        db = db.view(ctx.shape).to(ctx.bias_dtype) if need_b else None
+        dw = _param_grad(dw, weight.dtype, weight.shape) if need_w else None
+        db = _param_grad(db, ctx.bias_dtype, ctx.shape) if need_b else None
         dx_out = dx if need_x else None
         dres = dx if (ctx.fused and need_r) else None
         return dx_out, dres, dw, db, None, None, None, None
@@ -176,8 +185,8 @@ class _ChannelRowNorm(torch.autograd.Function):
                 _cf_layout(dy), _cf_layout(x), weight, rstd, ctx.rms, need_w, need_b and not ctx.rms,
                 _grads(weight, ctx.bias_dtype),
             )
-        dw = dw.to(weight.dtype) if need_w else None
-        db = db.to(ctx.bias_dtype) if need_b else None
+        dw = _param_grad(dw, weight.dtype) if need_w else None
+        db = _param_grad(db, ctx.bias_dtype) if need_b else None
         return (dx if need_x else None), dw, db, None, None
 
 
@@ -261,8 +270,8 @@ class _ChanNorm(torch.autograd.Function):
             )
         return (
             dx if need_x else None,
-            dw.to(weight.dtype) if need_w else None,
-            db.to(ctx.bias_dtype) if need_b else None,
+            _param_grad(dw, weight.dtype) if need_w else None,
+            _param_grad(db, ctx.bias_dtype) if need_b else None,
             None, None, None, None, None, None, None,
         )
 

@@ -143,15 +143,18 @@ _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 def _params(dtype: torch.dtype, *params: Tensor | None) -> tuple[list[Tensor | None], int]:
-    """A call's parameters as the kernel takes them, and its ``params_t`` flag: as they are, flag 1, when
-    the data is 16-bit and every parameter given is a contiguous vector of the data's dtype (a bfloat16
-    model's weights: the kernel converts them, where a torch op per parameter cost more than a small
-    norm's kernel); else each as :func:`_param` gives it, flag 0. Converted copies must outlive the call:
-    bind the list before the call, not inside its argument list."""
-    if dtype in _SIXTEEN_BIT and all(p is None or (p.dtype == dtype and p.dim() == 1 and p.is_contiguous())
-                                     for p in params):
-        return list(params), 1
-    return [_param(p, dtype) for p in params], 0
+    """A call's parameters as the kernel takes them, and its ``params_t`` flag. When every parameter given
+    is a contiguous vector of the arithmetic dtype, or, for 16-bit data, of the data's own dtype (a bfloat16
+    model's weights: the kernel converts them, where a torch op per parameter cost more than a small norm's
+    kernel), they go as they are, the flag 1 for the 16-bit case; else each as :func:`_param` gives it,
+    flag 0. Converted copies must outlive the call: bind the list before the call, not inside its argument
+    list."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # arithmetic_dtype, inlined
+    as_is = dtype if dtype in _SIXTEEN_BIT else acc
+    for p in params:  # one loop and no generator: this runs on every kernel call
+        if p is not None and (p.dtype != as_is or p.dim() != 1 or not p.is_contiguous()):
+            return [_param(p, dtype) for p in params], 0
+    return list(params), int(as_is != acc)
 
 
 def row_forward(
