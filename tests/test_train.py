@@ -842,11 +842,14 @@ def test_no_process_listens_beyond_loopback_while_training(uninterrupted):
     assert result.events[0]["rendezvous_on_loopback"] is True  # torch's store was moved to 127.0.0.1
     workers = {pid for pid, name, _, _ in sampler.seen if "RayTrainWo" in name}  # ray::RayTrainWorker
     assert sampler.samples > 10 and len(workers) == 2, sampler.seen
-    exposed = [s for s in sampler.seen if s[2] not in _LOOPBACK]
+    # each socket once: Ray retitles a worker process for every task it runs, so one socket can be seen
+    # under several names (a CI run saw one store socket as ray::execute._propagate_data_context and
+    # ray::execute._setup_torch_process_group)
+    exposed = {(pid, ip, port) for pid, _, ip, port in sampler.seen if ip not in _LOOPBACK}
     # Every Ray process stays on loopback. What may show is torch's store of the group Ray Train made, in
     # the seconds before the loop rebuilt it (test_rebuilt_process_group_listens_on_loopback_only shows
     # the rebuild closes it): one socket of one worker, at most.
-    assert len(exposed) <= 1 and all(pid in workers for pid, *_ in exposed), exposed
+    assert len(exposed) <= 1 and all(pid in workers for pid, *_ in exposed), sorted(sampler.seen)
 
 
 @pytest.mark.ray
