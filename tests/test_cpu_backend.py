@@ -241,7 +241,7 @@ def _parameter_dtype_cases(dtype):
 
 
 @pytest.mark.parametrize("dtype", _SIXTEEN)
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(len(_parameter_dtype_cases(torch.float32))))
 def test_sixteen_bit_parameters_go_to_the_kernel_as_they_are(case, dtype):
     """Parameters in the data's 16-bit dtype reach the kernels unconverted (they convert them once, where a
     torch op per parameter cost more than a small norm's kernel): the outputs and input gradient are the
@@ -277,6 +277,7 @@ def test_sixteen_bit_weight_of_the_gated_norm_goes_to_the_kernel_as_it_is(group_
     with normkit.use_backend("cpu"), torch.no_grad():
         outs = [NF._gated_rms_norm(x, gate, (48,), p, 1e-6, group_size=group_size) for p in (w, w.float())]
     assert torch.equal(outs[0], outs[1])
+
 
 def test_non_finite_values_propagate_like_torch():
     x = torch.randn(4, 16)
@@ -422,7 +423,6 @@ def test_thread_count_changes_only_rounding():
     torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm", ["group_norm", "group_norm_silu", "batch_norm"])
 def test_set_at_a_time_and_whole_tensor_passes_give_the_same_bits(norm, dtype):
@@ -455,6 +455,7 @@ def test_set_at_a_time_and_whole_tensor_passes_give_the_same_bits(norm, dtype):
         torch.set_num_threads(threads)
     (y1, dx1), (y2, dx2) = results
     assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
+
 
 # ---------------------------------------------------------------------------------------------
 # saved activations
