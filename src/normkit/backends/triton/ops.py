@@ -21,6 +21,8 @@ wrappers have no storage for a kernel to read.
 """
 
 # no `from __future__ import annotations`: torch.library infers each op's schema from real annotations
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -176,7 +178,7 @@ def _rows_backward_differentiable(ctx, dy, xh, weight):
     return dx.view(xh.shape), dw, db
 
 
-def _rows_backward(ctx, dy, dh, _dmean, _drstd):
+def _rows_backward(run, ctx, dy, dh, _dmean, _drstd):
     xh, weight, mean, rstd = ctx.saved_tensors
     need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
     dh = dh if ctx.fused else None
@@ -185,17 +187,19 @@ def _rows_backward(ctx, dy, dh, _dmean, _drstd):
         if dh is not None:
             dx = dx + dh
     else:
-        backward = rows_backward if _compiling() else _rows_backward_kernels
-        dx, dw, db = backward(dy, xh, dh, weight, mean, rstd, ctx.n, ctx.rms, need_w, need_b and not ctx.rms)
+        dx, dw, db = run(dy, xh, dh, weight, mean, rstd, ctx.n, ctx.rms, need_w, need_b and not ctx.rms)
     dw = _grad_to(dw, weight, need_w)
     db = db.to(ctx.bias_dtype) if need_b and db is not None else None
     return (dx if need_x else None), (dx if ctx.fused and need_r else None), dw, db, None, None, None
 
 
-rows_forward.register_autograd(_rows_backward, setup_context=_rows_setup)
+# The op's formula runs the backward op, the eager Function the kernels: which one cannot be told from
+# torch.compiler.is_compiling(), which torch 2.11 reports False while AOT autograd traces the backward
+rows_forward.register_autograd(partial(_rows_backward, rows_backward), setup_context=_rows_setup)
+_rows_backward_eager = partial(_rows_backward, _rows_backward_kernels)
 
 
-_TritonRows = _eager_function("_TritonRows", _rows_forward, _rows_setup, _rows_backward)
+_TritonRows = _eager_function("_TritonRows", _rows_forward, _rows_setup, _rows_backward_eager)
 
 
 # RMSNorm whose normalized value is rounded before the weight multiplies it (Hugging Face Llama's
@@ -210,7 +214,7 @@ def _rounded_forward(
     return y.view(x.shape), _empty(x), _empty(x), rstd
 
 
-_TritonRowsRounded = _eager_function("_TritonRowsRounded", _rounded_forward, _rows_setup, _rows_backward)
+_TritonRowsRounded = _eager_function("_TritonRowsRounded", _rounded_forward, _rows_setup, _rows_backward_eager)
 
 
 def rms_rounded_scale(x: Tensor, weight: Tensor, n: int, eps: float) -> Tensor:
@@ -232,7 +236,7 @@ def _rounded_rstd_forward(
 
 
 _TritonRowsRoundedRstd = _eager_function(
-    "_TritonRowsRoundedRstd", _rounded_rstd_forward, _rows_setup, _rows_backward
+    "_TritonRowsRoundedRstd", _rounded_rstd_forward, _rows_setup, _rows_backward_eager
 )
 
 
@@ -329,7 +333,7 @@ def _sets_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, weight, bias if silu else None, mean, rstd)
 
 
-def _sets_backward(ctx, dy, _dmean, _drstd, _dvar):
+def _sets_backward(run, ctx, dy, _dmean, _drstd, _dvar):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled() or wrapped(dy):
@@ -340,16 +344,17 @@ def _sets_backward(ctx, dy, _dmean, _drstd, _dvar):
             _, m, r = ref.group_norm(x, ctx.groups, weight, None, ctx.eps)
             dx, dw, db = ref.group_norm_backward(dy, x, ctx.groups, weight, m, r)
     else:
-        backward = sets_backward if _compiling() else _sets_backward_kernels
-        dx, dw, db = backward(dy, x, weight, bias, mean, rstd, ctx.groups, ctx.silu, need_w, need_b)
+        dx, dw, db = run(dy, x, weight, bias, mean, rstd, ctx.groups, ctx.silu, need_w, need_b)
     db = db.to(ctx.bias_dtype) if need_b else None
     return (dx if need_x else None), _grad_to(dw, weight, need_w), db, None, None, None
 
 
-sets_forward.register_autograd(_sets_backward, setup_context=_sets_setup)
+sets_forward.register_autograd(partial(_sets_backward, sets_backward), setup_context=_sets_setup)
 
 
-_TritonSets = _eager_function("_TritonSets", _sets_forward, _sets_setup, _sets_backward)
+_TritonSets = _eager_function(
+    "_TritonSets", _sets_forward, _sets_setup, partial(_sets_backward, _sets_backward_kernels)
+)
 
 
 def _with_stats(function: type[torch.autograd.Function], inputs: tuple, stats: bool) -> tuple:
@@ -425,7 +430,7 @@ def _batch_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, weight, mean, rstd)
 
 
-def _batch_backward(ctx, dy, _dmean, _drstd, _dvar):
+def _batch_backward(run, ctx, dy, _dmean, _drstd, _dvar):
     x, weight, mean, rstd = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled() or wrapped(dy):
@@ -435,16 +440,17 @@ def _batch_backward(ctx, dy, _dmean, _drstd, _dvar):
         else:
             dx, dw, db = ref.batch_norm_backward(dy, x, weight, mean.double().sum(0), rstd.double(), False)
     else:
-        backward = batch_backward if _compiling() else _batch_backward_kernels
-        dx, dw, db = backward(dy, x, weight, mean, rstd, ctx.training, need_w, need_b)
+        dx, dw, db = run(dy, x, weight, mean, rstd, ctx.training, need_w, need_b)
     db = db.to(ctx.bias_dtype) if need_b else None
     return (dx if need_x else None), _grad_to(dw, weight, need_w), db, None, None, None
 
 
-batch_forward.register_autograd(_batch_backward, setup_context=_batch_setup)
+batch_forward.register_autograd(partial(_batch_backward, batch_backward), setup_context=_batch_setup)
 
 
-_TritonBatch = _eager_function("_TritonBatch", _batch_forward, _batch_setup, _batch_backward)
+_TritonBatch = _eager_function(
+    "_TritonBatch", _batch_forward, _batch_setup, partial(_batch_backward, _batch_backward_kernels)
+)
 
 
 def batch(
