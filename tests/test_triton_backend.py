@@ -706,6 +706,36 @@ def test_torch_compile_fullgraph_matches_eager(compiler, device):
     assert math.isfinite(float(y_c.sum()))
 
 
+def _op_cases(device):
+    """(op, args) of each forward custom op, float32 inputs that want gradients."""
+    from normkit.backends.triton import ops
+
+    torch.manual_seed(4)
+
+    def leaf(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device=device)).requires_grad_()
+
+    x_rows, x_img = leaf(6, 12), leaf(2, 8, 3, 3)
+    mean, var = torch.randn(8, device=device), torch.rand(8, device=device) + 0.5
+    return [
+        (ops.rows_forward, (x_rows, None, leaf(12), leaf(12), 12, 1e-5, False)),
+        (ops.rows_forward, (x_rows, leaf(6, 12), leaf(12), None, 12, 1e-6, True)),
+        (ops.sets_forward, (x_img, leaf(8), leaf(8), 4, 1e-5, True)),
+        (ops.batch_forward, (x_img, leaf(8), leaf(8), None, None, 1e-5)),
+        (ops.batch_forward, (x_img, leaf(8), leaf(8), mean, var, 1e-5)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_custom_ops_pass_opcheck(case, device):
+    """``torch.library.opcheck`` on each forward op: schema, fake implementation and autograd formula,
+    the backward traced with fake tensors by AOT dispatch outside dynamo (where torch 2.11 reports
+    ``torch.compiler.is_compiling()`` False: the formula must call the backward op, never a kernel, or
+    ``torch.compile`` fails on a GPU, as it did on the H200 until the formula stopped asking)."""
+    op, args = _op_cases(device)[case]
+    torch.library.opcheck(op, args)
+
+
 # --------------------------------------------------------------------------------------------------
 # compiling for a GPU without one
 # --------------------------------------------------------------------------------------------------
