@@ -61,7 +61,7 @@ CASES = [
     Case("group_norm", (8, 512, 64, 64), torch.bfloat16, "channels_last", grid=_CHAN_GRID),
     # few sets (a diffusion model's GroupNorm(32) at batch 1-2): programs per set, split by default
     Case("group_norm", (1, 512, 64, 64), torch.bfloat16, grid={"set_splits": (1, 2, 4, 8, 16)}),
-    Case("group_norm", (2, 320, 64, 64), torch.bfloat16, "channels_last", grid={"set_splits": (1, 2, 4, 8)}),
+    Case("group_norm", (2, 320, 64, 64), torch.bfloat16, "channels_last", grid={"set_splits": (1, 2, 4, 6, 8, 16)}),
     Case("batch_norm", (64, 64, 112, 112), torch.float32, grid=_CHAN_GRID),
     Case("batch_norm", (256, 64, 56, 56), torch.bfloat16, "channels_last", grid=_CHAN_GRID),
     Case("batch_norm", (64, 2048, 7, 7), torch.float32, grid=_CHAN_GRID),
@@ -150,15 +150,21 @@ def tune_case(case: Case, pass_: str, timer: Timer, device: str, deadline: float
                 row["max_rel_diff"] = worst
                 if worst <= tolerance:
                     row["ms"] = timer.median_ms(lambda: _run(case, pass_, args, leaves, grad))
-                    row["speedup"] = base_ms / row["ms"]
                 else:
                     row["status"] = "mismatch"
         except Exception as e:  # a choice the kernels cannot compile (registers, shared memory)
             row["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         rows.append(row)
+    # the heuristics timed again after the alternatives: the first timing of a case can carry one-time costs
+    # (allocator growth, clocks), which would flatter every alternative; the lower of the two is the baseline
+    again_ms = timer.median_ms(lambda: _run(case, pass_, args, leaves, grad))
+    heuristic_ms = min(base_ms, again_ms)
     timed = [r for r in rows if "ms" in r]
+    for r in timed:
+        r["speedup"] = heuristic_ms / r["ms"]
     best = min(timed, key=lambda r: r["ms"]) if timed else None
-    return {"case": case.name, "pass": pass_, "heuristic_ms": base_ms, "best": best, "rows": rows,
+    return {"case": case.name, "pass": pass_, "heuristic_ms": heuristic_ms, "heuristic_ms_first": base_ms,
+            "heuristic_ms_again": again_ms, "best": best, "rows": rows,
             "complete": len(rows) == len(list(itertools.product(*case.grid.values())))}
 
 
@@ -187,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
                 best = r["best"]
                 found = f"best {best['choice']} {best['ms']:.4f} ms: {best['speedup']:.2f}x" if best else "none timed"
                 bad = [row for row in r["rows"] if "status" in row]
-                print(f"{r['case']:34s} {pass_:6s} heuristics {r['heuristic_ms']:.4f} ms; {found}"
+                print(f"{r['case']:34s} {pass_:6s} heuristics {r['heuristic_ms']:.4f} ms "
+                      f"(first {r['heuristic_ms_first']:.4f}); {found}"
                       f"{'' if r['complete'] else ' (cut short by --time-limit)'}"
                       f"{f'; {len(bad)} not timed' if bad else ''}", flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": _device_name(device), "versions": _versions(),
-                                        "reps": timer.reps, "results": results}, indent=1))
+                if args.out:  # after every case, so that a sweep cut short keeps what it measured
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps({"device": _device_name(device), "versions": _versions(),
+                                                    "reps": timer.reps, "results": results}, indent=1))
     return 0
 
 
