@@ -405,13 +405,15 @@ def test_split_sets_match_truth(op, shape, groups, dtype, layout, block, splits,
 
 def test_few_sets_are_split_over_programs():
     """``config.set_splits``: one program per set while there are as many as SMs; with fewer, enough
-    splits of at least two tiles for about two programs an SM; a tuned value is capped at the tiles."""
+    splits of at least 8192 elements for about two programs an SM; a tuned value is capped at the tiles."""
     sms = 132
-    assert config.set_splits(sms, 100, sms) == 1 and config.set_splits(1, 3, sms) == 1
-    assert config.set_splits(32, 128, sms) == 9  # GroupNorm(32) at batch 1: 288 programs
-    assert config.set_splits(1, 100, sms) == 50  # splits of two tiles or more
+    assert config.set_splits(sms, 100, sms, 4096) == 1 and config.set_splits(1, 3, sms, 4096) == 1
+    assert config.set_splits(32, 128, sms, 4096) == 9  # GroupNorm(32) at batch 1: 288 programs
+    assert config.set_splits(1, 100, sms, 4096) == 50  # splits of two 4096-element tiles or more
+    assert config.set_splits(1, 100, sms, 8192) == 100  # or of one 8192-element tile
+    assert config.set_splits(1, 100, sms, 1024) == 12
     with config.tuning(set_splits=64):
-        assert config.set_splits(sms, 10, sms) == 10
+        assert config.set_splits(sms, 10, sms, 4096) == 10
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's three SMs make one sample's sets few")
@@ -426,7 +428,8 @@ def test_split_sets_are_what_the_default_runs_for_one_sample():
                 y = NF.group_norm(x, 2)
                 runs.append((y, *torch.autograd.grad(y.square().sum(), x)))
         again = NF.group_norm(x, 2)
-    assert config.set_splits(2, 4, config.num_sms(torch.device("cpu"))) > 1
+    with cap(64):  # one tile is then the least a split reads
+        assert config.set_splits(2, 4, config.num_sms(torch.device("cpu")), 64) > 1
     assert torch.equal(runs[0][0], again)
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -812,17 +815,21 @@ def test_gpu_benchmark_only_selects_cells(tmp_path, capsys):
 def test_tuning_replaces_each_launch_choice_and_restores_it():
     """``config.tuning`` sets the choices benchmarks/gpu_tune.py sweeps, only inside its block."""
     cpu = torch.device("cpu")
-    before = (config.warps_for(4096), config.row_config(1024, torch.float32), config.tile_elements(),
-              config.row_backward_programs(1000, True, cpu))
+    def choices():
+        return (config.warps_for(4096), config.row_warps(4, 1024), config.warps_for(2048, "batch"),
+                config.row_config(1024, torch.float32), config.tile_elements("sets"), config.tile_elements("batch"),
+                config.row_backward_programs(1000, True, cpu))
+
+    before = choices()
+    assert before[:3] == (8, 4, 2)  # 16 elements a thread for one row a program, 32 for several and channels
     with config.tuning(warps=2, row_block_m=8, row_programs_per_sm=1, tile=1024):
-        assert config.warps_for(4096) == 2
+        assert config.warps_for(4096) == config.row_warps(4, 1024) == config.warps_for(8192, "sets") == 2
         assert config.row_config(1024, torch.float32) == (8, 1024, True)
         assert config.row_config(100000, torch.float32)[0] == 1  # rows in column blocks: one per program
-        assert config.tile_elements() == 1024
+        assert config.tile_elements("sets") == config.tile_elements("batch") == 1024
         assert config.row_backward_programs(1000, True, cpu) == config.num_sms(cpu)
         assert config.row_backward_programs(2, True, cpu) == 2  # never more programs than tiles
-    assert (config.warps_for(4096), config.row_config(1024, torch.float32), config.tile_elements(),
-            config.row_backward_programs(1000, True, cpu)) == before
+    assert choices() == before
     with pytest.raises(ValueError, match="unknown launch choices"):
         with config.tuning(block=4):
             pass

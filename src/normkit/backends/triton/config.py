@@ -21,7 +21,7 @@ import triton  # noqa: F401  (the backend is unavailable without triton: fail at
 
 __all__ = [
     "INTERPRET", "TUNABLE", "block_cap", "cdiv", "max_block", "next_power_of_2", "num_sms", "row_backward_programs",
-    "row_config", "set_splits", "tile_elements", "tuned", "tuning", "warps_for",
+    "row_config", "row_warps", "set_splits", "tile_elements", "tuned", "tuning", "warps_for",
 ]
 
 #: whether TRITON_INTERPRET=1 was set when the backend loaded: then its kernels run on CPU tensors
@@ -42,6 +42,16 @@ TUNABLE = {
     "set_splits": "programs per (sample, group) set of the GroupNorm/InstanceNorm kernels",
 }
 _tuned: dict[str, int] = {}
+
+#: elements per tile of the channel kernels, by family, and the least elements a thread holds in one, as
+#: timed on an H200 (benchmarks/gpu_tune.py; docs/triton-backend.md has the sweep). GroupNorm: 8192 with
+#: 8 warps was 1.07-1.23x the 4096 with 8 it replaced, contiguous and channels-last. BatchNorm: 2048 with
+#: 2 warps was 1.21-1.48x at 256x64x56x56 channels-last and 1.35-1.37x at 64x2048x7x7, 0.93-1.00x at
+#: 64x64x112x112; large tiles with few warps ran 0.07-0.4x at 7x7 (too few programs, too many registers)
+_TILE = {"sets": 8192, "batch": 2048}
+_PER_THREAD = {"rows": 16, "rows_multi": 32, "sets": 32, "batch": 32}
+#: the fewest elements one split of a GroupNorm set reads (two 4096-element tiles, as first chosen)
+_SPLIT_ELEMENTS = 8192
 
 
 def cdiv(a: int, b: int) -> int:
@@ -97,9 +107,9 @@ def max_block(dtype: torch.dtype) -> int:
     return 16384 if dtype.itemsize <= 2 else 8192
 
 
-def tile_elements() -> int:
-    """Elements per tile for the elementwise and channel kernels."""
-    tile = _tuned.get("tile", 4096)
+def tile_elements(kind: str) -> int:
+    """Elements per tile of the ``"sets"`` (GroupNorm, InstanceNorm) or ``"batch"`` (BatchNorm) kernels."""
+    tile = _tuned.get("tile", _TILE[kind])
     return min(tile, _cap_override) if _cap_override is not None else tile
 
 
@@ -115,11 +125,18 @@ def num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def warps_for(elements: int) -> int:
-    """Warps for a tile of ``elements`` values: about 16 elements per thread, 1 to 16 warps."""
-    if _tuned:
-        return _tuned.get("warps", max(1, min(16, elements // 512)))
-    return max(1, min(16, elements // 512))
+def warps_for(elements: int, kind: str = "rows") -> int:
+    """Warps for a tile of ``elements`` values of the ``kind`` of kernel (``"rows"`` for one row a program,
+    ``"rows_multi"`` for several, ``"sets"``, ``"batch"``): 16 or 32 elements per thread, 1 to 16 warps."""
+    warps = max(1, min(16, elements // (32 * _PER_THREAD[kind])))
+    return _tuned.get("warps", warps) if _tuned else warps
+
+
+def row_warps(block_m: int, block_n: int) -> int:
+    """Warps of the row kernels: 16 elements per thread for one row a program, 32 when several rows share
+    one (LayerNorm 32768x1024 bfloat16 on an H200, 4 rows a program: 4 warps against the 8 of 16 per
+    thread were 1.20x forward and 2.34x forward+backward)."""
+    return warps_for(block_m * block_n, "rows_multi" if block_m > 1 else "rows")
 
 
 def row_config(n: int, dtype: torch.dtype) -> tuple[int, int, bool]:
@@ -142,16 +159,19 @@ def tuned() -> bool:
     return bool(_tuned)
 
 
-def set_splits(programs: int, tiles: int, sms: int) -> int:
+def set_splits(programs: int, tiles: int, sms: int, tile: int) -> int:
     """Programs per set of the GroupNorm/InstanceNorm kernels, ``programs`` being the one-per-set count,
-    ``tiles`` a set's position tiles and ``sms`` the GPU's: 1 while there are at least as many programs as
-    SMs; with fewer (small batches: GroupNorm(32) at batch 1 is 32 programs), enough splits of two or more
-    tiles each to give every SM about two programs, so that the idle SMs read the set too."""
+    ``tiles`` a set's position tiles of ``tile`` elements each and ``sms`` the GPU's: 1 while there are at
+    least as many programs as SMs; with fewer (small batches: GroupNorm(32) at batch 1 is 32 programs),
+    enough splits of at least :data:`_SPLIT_ELEMENTS` elements each (with the tile capped, one tile) to give
+    every SM about two programs, so that the idle SMs read the set too."""
     if _tuned and "set_splits" in _tuned:
         return max(1, min(_tuned["set_splits"], tiles))
-    if programs >= sms or tiles < 4:
+    least = min(_SPLIT_ELEMENTS, tile_elements("sets"))  # tests cap the tile: then one tile
+    most = min(tiles, tiles * tile // least)
+    if programs >= sms or most < 2:
         return 1
-    return max(1, min(cdiv(2 * sms, programs), tiles // 2))
+    return max(1, min(cdiv(2 * sms, programs), most))
 
 
 def row_backward_programs(num_tiles: int, one_tile: bool, device: torch.device) -> int:

@@ -217,9 +217,10 @@ class _Layout:
         self.x, (n, self.c, self.s), self.strides = ncs_view(x, merge_batch=True)
         (self.block_c, self.block_s, self.s_blocks, self.items, self.channel_blocks, self.splits,
          self.items_per_split) = _tiling(
-            n, self.c, self.s, self.strides[1] == 1, config.num_sms(x.device), config.tile_elements()
+            n, self.c, self.s, self.strides[1] == 1, config.num_sms(x.device), config.tile_elements("batch")
         )
-        self.warps = config.warps_for(self.block_c * self.block_s)  # outside the cache: config.tuning may set it
+        # outside the cache: config.tuning may set it
+        self.warps = config.warps_for(self.block_c * self.block_s, "batch")
 
     @property
     def dims(self) -> tuple[int, ...]:

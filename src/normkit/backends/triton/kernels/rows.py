@@ -324,7 +324,7 @@ def row_forward(
         weight_groups, BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, RMS=rms, HAS_RESIDUAL=residual is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROUND_FIRST=round_first, ROUND_RSTD=round_rstd,
         GATE=GATES[gate_act] if gate is not None else 0, GATE_FIRST=gate_first, GROUPED=weight_groups > 1,
-        num_warps=config.warps_for(block_m * block_n),
+        num_warps=config.row_warps(block_m, block_n),
     )
     return y, h, mean, rstd
 
@@ -354,7 +354,7 @@ def row_backward(
         m, n, dy2.stride(0), x2.stride(0), dh2.stride(0) if dh2 is not None else 0, n, num_tiles,
         BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, RMS=rms, HAS_DH=dh is not None,
         HAS_WEIGHT=weight is not None, NEED_DW=need_dw, NEED_DB=need_db,
-        num_warps=config.warps_for(block_m * block_n),
+        num_warps=config.row_warps(block_m, block_n),
     )
     dw, db = sum_partials(dw_part, db_part)
     return dx, dw, db

@@ -363,7 +363,7 @@ def like(t: Tensor, x: Tensor) -> Tensor:
 
 def _set_config(cg: int, groups: int, s: int, channels_inner: bool) -> tuple[int, int, int]:
     """``(GROUPS, BLOCK_C, BLOCK_S)``: groups per program and the tile's channel and position extents."""
-    tile = config.tile_elements()
+    tile = config.tile_elements("sets")
     block_c = min(config.next_power_of_2(cg), tile)
     per_program = 1
     if channels_inner:  # read 32 or more adjacent channels at a time when groups are narrow
@@ -392,9 +392,10 @@ def _plan(n: int, c: int, s: int, groups: int, channels_inner: bool, sms: int) -
     per_program, block_c, block_s = _set_config(cg, groups, s, channels_inner)
     group_blocks = config.cdiv(groups, per_program)
     s_blocks = config.cdiv(s, block_s)
-    splits = config.set_splits(n * group_blocks, s_blocks, sms)
+    elements = per_program * block_c * block_s
+    splits = config.set_splits(n * group_blocks, s_blocks, sms, elements)
     per_split = config.cdiv(s_blocks, splits)
-    return _Launch(cg, per_program, block_c, block_s, group_blocks, config.warps_for(per_program * block_c * block_s),
+    return _Launch(cg, per_program, block_c, block_s, group_blocks, config.warps_for(elements, "sets"),
                    config.cdiv(s_blocks, per_split), per_split * block_s)  # no empty split
 
 
@@ -410,7 +411,7 @@ def _launch(n: int, c: int, s: int, groups: int, strides: tuple[int, int, int], 
     sms = config.num_sms(device)
     if config.tuned():
         return _plan(n, c, s, groups, channels_inner, sms)
-    return _cached_plan(n, c, s, groups, channels_inner, sms, config.tile_elements())
+    return _cached_plan(n, c, s, groups, channels_inner, sms, config.tile_elements("sets"))
 
 
 def set_forward(
