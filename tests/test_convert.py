@@ -438,6 +438,51 @@ def test_hugging_face_mamba2(train):
     check_equivalent(make, IDS, train=train, expect={"Mamba2RMSNorm": 3, "MambaRMSNormGated": 2})
 
 
+def test_mamba2_gated_norm_of_transformers_before_groups(monkeypatch):
+    """transformers 5.17's MambaRMSNormGated (the GPU machine's) has no ``group_size``: it normalizes
+    ``x · silu(gate)`` over the whole row. Its modules convert (they were left alone, the converted forward
+    reading the missing attribute) and compute what it does, forward and backward, in float32 and bfloat16."""
+    pytest.importorskip("transformers")
+    from transformers.models.mamba2 import modeling_mamba2
+
+    def __init__(self, hidden_size, eps=1e-6):  # 5.17's code
+        torch.nn.Module.__init__(self)
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states, gate=None):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        if gate is not None:
+            hidden_states = hidden_states * torch.nn.functional.silu(gate.to(torch.float32))
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    cls = modeling_mamba2.MambaRMSNormGated
+    monkeypatch.setattr(cls, "__init__", __init__)
+    monkeypatch.setattr(cls, "forward", forward)
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        original = torch.nn.Sequential(cls(48)).to(dtype)
+        with torch.no_grad():
+            original[0].weight.copy_(torch.rand(48, generator=gen) + 0.5)
+        model = normkit.convert(copy.deepcopy(original), inplace=False)
+        assert type(model[0]) is not cls and isinstance(model[0], cls)
+        x, gate = (torch.randn(3, 7, 48, generator=gen).to(dtype) for _ in range(2))
+        results = []
+        for m in (original, model):
+            leaves = [x.clone().requires_grad_(), gate.clone().requires_grad_()]
+            y = m[0](*leaves)
+            y.backward(torch.ones_like(y))
+            results.append((y.detach(), *(t.grad for t in leaves), m[0].weight.grad))
+            with torch.no_grad():
+                results[-1] += (m[0](x, gate),)  # inference: the one-pass kernel
+        for got, want in zip(results[1], results[0], strict=True):
+            assert_close(got, want.double(), dtype)
+        assert type(normkit.revert(model)[0]) is cls
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_hugging_face_t5(train):
     transformers = pytest.importorskip("transformers")

@@ -131,7 +131,8 @@ class GateFirstRMSNorm:
     the input's dtype: ``F._gated_rms_norm``)."""
 
     def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
-        x, w, size = hidden_states, self.weight, self.group_size
+        # transformers before groups (5.17's class has no group_size) normalizes over the whole row
+        x, w, size = hidden_states, self.weight, getattr(self, "group_size", hidden_states.shape[-1])
         if _gateable(x, gate) and w.shape == x.shape[-1:] and w.dtype == x.dtype and x.shape[-1] % size == 0:
             # one pass in inference: x · silu(gate), its norm over groups, rounded, times the weight
             return F._gated_rms_norm(x, gate, (x.shape[-1],), w, self.variance_epsilon, "silu", round_first=True,
@@ -140,7 +141,6 @@ class GateFirstRMSNorm:
         if gate is not None:
             h = h * torch.nn.functional.silu(gate.to(torch.float32))
         *prefix, last = h.shape
-        size = self.group_size
         y = F.rms_norm(h.view(*prefix, last // size, size), (size,), None, self.variance_epsilon)
         del h  # in inference its memory is free for the product below, as the original's is
         return self.weight * y.view(*prefix, last).to(hidden_states.dtype)
