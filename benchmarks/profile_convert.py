@@ -3,11 +3,14 @@
 ``convert_speed.py`` measures *whether* a converted model is faster; this says *why not* when it is not.
 Each model (original, then a converted deep copy) runs a few warm-up steps and then a few profiled ones
 (inference under ``torch.no_grad``, or a training step). For each side it reports the wall time per step,
-the device time the kernels took (on a GPU: the sum of CUDA kernel times; a step whose kernel time is far
-below its wall time is waiting on the host, not on the GPU) and the ops or kernels that took the most
-time, normkit's included, and one row per norm class (a profiler range around each norm module's forward:
-on the CPU normkit's kernels are no torch ops and would show under no other name). On the CPU only host
-time exists, so the table is of the ops' CPU time.
+the device time the kernels took (on a GPU: the sum over kernel events alone; a step whose kernel time is
+far below its wall time is waiting on the host, not on the GPU) and the events that took the most time,
+each marked ``kernel``, ``op`` (a torch op or an autograd Function: its device time is that of the kernels
+it launched itself, which are also rows of their own) or ``range``: one per norm class, a profiler range
+around each norm module's forward (on the CPU normkit's kernels are no torch ops and would show under no
+other name). On a GPU a range's device time is the span from the first to the last kernel of each call,
+idle gaps included: a range that takes far longer than its kernels is a module during which the GPU
+waited on the host. On the CPU only host time exists, so the table is of the ops' CPU time.
 
 Needs timm (``pip install -e ".[models]"``)::
 
@@ -87,16 +90,24 @@ def _profile_side(model: torch.nn.Module, x: torch.Tensor, train: bool, steps: i
         return float(getattr(e, key))
 
     rows = sorted(events, key=self_time, reverse=True)
-    kernel_us = sum(self_time(e) for e in events) if device == "cuda" else None
+    # the kernels alone: an op's or a range's device time is its kernels' again (or their span)
+    kernel_us = sum(self_time(e) for e in events if _kind(e) == "kernel") if device == "cuda" else None
     return {
         "wall_ms": wall * 1e3,
         "kernel_ms": None if kernel_us is None else kernel_us / steps / 1e3,
         "top": [
-            {"name": e.key, "calls": e.count // steps, "ms": self_time(e) / steps / 1e3,
+            {"name": e.key, "kind": _kind(e), "calls": e.count // steps, "ms": self_time(e) / steps / 1e3,
              "cpu_ms": e.self_cpu_time_total / steps / 1e3}
             for e in rows[:top]
         ],
     }
+
+
+def _kind(event) -> str:
+    """``kernel`` (device work), ``range`` (a ``record_function`` range, either side) or ``op``."""
+    if event.is_user_annotation or event.key.startswith("norm module: "):
+        return "range"
+    return "kernel" if event.device_type != torch.autograd.DeviceType.CPU else "op"
 
 
 def run(model_name: str, batch: int, size: int, device: str, train: bool, steps: int, top: int,
@@ -127,7 +138,8 @@ def _print(result: dict) -> None:
             f", kernels {r['kernel_ms']:.2f} ms ({r['kernel_ms'] / r['wall_ms']:.0%} of the wall time)")
         print(f"  {side}: {r['wall_ms']:.2f} ms per step{kernel}")
         for t in r["top"]:
-            print(f"    {t['ms']:9.3f} ms  {t['calls']:5d} calls  cpu {t['cpu_ms']:8.3f} ms  {t['name'][:90]}")
+            print(f"    {t['ms']:9.3f} ms  {t['kind']:6s} {t['calls']:5d} calls  cpu {t['cpu_ms']:8.3f} ms  "
+                  f"{t['name'][:90]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,8 +73,9 @@ def test_profile_convert_script_on_the_cpu(tmp_path):
     assert [r["mode"] for r in results] == ["inference", "train step"]
     for r in results:
         assert r["speedup"] > 0 and r["original"]["kernel_ms"] is None  # no device time on the CPU
-        names = {t["name"] for t in r["converted"]["top"]}
-        assert "norm module: BatchNorm2d" in names
+        kinds = {t["name"]: t["kind"] for t in r["converted"]["top"]}
+        assert kinds["norm module: BatchNorm2d"] == "range"
+        assert {"op", "range"} <= set(kinds.values()) and "kernel" not in kinds.values()  # no device events
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
