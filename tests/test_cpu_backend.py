@@ -681,3 +681,33 @@ def test_forward_mode_ad_is_an_error_not_a_lost_tangent():
         x = fwAD.make_dual(torch.randn(2, 3), torch.randn(2, 3))
         with pytest.raises(RuntimeError):
             NF.layer_norm(x, (3,))
+
+
+def _cpu_op_cases():
+    """(op, args) of each forward custom op of the cpu backend, float32 inputs that want gradients."""
+    from normkit.backends.cpu import ops
+
+    torch.manual_seed(4)
+
+    def leaf(*shape):
+        return torch.randn(*shape).requires_grad_()
+
+    rows, img = leaf(6, 12), leaf(2, 8, 3, 3)
+    mean, var = torch.randn(8), torch.rand(8) + 0.5
+    return [
+        (ops.row_forward, (rows, None, leaf(12), leaf(12), 12, 1e-5, False)),
+        (ops.row_forward, (rows, leaf(6, 12), leaf(12), None, 12, 1e-6, True)),
+        (ops.channel_row_forward, (img, leaf(8), leaf(8), 1e-6, False)),
+        (ops.chan_forward, (img, leaf(8), leaf(8), 4, None, None, 1e-5, True, True)),
+        (ops.chan_forward, (img, leaf(8), leaf(8), 0, None, None, 1e-5, False, True)),
+        (ops.chan_forward, (img, leaf(8), leaf(8), 0, mean, var, 1e-5, False, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_custom_ops_pass_opcheck(case):
+    """``torch.library.opcheck`` on each forward op under torch.compile: schema, fake implementation, and
+    autograd formula traced with fake tensors by AOT dispatch outside dynamo (on any torch version: see
+    the triton backend's test of the same name)."""
+    op, args = _cpu_op_cases()[case]
+    torch.library.opcheck(op, args)
