@@ -221,10 +221,15 @@ def _llm_norms(scale: int = 1) -> list[tuple[type, Callable[[], torch.nn.Module]
 
         return build
 
+    mamba = found.get("MambaRMSNormGated")
+    if mamba is None or "group_size" in inspect.signature(mamba).parameters:
+        mamba_entry = ("MambaRMSNormGated", lambda cls: cls(2 * h, group_size=h), f" (groups of {h})", 2 * h, 2)
+    else:  # transformers before groups (5.17): the whole row, its second argument eps
+        mamba_entry = ("MambaRMSNormGated", lambda cls: cls(2 * h), " (whole row)", 2 * h, 2)
     entries = [
         ("Glm5NextTextRMSNormGated", lambda cls: cls(h), "", h, 2),
         ("Qwen3NextRMSNormGated", lambda cls: cls(h), "", h, 2),
-        ("MambaRMSNormGated", lambda cls: cls(2 * h, group_size=h), f" (groups of {h})", 2 * h, 2),
+        mamba_entry,
         ("FalconH1RMSNormGated", lambda cls: cls(h), "", h, 2),
         ("FalconH1RMSNormGated", lambda cls: cls(2 * h, n_groups=2, norm_before_gate=False),
          " (2 groups, gate first)", 2 * h, 2),
@@ -234,9 +239,6 @@ def _llm_norms(scale: int = 1) -> list[tuple[type, Callable[[], torch.nn.Module]
         ("MuseSparkTextCenteredRMSNorm", None, "", h, 1),
         ("MuseSparkTextInputScaledRMSNorm", None, "", h, 1),
     ]
-    if "MambaRMSNormGated" in found and "group_size" not in inspect.signature(found["MambaRMSNormGated"]).parameters:
-        # transformers before groups (5.17): the whole row, its second argument eps
-        entries[2] = ("MambaRMSNormGated", lambda cls: cls(2 * h), " (whole row)", 2 * h, 2)
     return [(cls, offset(cls) if make is None else (lambda cls=cls, make=make: make(cls)), label, d, n)
             for name, make, label, d, n in entries if (cls := found.get(name)) is not None]
 

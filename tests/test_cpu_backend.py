@@ -706,8 +706,8 @@ def _cpu_op_cases():
 
 @pytest.mark.parametrize("case", range(6))
 def test_custom_ops_pass_opcheck(case):
-    """``torch.library.opcheck`` on each forward op under torch.compile: schema, fake implementation, and
-    autograd formula traced with fake tensors by AOT dispatch outside dynamo (on any torch version: see
-    the triton backend's test of the same name)."""
+    """``torch.library.opcheck`` on each forward op (the custom ops torch.compile traces): schema, fake
+    implementation, and autograd formula traced with fake tensors by AOT dispatch outside dynamo, as torch
+    2.11 traces it under torch.compile (see the triton backend's test of the same name)."""
     op, args = _cpu_op_cases()[case]
     torch.library.opcheck(op, args)

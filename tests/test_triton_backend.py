@@ -715,8 +715,8 @@ def _op_cases(device):
 
     torch.manual_seed(4)
 
-    def leaf(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, device=device)).requires_grad_()
+    def leaf(*shape):
+        return torch.randn(*shape, device=device).requires_grad_()
 
     x_rows, x_img = leaf(6, 12), leaf(2, 8, 3, 3)
     mean, var = torch.randn(8, device=device), torch.rand(8, device=device) + 0.5
