@@ -265,31 +265,39 @@ def test_gated_and_rounded_scale_norms_compile_fullgraph():
     """The gated RMSNorms (two inputs), DeepSeek-V4's rounded-scale norm, VideoPrism's offset weight, Qwen4-Exp's
     grouped norm and MuseSpark's trace without a graph break and give eager mode's outputs and gradients, in
     float32 and bfloat16."""
-    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4UnweightedRMSNorm
-    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated
-    from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextRMSNormGated
-    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
-    from transformers.models.muse_spark.modeling_muse_spark import (
-        MuseSparkTextCenteredRMSNorm,
-        MuseSparkTextInputScaledRMSNorm,
-    )
-    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
-    from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextRMSNorm
-    from transformers.models.videoprism.modeling_videoprism import VideoPrismLayerNorm
+    def norm(model: str, name: str, *args, **kwargs):
+        """The norm module, or None where the installed transformers lacks the model (5.17 has no MuseSpark)."""
+        try:
+            module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+        except ImportError:
+            return None
+        return getattr(module, name)(*args, **kwargs)
 
     class Model(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.first, self.after = MambaRMSNormGated(16, group_size=8), Qwen3NextRMSNormGated(16)
-            self.float32 = Glm5NextTextRMSNormGated(16)
-            self.rounded, self.offset = DeepseekV4UnweightedRMSNorm(), VideoPrismLayerNorm(16)
-            self.falcon = FalconH1RMSNormGated(16, n_groups=2, norm_before_gate=False)
-            self.grouped = Qwen4ExpTextRMSNorm(16, group_size=8)
-            self.centered, self.scale_first = MuseSparkTextCenteredRMSNorm(16), MuseSparkTextInputScaledRMSNorm(16)
+            # (module, takes the gate), in the order they run; Mamba-2's groups need transformers >= 5.2x
+            grouped_mamba = "group_size" in inspect.signature(
+                importlib.import_module("transformers.models.mamba2.modeling_mamba2").MambaRMSNormGated
+            ).parameters
+            chain = [
+                (norm("mamba2", "MambaRMSNormGated", 16, **({"group_size": 8} if grouped_mamba else {})), True),
+                (norm("qwen3_next", "Qwen3NextRMSNormGated", 16), True),
+                (norm("glm5_next", "Glm5NextTextRMSNormGated", 16), True),
+                (norm("deepseek_v4", "DeepseekV4UnweightedRMSNorm"), False),
+                (norm("videoprism", "VideoPrismLayerNorm", 16), False),
+                (norm("falcon_h1", "FalconH1RMSNormGated", 16, n_groups=2, norm_before_gate=False), True),
+                (norm("qwen4_exp", "Qwen4ExpTextRMSNorm", 16, group_size=8), False),
+                (norm("muse_spark", "MuseSparkTextCenteredRMSNorm", 16), False),
+                (norm("muse_spark", "MuseSparkTextInputScaledRMSNorm", 16), False),
+            ]
+            self.norms = torch.nn.ModuleList(m for m, _ in chain if m is not None)
+            self.gated = [gated for m, gated in chain if m is not None]
 
         def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-            h = self.offset(self.rounded(self.float32(self.after(self.first(x, gate), gate), gate)))
-            return self.scale_first(self.centered(self.grouped(self.falcon(h, gate))))
+            for module, gated in zip(self.norms, self.gated, strict=True):
+                x = module(x, gate) if gated else module(x)
+            return x
 
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
