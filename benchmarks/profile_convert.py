@@ -105,6 +105,7 @@ def _profile_side(model: torch.nn.Module, x: torch.Tensor, train: bool, steps: i
 
 def _kind(event) -> str:
     """``kernel`` (device work), ``range`` (a ``record_function`` range, either side) or ``op``."""
+    # by name too: a range's GPU-side copy, whose flag only a GPU run shows, must not count as a kernel
     if event.is_user_annotation or event.key.startswith("norm module: "):
         return "range"
     return "kernel" if event.device_type != torch.autograd.DeviceType.CPU else "op"
